@@ -1,0 +1,278 @@
+"""Stable Diffusion's UNet self-attention as a frozen backbone (the paper's main network).
+
+One forward pass per batch::
+
+    image (B,3,S,S) in [0,1] ─ resize to input_size, scale to [-1,1]
+      → VAE encoder → latent mean (or a sample) × vae.config.scaling_factor
+      → DDPM forward noising at timesteps t from a schedule over [t_min, t_max]
+      → one UNet pass conditioned on the empty prompt
+      → q/k/v of the self-attention (``attn1``) of the selected transformer blocks.
+
+Cross-attention (``attn2``) is never captured: its keys and values come from the text, not the
+image. The UNet stops as soon as the last selected layer has run.
+
+The model directory has the layout of the diffusers pipelines on the hub (``vae/``, ``unet/``,
+``text_encoder/``, ``tokenizer/``, ``scheduler/``). The text encoder and tokenizer are used once,
+at construction, to embed the empty prompt and are then dropped; the VAE decoder is dropped too.
+
+Timestep schedules (``schedule``), with ``s`` the number of batches seen so far
+(:attr:`StableDiffusionBackbone.step`, 0 at the start) and ``P = schedule_steps``:
+
+* ``random``: every image gets its own ``t`` drawn uniformly from the integers
+  ``t_min … t_max`` (the paper's choice).
+* ``constant``: every image, every batch: ``t = round((t_min + t_max) / 2)``.
+* ``increasing``: ``t`` sweeps linearly from ``t_min`` (batch 0) to ``t_max`` (batch ``P-1``),
+  then stays at ``t_max``.
+* ``decreasing``: the reverse sweep, ``t_max`` → ``t_min``, then stays at ``t_min``
+  (coarse structure first, as in sampling).
+* ``cyclic``: a triangle wave, up from ``t_min`` to ``t_max`` in ``P-1`` batches, back down in
+  ``P-1`` more, and so on.
+
+The deterministic schedules give all images of a batch the same ``t``. All randomness
+(``random`` timesteps, then the noise, then a latent sample if ``latent="sample"``) is drawn
+from the ``generator`` passed to ``forward``, in that order, so a run reproduces exactly; a
+resumed run must also restore :attr:`step`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldsc.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError
+from ldsc.backbones.hooks import QKVCapture, grid_features, qkv_projections, select_layers
+from ldsc.backbones.loading import load_pretrained, resolve_dtype
+
+SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
+
+#: DDPM noise schedule of Stable Diffusion v1, used when the model has no scheduler/ config
+SD_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False
+)
+
+
+def schedule_timesteps(
+    schedule: str,
+    step: int,
+    batch_size: int,
+    t_min: int,
+    t_max: int,
+    schedule_steps: int = 100,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The ``(batch_size,)`` int64 timesteps of batch number ``step`` (see the module docstring)."""
+    if schedule == "random":
+        device = generator.device if generator is not None else "cpu"
+        return torch.randint(t_min, t_max + 1, (batch_size,), generator=generator, device=device).cpu()
+    if schedule == "constant":
+        t = (t_min + t_max) / 2
+    elif schedule in ("increasing", "decreasing", "cyclic"):
+        period = max(int(schedule_steps) - 1, 1)
+        if schedule == "cyclic":
+            phase = step % (2 * period)
+            frac = phase / period if phase <= period else 2 - phase / period
+        else:
+            frac = min(step, period) / period
+            frac = frac if schedule == "increasing" else 1 - frac
+        t = t_min + frac * (t_max - t_min)
+    else:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return torch.full((batch_size,), int(round(t)), dtype=torch.long)
+
+
+def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:
+    """Standard normal noise drawn on the generator's device, then moved (so a CPU generator
+    reproduces the same numbers whatever device the model is on)."""
+    if generator is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device, dtype)
+
+
+def _block_order(name: str) -> tuple[int, int]:
+    """Execution order of UNet blocks: down blocks, mid block, up blocks (named_modules lists
+    the up blocks before the mid block)."""
+    match = re.match(r"(down_blocks|mid_block|up_blocks)(?:\.(\d+))?", name)
+    if match is None:
+        return (3, 0)
+    return ({"down_blocks": 0, "mid_block": 1, "up_blocks": 2}[match.group(1)], int(match.group(2) or 0))
+
+
+class StableDiffusionBackbone(Backbone):
+    """Frozen Stable Diffusion (v1 layout) behind the backbone protocol.
+
+    Args:
+        model_id: hub id or local directory with ``vae/ unet/ text_encoder/ tokenizer/ scheduler/``.
+        layers: which ``attn1`` layers to capture: indices into the UNet's self-attention layers
+            in execution order, or glob patterns over their names
+            (``up_blocks.1.attentions.0.transformer_blocks.0.attn1``). Default: mid and up blocks.
+        max_grid: skip layers whose token grid side exceeds this at ``input_size`` (``None``:
+            no limit). 32 drops SD's 64×64 layers at 512 px, as the paper does.
+        heads: ``"keep"`` or ``"mean"`` (average q/k/v over heads).
+        token_stride: keep every n-th token along each axis.
+        input_size: square image side fed to the VAE (multiple of 8 × 2^(UNet levels - 1)).
+        t_min, t_max: timestep range (inclusive), in DDPM training steps.
+        schedule: ``random | constant | increasing | decreasing | cyclic`` (module docstring).
+        schedule_steps: batches per sweep for the deterministic schedules.
+        latent: ``"mean"`` (the VAE posterior mean) or ``"sample"`` (a draw from it).
+        dtype: ``float32 | float16 | bfloat16``; features are returned in float32.
+        cache_dir: Hugging Face cache directory (``None``: the default).
+        capture_attn: also return softmax attention probabilities between the tokens.
+    """
+
+    name = "sd"
+
+    def __init__(
+        self,
+        model_id: str = "CompVis/stable-diffusion-v1-4",
+        layers=("mid_block.*", "up_blocks.*"),
+        max_grid: int | None = 32,
+        heads: str = "keep",
+        token_stride: int = 1,
+        input_size: int = 512,
+        t_min: int = 0,
+        t_max: int = 250,
+        schedule: str = "random",
+        schedule_steps: int = 100,
+        latent: str = "mean",
+        dtype: str = "float32",
+        cache_dir: str | None = None,
+        capture_attn: bool = False,
+    ):
+        super().__init__()
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+        if heads not in ("keep", "mean"):
+            raise ValueError(f"heads must be 'keep' or 'mean', got {heads!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if latent not in ("mean", "sample"):
+            raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
+        if not 0 <= int(t_min) <= int(t_max):
+            raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+        if int(token_stride) < 1:
+            raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+        self.model_id = str(model_id)
+        self.input_size = int(input_size)
+        self.t_min, self.t_max = int(t_min), int(t_max)
+        self.schedule, self.schedule_steps = schedule, int(schedule_steps)
+        self.latent = latent
+        self.head_mode = heads
+        self.token_stride = int(token_stride)
+        self.capture_attn = bool(capture_attn)
+        self.dtype = resolve_dtype(dtype)
+        #: number of batches processed so far: the state of the deterministic schedules
+        self.step = 0
+
+        load = dict(cache_dir=cache_dir)
+        self.vae = load_pretrained(AutoencoderKL, self.model_id, subfolder="vae", torch_dtype=self.dtype, **load)
+        self.vae.decoder = None  # only the encoder is used
+        self.vae.post_quant_conv = None
+        self.unet = load_pretrained(UNet2DConditionModel, self.model_id, subfolder="unet", torch_dtype=self.dtype, **load)
+        try:
+            self.scheduler = load_pretrained(DDPMScheduler, self.model_id, subfolder="scheduler", weights=False, **load)
+        except WeightsNotFoundError:
+            self.scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG)
+        if self.t_max >= self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"t_max={t_max} must be below num_train_timesteps={self.scheduler.config.num_train_timesteps}")
+        embedding = self._empty_prompt_embedding(load).to(self.dtype)
+        self.register_buffer("prompt_embedding", embedding, persistent=False)
+
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if self.input_size % self.vae_factor:
+            raise ValueError(f"input_size {self.input_size} is not a multiple of the VAE factor {self.vae_factor}")
+        attn1 = self.self_attention_layers(self.unet)
+        picked = select_layers(list(attn1), None if layers is None else layers)
+        self.grids = {name: self.layer_grid(name) for name in attn1}
+        self.layer_names = [n for n in picked if max_grid is None or max(self.grids[n]) <= int(max_grid)]
+        if not self.layer_names:
+            raise ValueError(
+                f"no layer selected: layers={layers} picked {len(picked)} layers, none with a grid <= {max_grid} "
+                f"at input_size {self.input_size} (grids: {sorted(set(self.grids[n] for n in picked))})"
+            )
+        self._attn1 = {n: attn1[n] for n in self.layer_names}
+        self._capture = QKVCapture(self._attn1, stop_early=True)
+        self.freeze()
+
+    # -- construction helpers ----------------------------------------------------------------
+    def _empty_prompt_embedding(self, load: dict) -> Tensor:
+        """``(1, L, D)`` text-encoder states of the empty prompt, padded to the tokenizer length."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        tokenizer = load_pretrained(CLIPTokenizer, self.model_id, subfolder="tokenizer", weights=False, **load)
+        text_encoder = load_pretrained(CLIPTextModel, self.model_id, subfolder="text_encoder", **load)
+        ids = tokenizer(
+            "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        with torch.no_grad():
+            return text_encoder(ids)[0].float()
+
+    @staticmethod
+    def self_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
+        """``{name: module}`` of every ``attn1`` self-attention of the UNet, in execution order."""
+        found = [
+            (name, m)
+            for name, m in unet.named_modules()
+            if name.split(".")[-1] == "attn1" and qkv_projections(m) and not getattr(m, "is_cross_attention", False)
+        ]
+        found.sort(key=lambda item: _block_order(item[0]))  # stable: keeps order within a block
+        return dict(found)
+
+    def layer_grid(self, name: str) -> tuple[int, int]:
+        """Token grid ``(h, w)`` of layer ``name`` at ``input_size``: the latent halved (rounding
+        up, as the stride-2 convolutions do) once per UNet level below the block's."""
+        kind, index = _block_order(name)
+        n_down = len(self.unet.down_blocks)
+        level = {0: index, 1: n_down - 1, 2: len(self.unet.up_blocks) - 1 - index}[kind]
+        side = self.input_size // self.vae_factor
+        for _ in range(level):
+            side = math.ceil(side / 2)
+        return side, side
+
+    # -- forward -------------------------------------------------------------------------------
+    def timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
+        """``(B,)`` timesteps of the current batch (does not advance :attr:`step`)."""
+        return schedule_timesteps(
+            self.schedule, self.step, batch_size, self.t_min, self.t_max, self.schedule_steps, generator
+        )
+
+    def extract(self, images: Tensor, generator: torch.Generator | None = None) -> list[LayerFeatures]:
+        device = self.prompt_embedding.device
+        batch = images.shape[0]
+        x = images.to(device, torch.float32)
+        if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
+        x = (2 * x - 1).to(self.dtype)
+
+        t = self.timesteps(batch, generator).to(device)
+        posterior = self.vae.encode(x).latent_dist
+        noise = _randn(posterior.mean.shape, generator, device, self.dtype)
+        if self.latent == "sample":
+            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, device, self.dtype)
+        else:
+            z = posterior.mean
+        z = z * self.vae.config.scaling_factor
+        z_t = self.scheduler.add_noise(z, noise, t)
+
+        with self._capture as capture:
+            self.unet(z_t, t, encoder_hidden_states=self.prompt_embedding.expand(batch, -1, -1))
+        outputs = capture.take()
+        self.step += 1
+
+        return [
+            grid_features(
+                name,
+                outputs[name],
+                int(module.heads),
+                self.grids[name],
+                scale=float(module.scale),
+                head_mode=self.head_mode,
+                token_stride=self.token_stride,
+                capture_attn=self.capture_attn,
+                timestep=t,
+            )
+            for name, module in self._attn1.items()
+        ]

@@ -1,0 +1,13 @@
+"""Errors that the entry points report as one sentence (no traceback)."""
+
+
+class LdscError(Exception):
+    """A user-facing problem with the inputs or the configuration."""
+
+
+class DataError(LdscError):
+    """Images that are missing, empty or unreadable."""
+
+
+class ConfigError(LdscError):
+    """A configuration that cannot work (e.g. K not smaller than the pixels of the base grid)."""

@@ -1,0 +1,332 @@
+"""Evaluate a finished run: unsupervised semantic segmentation, what vs where, figures.
+
+    python -m ldsc.evaluate RUN_DIR [--labels DIR] [--label-map cocostuff27] [--clusters C]
+
+Reads ``RUN_DIR/eigvecs.pt`` and writes ``RUN_DIR/eval/`` (or ``--out``):
+
+* ``metrics.json`` — mIoU, pixel accuracy, per-class IoU, cluster→class mapping, what/where
+  numbers, timings;
+* ``per_class_iou.csv``, ``confusion.npy`` and ``confusion.png``;
+* ``figures/four_panel_<i>_<name>.png`` — the paper's per-image figure for the first images.
+
+Method (DESIGN §7). The embedding is :func:`ldsc.segment.pixel_embedding` (channel 0 dropped,
+singular-value scaling kept). k-means with ``C`` clusters (default: the number of classes) is
+fitted on *all base-grid pixels of all images* (MiniBatchKMeans above 50k pixels). For scoring,
+each image's eigenvectors are upsampled bilinearly to ``--eval-size`` (default ``4 × base``,
+at most 320) and every pixel is assigned to its nearest centroid; label maps are resized to the
+same square with nearest neighbour. Both follow the data pipeline's geometry: images are
+squashed (no crop) to the backbone's square input, so the whole label map is used. Clusters are
+matched one-to-one to classes by the Hungarian algorithm over the whole data set, then mIoU and
+pixel accuracy come from the confusion matrix. What/where is measured on the base grid with
+labels resized to it (nearest).
+
+Labels: ``--labels DIR`` is a folder of single-channel PNGs named like the images
+(``<image stem>.png``), values = class ids, 255 = unlabelled, each the size of its image.
+``--label-map cocostuff27`` converts official COCO-Stuff stuff+things maps to the 27 coarse
+classes. Class names come from the label map or from ``DIR/classes.json`` (a list) if present.
+Without ``--labels`` only the label-free parts (positions, figures) are computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldsc import segment
+from ldsc.errors import DataError, LdscError
+
+log = logging.getLogger("ldsc.evaluate")
+
+
+# --------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_run(run_dir: str | Path) -> dict:
+    """``eigvecs.pt`` of a finished run, with a one-sentence error when it is not there."""
+    from ldsc.export import load_eigenvectors
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise DataError(f"Run folder '{run_dir}' does not exist.")
+    run = load_eigenvectors(run_dir)
+    E = torch.as_tensor(run["eigvecs"])
+    if E.dim() != 4 or len(run["files"]) != E.shape[0]:
+        raise DataError(f"'{run_dir / 'eigvecs.pt'}' holds eigvecs of shape {tuple(E.shape)} for "
+                        f"{len(run['files'])} files; expected (n_images, K, H, W) with one file per image.")
+    return run
+
+
+def label_files(files: list[str], labels_dir: str | Path) -> list[Path]:
+    """The label PNG of every image, matched by file stem; one sentence when any is missing."""
+    labels_dir = Path(labels_dir)
+    if not labels_dir.is_dir():
+        raise DataError(f"Label folder '{labels_dir}' does not exist.")
+    found = {p.stem: p for p in labels_dir.glob("*.png")}
+    paths, missing = [], []
+    for f in files:
+        p = found.get(Path(f).stem)
+        (paths if p is not None else missing).append(p if p is not None else f)
+    if missing:
+        raise DataError(f"{len(missing)} of {len(files)} images have no label map in '{labels_dir}' "
+                        f"(e.g. '{Path(missing[0]).stem}.png' for image '{missing[0]}').")
+    return paths
+
+
+def load_labels(files: list[str], label_paths: list[Path], size: int, label_map: str | None) -> np.ndarray:
+    """``(n, size, size)`` uint8 label maps, each checked against its image's size and resized
+    (nearest) the way the data pipeline resized the image."""
+    from PIL import Image
+
+    from ldsc.cocostuff import read_label_map
+    from ldsc.segment_viz import resize_nearest
+
+    out = np.empty((len(files), size, size), dtype=np.uint8)
+    for i, (f, lp) in enumerate(zip(files, label_paths)):
+        lab = read_label_map(lp, label_map)
+        with Image.open(f) as im:
+            w, h = im.size
+        if lab.shape != (h, w):
+            raise DataError(f"Label map '{lp}' is {lab.shape[1]}x{lab.shape[0]} but its image '{f}' is "
+                            f"{w}x{h}: label maps must have their image's size.")
+        out[i] = resize_nearest(lab, (size, size))
+    return out
+
+
+def class_names(labels_dir: str | Path | None, label_map: str | None, num_classes: int) -> list[str]:
+    from ldsc.cocostuff import LABEL_NAMES
+
+    if label_map in LABEL_NAMES:
+        return list(LABEL_NAMES[label_map])
+    if labels_dir is not None and (Path(labels_dir) / "classes.json").is_file():
+        names = json.loads((Path(labels_dir) / "classes.json").read_text())
+        if len(names) >= num_classes:
+            return [str(n) for n in names[:num_classes]]
+    return [str(i) for i in range(num_classes)]
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluation
+
+
+def assign_clusters(km, E: torch.Tensor, size: int) -> np.ndarray:
+    """Nearest-centroid cluster of every pixel of every image at ``size × size``:
+    ``E (n, K, H, W)`` is upsampled bilinearly one image at a time. Returns ``(n, size, size)``
+    uint8 (or int16 above 255 clusters)."""
+    import torch.nn.functional as F
+
+    n = E.shape[0]
+    dtype = np.uint8 if km.n_clusters <= 255 else np.int16
+    out = np.empty((n, size, size), dtype=dtype)
+    for i in range(n):
+        up = E[i : i + 1] if E.shape[-1] == size else F.interpolate(
+            E[i : i + 1], size=(size, size), mode="bilinear", align_corners=False)
+        out[i] = km.predict(segment.pixel_embedding(up)).reshape(size, size)
+    return out
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    labels: str | Path | None = None,
+    label_map: str | None = None,
+    clusters: int | None = None,
+    num_classes: int | None = None,
+    eval_size: int | None = None,
+    n_figures: int = 4,
+    out: str | Path | None = None,
+    seed: int = 0,
+    use_wandb: bool | None = None,
+) -> dict:
+    """Evaluate ``run_dir`` (see the module docstring); returns the metrics written to
+    ``<out>/metrics.json``."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run = load_run(run_dir)
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    E = torch.as_tensor(run["eigvecs"]).float()
+    files = [str(f) for f in run["files"]]
+    n, K, H, W = E.shape
+    size = int(eval_size or min(4 * max(H, W), 320))
+
+    Y = None
+    if labels is not None:
+        Y = load_labels(files, label_files(files, labels), size, label_map)
+        present = np.unique(Y[Y != segment.IGNORE_INDEX])
+        inferred = int(present.max()) + 1 if present.size else 1
+        if label_map is not None:
+            from ldsc.cocostuff import LABEL_NAMES
+
+            inferred = len(LABEL_NAMES[label_map])
+        num_classes = int(num_classes or inferred)
+        if present.size and present.max() >= num_classes:
+            raise DataError(f"Label maps in '{labels}' contain class {int(present.max())} but "
+                            f"--num-classes is {num_classes}.")
+    timings["load_s"] = time.perf_counter() - t0
+
+    metrics: dict = {"run_dir": str(run_dir), "n_images": n, "K": K, "base_size": [H, W],
+                     "eval_size": size, "labels": str(labels) if labels else None,
+                     "label_map": label_map}
+    cfg = run.get("config") or {}
+    for key in ("backbone", "graph", "solver"):
+        target = (cfg.get(key) or {}).get("_target_") if isinstance(cfg.get(key), dict) else None
+        if target:
+            metrics[key] = target
+    if isinstance(cfg.get("graph"), dict) and "pair" in cfg["graph"]:
+        metrics["graph_pair"] = cfg["graph"]["pair"]
+
+    X = segment.pixel_embedding(E)
+    if Y is not None:
+        t = time.perf_counter()
+        C = int(clusters or num_classes)
+        km = segment.kmeans_fit(X, C, seed=seed)
+        pred = assign_clusters(km, E, size)
+        timings["kmeans_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = segment.segmentation_scores(pred, Y, num_classes, n_pred=C)
+        timings["metrics_s"] = time.perf_counter() - t
+        names = class_names(labels, label_map, num_classes)
+        pixels = scores["confusion"].sum(1)
+        metrics.update({
+            "clusters": C, "num_classes": num_classes, "miou": scores["miou"],
+            "pixel_accuracy": scores["pixel_accuracy"],
+            "per_class_iou": {nm: (None if np.isnan(v) else v)
+                              for nm, v in zip(names, scores["per_class_iou"])},
+            "mapping": scores["mapping"].tolist(), "unmatched_pixels": scores["unmatched_pixels"],
+        })
+        np.save(out / "confusion.npy", scores["confusion"])
+        with open(out / "per_class_iou.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["class_id", "name", "iou", "pixels"])
+            for i, (nm, v) in enumerate(zip(names, scores["per_class_iou"])):
+                w.writerow([i, nm, "" if np.isnan(v) else f"{v:.4f}", int(pixels[i])])
+        from ldsc.segment_viz import confusion_figure
+
+        confusion_figure(scores["confusion"], names, out / "confusion.png",
+                         title=f"mIoU {scores['miou']:.3f}, accuracy {scores['pixel_accuracy']:.3f}")
+
+    t = time.perf_counter()
+    from ldsc.segment_viz import resize_nearest
+
+    y_base = None
+    if Y is not None:
+        y_base = np.stack([resize_nearest(y, (H, W)) for y in Y]).reshape(-1)
+    metrics["what_where"] = segment.what_where(X, segment.pixel_positions(n, H, W), y_base, seed=seed)
+    timings["what_where_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    figures = write_four_panels(E, files, out / "figures", n_figures, seed)
+    timings["figures_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
+    metrics["figures"] = [str(p) for p in figures]
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    if use_wandb is None:
+        use_wandb = (run_dir / "wandb").is_dir()
+    if use_wandb:
+        log_to_wandb(run_dir, out, metrics)
+    return metrics
+
+
+def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figures: int, seed: int) -> list[Path]:
+    """The paper's four-panel figure for the first ``n_figures`` images."""
+    from ldsc.data import load_image
+    from ldsc.segment_viz import four_panel_figure
+
+    paths = []
+    for i in range(min(n_figures, len(files))):
+        e = E[i].numpy()
+        masks = segment.instance_masks(e, seed=seed)
+        seg = segment.segment_image(e, seed=seed)
+        p = fig_dir / f"four_panel_{i:04d}_{Path(files[i]).stem}.png"
+        paths.append(four_panel_figure(load_image(files[i]), e, masks, seg, p, title=Path(files[i]).name))
+    return paths
+
+
+def log_to_wandb(run_dir: Path, out: Path, metrics: dict) -> None:
+    """Log scalars and figures to W&B (offline unless ``WANDB_MODE`` says otherwise), resuming
+    the training run's id when ``RUN_DIR/wandb`` holds one."""
+    import wandb
+
+    run_id = None
+    wdir = run_dir / "wandb"
+    if wdir.is_dir():
+        runs = sorted(p.name for p in wdir.iterdir() if p.is_dir() and "run-" in p.name)
+        run_id = runs[-1].rsplit("-", 1)[-1] if runs else None
+    wandb.init(project="ldsc", dir=str(out), id=run_id, resume="allow" if run_id else None,
+               mode=os.environ.get("WANDB_MODE", "offline"), job_type="evaluate")
+    scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    scalars.update({f"eval/{k}": v for k, v in metrics["what_where"].items()})
+    images = [wandb.Image(p, caption=Path(p).stem) for p in metrics["figures"]]
+    if (out / "confusion.png").is_file():
+        images.append(wandb.Image(str(out / "confusion.png"), caption="confusion"))
+    wandb.log({**scalars, "eval/figures": images})
+    wandb.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ldsc.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", help="output folder of a finished `python -m ldsc.run` (holds eigvecs.pt)")
+    p.add_argument("--labels", help="folder of PNG label maps named like the images (<stem>.png)")
+    p.add_argument("--label-map", choices=["cocostuff27"], help="convert labels (official COCO-Stuff "
+                   "stuff+things PNGs -> 27 coarse classes)")
+    p.add_argument("--clusters", type=int, help="k-means clusters (default: the number of classes)")
+    p.add_argument("--num-classes", type=int, help="classes in the labels (default: inferred)")
+    p.add_argument("--eval-size", type=int, help="side at which pixels are scored (default: 4x base, <= 320)")
+    p.add_argument("--figures", type=int, default=4, help="four-panel figures for the first N images")
+    p.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wandb", dest="wandb", action="store_true", default=None,
+                   help="log to W&B (default: only if RUN_DIR/wandb exists)")
+    p.add_argument("--no-wandb", dest="wandb", action="store_false")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        m = evaluate_run(args.run_dir, labels=args.labels, label_map=args.label_map,
+                         clusters=args.clusters, num_classes=args.num_classes,
+                         eval_size=args.eval_size, n_figures=args.figures, out=args.out,
+                         seed=args.seed, use_wandb=args.wandb)
+    except LdscError as err:
+        print(f"ldsc.evaluate: error: {err}", file=sys.stderr)
+        return 1
+    print(format_summary(m))
+    return 0
+
+
+def format_summary(m: dict) -> str:
+    """A short human-readable report of :func:`evaluate_run`'s metrics."""
+    lines = [f"{m['n_images']} image(s), K={m['K']}, base grid {m['base_size'][0]}x{m['base_size'][1]}"]
+    if "miou" in m:
+        lines.append(f"k-means C={m['clusters']} vs {m['num_classes']} classes at {m['eval_size']}px: "
+                     f"mIoU {m['miou']:.4f}  pixel accuracy {m['pixel_accuracy']:.4f}")
+        width = max(len(k) for k in m["per_class_iou"])
+        for name, v in m["per_class_iou"].items():
+            lines.append(f"  {name:<{width}}  {'   n/a' if v is None else f'{v:6.3f}'}")
+    ww = m["what_where"]
+    lines.append("what/where: " + ", ".join(f"{k} {v:.3f}" for k, v in ww.items() if isinstance(v, float)))
+    lines.append(f"wrote {Path(m['figures'][0]).parent.parent if m['figures'] else ''} "
+                 f"in {m['timings']['total_s']:.1f} s")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

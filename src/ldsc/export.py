@@ -1,0 +1,59 @@
+"""Writing a finished run: ``eigvecs.pt``, the image index and the figures.
+
+``eigvecs.pt`` holds ``eigvecs`` ``(n_images, K, H, W)`` (SVD-ordered: channel 0 has the largest
+singular value), ``singular_values`` ``(K,)``, ``files`` (index -> image path), ``K``,
+``base_size`` and the resolved ``config``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ldsc import viz
+from ldsc.data import load_image
+from ldsc.spectral import svd_order
+
+
+def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], config: dict | None = None) -> torch.Tensor:
+    """SVD-order ``Z`` (``(n, K, H, W)``), write ``eigvecs.pt`` and ``files.json``; returns the
+    SVD-ordered eigenvectors."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    E, s = svd_order(Z)
+    payload = {"eigvecs": E, "singular_values": s, "files": list(files), "K": E.shape[1],
+               "base_size": E.shape[-1], "config": config or {}}
+    torch.save(payload, out / "eigvecs.pt")
+    (out / "files.json").write_text(json.dumps(list(files), indent=0))
+    return E
+
+
+def load_eigenvectors(run_dir: str | Path) -> dict:
+    """Read a run's ``eigvecs.pt`` (see module docstring)."""
+    from ldsc.errors import DataError
+
+    path = Path(run_dir) / "eigvecs.pt"
+    if not path.is_file():
+        raise DataError(f"'{path}' does not exist: is '{run_dir}' the output folder of a finished `python -m ldsc.run`?")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def write_figures(out_dir: str | Path, eigvecs: torch.Tensor, files: list[str], max_images: int = 4,
+                  n_vectors: int = 12, grid_vectors: int = 15, grid_images: int = 8) -> list[Path]:
+    """Per-image panels (input, first ``n_vectors`` eigenvectors, PCA-to-RGB) for the first
+    ``max_images`` images and, for several images, the leading-``grid_vectors`` grid."""
+    fig_dir = Path(out_dir) / "figures"
+    paths = []
+    n = len(files)
+    for i in range(min(max_images, n)):
+        img = load_image(files[i])
+        fig = viz.eigenvector_panel(img, eigvecs[i], n_vectors=n_vectors, title=Path(files[i]).name)
+        paths.append(viz.save(fig, fig_dir / f"eigenvectors_{i:04d}_{Path(files[i]).stem}.png"))
+    if n > 1:
+        m = min(grid_images, n)
+        imgs = [load_image(f).resize((eigvecs.shape[-1] * 2,) * 2) for f in files[:m]]
+        fig = viz.eigenvector_grid(imgs, eigvecs, n_vectors=grid_vectors, max_images=m)
+        paths.append(viz.save(fig, fig_dir / "eigenvector_grid.png"))
+    return paths

@@ -1,0 +1,108 @@
+"""The Hydra entry point: compose -> build -> fit -> export -> figures.
+
+    python -m ldsc.run backbone=pixel graph=qk K=15
+    python -m ldsc.run -m backbone=pixel graph=qk,vv K=5,10
+
+Configs live in the top-level ``conf/`` folder (``LDSC_CONF_DIR`` overrides it). Every piece is
+built by ``hydra.utils.instantiate`` from its config group; this file holds no maths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from ldsc.errors import ConfigError, LdscError
+
+log = logging.getLogger("ldsc")
+
+
+def config_dir() -> str:
+    """Absolute path of the config folder: ``$LDSC_CONF_DIR`` or ``<repo>/conf``."""
+    env = os.environ.get("LDSC_CONF_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
+    return str(path)
+
+
+def base_grid(cfg: DictConfig, n_images: int) -> int:
+    """The base grid side: ``cfg.base_size`` or 64 for one image and 32 for a data set."""
+    base = cfg.get("base_size") or (64 if n_images == 1 else 32)
+    if int(cfg.K) >= base * base:
+        raise ConfigError(f"K={cfg.K} must be smaller than the {base}x{base}={base * base} pixels of the base grid "
+                          f"(lower K or raise base_size).")
+    if int(cfg.K) < 1:
+        raise ConfigError(f"K={cfg.K} must be at least 1.")
+    return int(base)
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> str | None:
+    """``cfg.ckpt_path`` if set, else ``<output_dir>/checkpoints/last.ckpt`` when ``cfg.resume``."""
+    if cfg.get("ckpt_path"):
+        path = Path(cfg.ckpt_path)
+        if not path.is_file():
+            raise ConfigError(f"Checkpoint '{path}' does not exist.")
+        return str(path)
+    if cfg.get("resume"):
+        path = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+        if path.is_file():
+            log.info("resuming from %s", path)
+            return str(path)
+        log.info("resume=true but %s does not exist yet: starting fresh", path)
+    return None
+
+
+def fit(cfg: DictConfig):
+    """Build everything from ``cfg`` and fit; returns the trained solver."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from ldsc.callbacks import ExportEigenvectors
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    n_images = datamodule.num_images
+    base = base_grid(cfg, n_images)
+    log.info("%d image(s), base grid %dx%d, K=%d", n_images, base, base, cfg.K)
+
+    backbone = instantiate(cfg.backbone)
+    graph_builder = instantiate(cfg.graph)
+    datamodule.attach(backbone, graph_builder, base, seed=int(cfg.seed))
+    solver = instantiate(cfg.solver, n_images=n_images, K=int(cfg.K), base_size=base)
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    for cb in callbacks:
+        if isinstance(cb, ExportEigenvectors):
+            cb.run_config = resolved
+    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(resolved)
+    try:
+        trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg))
+    finally:
+        if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+            import wandb
+
+            wandb.finish()
+    log.info("outputs in %s", cfg.paths.output_dir)
+    return solver
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        fit(cfg)
+    except LdscError as err:
+        log.error("%s", err)
+        print(f"ldsc: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Solvers: LightningModules whose parameters are the pseudo-eigenvectors."""

@@ -1,0 +1,133 @@
+"""Tiny, randomly initialised instances of the real backbone architectures, saved with
+``save_pretrained`` in the layout of the real hub repositories, so tests load them through the
+same ``model_id`` path users take. Plain functions: ``make_tiny_<name>(directory) -> str``.
+
+Sizes: the ViTs take 32 px images with 8 px patches (a 4×4 grid, 2 layers, 2 heads); the
+Stable Diffusion stand-in takes 64 px images, its VAE downsamples by 8 like the real one, and
+its UNet has attention at latent grids 8, 4 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+TINY_VIT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=37,
+    image_size=32,
+    patch_size=8,
+)
+TINY_VIT_INPUT = 32
+TINY_SD_INPUT = 64
+
+
+def _save_preprocessor(directory: str, mean, std, size: int) -> None:
+    with open(os.path.join(directory, "preprocessor_config.json"), "w") as f:
+        json.dump({"image_mean": list(mean), "image_std": list(std), "size": size}, f)
+
+
+def make_tiny_clip(directory: str, full_clip: bool = True) -> str:
+    """A CLIP checkpoint; ``full_clip`` saves a whole ``CLIPModel`` like ``openai/clip-vit-*``."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    vision = CLIPVisionConfig(**TINY_VIT)
+    if full_clip:
+        text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                              num_attention_heads=2, vocab_size=64, max_position_embeddings=16)
+        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    else:
+        model = CLIPVisionModel(vision)
+    model.save_pretrained(directory)
+    _save_preprocessor(directory, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), 32)
+    return directory
+
+
+def make_tiny_dino(directory: str) -> str:
+    """A ``ViTModel`` checkpoint like ``facebook/dino-vitb8`` (no preprocessor file: defaults)."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**TINY_VIT)).save_pretrained(directory)
+    return directory
+
+
+def make_tiny_mae(directory: str) -> str:
+    """A ``ViTMAEForPreTraining`` checkpoint (encoder + decoder) like ``facebook/vit-mae-base``,
+    saved with the pretraining ``mask_ratio = 0.75``."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    torch.manual_seed(0)
+    config = ViTMAEConfig(**TINY_VIT, decoder_hidden_size=16, decoder_num_hidden_layers=1,
+                          decoder_num_attention_heads=2, decoder_intermediate_size=20, mask_ratio=0.75)
+    model = ViTMAEForPreTraining(config)
+    # random sin-cos position embeddings differ per position, so a shuffle would be visible
+    model.save_pretrained(directory)
+    _save_preprocessor(directory, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32)
+    return directory
+
+
+def _tiny_clip_tokenizer(directory: str, max_length: int) -> None:
+    """vocab.json + merges.txt + tokenizer_config.json of a byte-level BPE CLIP tokenizer."""
+    os.makedirs(directory, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in letters:
+        vocab[c] = len(vocab)
+    for c in letters:
+        vocab[c + "</w>"] = len(vocab)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
+                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
+
+
+def make_tiny_sd(directory: str, with_scheduler: bool = True) -> str:
+    """A Stable-Diffusion-v1 layout (vae/, unet/, text_encoder/, tokenizer/, scheduler/)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_SD_INPUT,
+    ).save_pretrained(os.path.join(directory, "vae"))
+    UNet2DConditionModel(
+        sample_size=TINY_SD_INPUT // 8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(16, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=2,  # SD v1 naming: this is the number of heads
+    ).save_pretrained(os.path.join(directory, "unet"))
+    max_length = 16
+    CLIPTextModel(
+        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                       vocab_size=64, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
+                       pad_token_id=1)
+    ).save_pretrained(os.path.join(directory, "text_encoder"))
+    _tiny_clip_tokenizer(os.path.join(directory, "tokenizer"), max_length)
+    if with_scheduler:
+        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                      num_train_timesteps=1000).save_pretrained(os.path.join(directory, "scheduler"))
+    return directory
