@@ -230,6 +230,7 @@ def evaluate_run(
     timings["total_s"] = time.perf_counter() - t0
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
     metrics["figures"] = [str(p) for p in figures]
+    metrics["out"] = str(out)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     if use_wandb is None:
@@ -323,8 +324,7 @@ def format_summary(m: dict) -> str:
             lines.append(f"  {name:<{width}}  {'   n/a' if v is None else f'{v:6.3f}'}")
     ww = m["what_where"]
     lines.append("what/where: " + ", ".join(f"{k} {v:.3f}" for k, v in ww.items() if isinstance(v, float)))
-    lines.append(f"wrote {Path(m['figures'][0]).parent.parent if m['figures'] else ''} "
-                 f"in {m['timings']['total_s']:.1f} s")
+    lines.append(f"wrote {m['out']}/metrics.json in {m['timings']['total_s']:.1f} s")
     return "\n".join(lines)
 
 

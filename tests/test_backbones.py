@@ -1,0 +1,381 @@
+"""Pretrained backbones (sd, clip, dino, mae) on tiny random instances of the real architectures.
+
+The models are saved with ``save_pretrained`` into a session temp dir and loaded through the
+backbone classes with ``model_id=<dir>``, exactly as users load hub ids or local folders.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from ldsc.backbones.base import WeightsNotFoundError
+from ldsc.backbones.hooks import (
+    QKVCapture,
+    attention_probs,
+    grid_features,
+    keep_tokens,
+    select_layers,
+    split_heads,
+)
+from tiny_models import TINY_SD_INPUT, TINY_VIT, TINY_VIT_INPUT, make_tiny_clip, make_tiny_dino, make_tiny_mae, make_tiny_sd
+
+VIT_MAKERS = {"clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread is ~100x faster than an
+    oversubscribed OpenMP pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(name)`` → directory of a tiny saved model (built once per session)."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[str, str] = {}
+
+    def get(name: str) -> str:
+        if name not in built:
+            maker = make_tiny_sd if name == "sd" else VIT_MAKERS[name]
+            built[name] = maker(str(root / name))
+        return built[name]
+
+    return get
+
+
+def vit_class(name: str):
+    from ldsc.backbones import vit
+
+    return {"clip": vit.CLIPBackbone, "dino": vit.DINOBackbone, "mae": vit.MAEBackbone}[name]
+
+
+def make_sd(tiny_dir, **kwargs):
+    from ldsc.backbones.sd import StableDiffusionBackbone
+
+    kwargs.setdefault("input_size", TINY_SD_INPUT)
+    return StableDiffusionBackbone(tiny_dir("sd"), **kwargs)
+
+
+def images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_frozen(backbone: nn.Module, features) -> None:
+    """No parameter trains; gradients through downstream ops never reach the backbone."""
+    assert all(not p.requires_grad for p in backbone.parameters())
+    assert not backbone.training
+    weight = torch.ones((), requires_grad=True)
+    loss = sum((weight * f.q).square().mean() + (weight * f.v).mean() for f in features)
+    loss.backward()
+    assert weight.grad is not None
+    assert all(p.grad is None for p in backbone.parameters())
+    assert backbone.state_dict() == {}
+    holder = nn.Module()
+    holder.backbone, holder.head = backbone, nn.Linear(2, 2)
+    assert set(holder.state_dict()) == {"head.weight", "head.bias"}  # never in a checkpoint
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+
+
+def test_import_is_cheap():
+    code = (
+        "import sys, ldsc.backbones, ldsc.backbones.vit, ldsc.backbones.sd, ldsc.backbones.hooks;"
+        "heavy = [m for m in ('diffusers', 'transformers') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_capture_removes_hooks_even_after_an_error():
+    attention = nn.Module()
+    attention.q_proj, attention.k_proj, attention.v_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    capture = QKVCapture({"a": attention})
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture:
+            attention.q_proj(torch.zeros(1, 4))
+            raise RuntimeError("boom")
+    assert all(not p._forward_hooks for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+    with capture:
+        attention.k_proj(torch.ones(1, 4))
+    assert set(capture.take()["a"]) == {"k"}
+    assert capture.outputs == {}
+
+
+def test_grid_features_drops_prefix_strides_and_averages_heads():
+    b, heads, h, w, d, prefix = 2, 3, 4, 6, 5, 1
+    raw = {r: torch.randn(b, prefix + h * w, heads * d) for r in "qkv"}
+    full = grid_features("l", raw, heads, (h, w), n_prefix=prefix)
+    assert full.q.shape == (b, heads, h, w, d)
+    q = split_heads(raw["q"], heads)
+    assert torch.equal(full.q[1, 2, 3, 5], q[1, 2, prefix + 3 * w + 5])
+    sub = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, head_mode="mean", capture_attn=True)
+    assert sub.q.shape == (b, 1, 2, 3, d)
+    assert torch.allclose(sub.q[0, 0, 1, 2], q[0, :, prefix + 2 * w + 4].mean(0))
+    assert sub.attn.shape == (b, 1, 6, 6)
+    assert torch.allclose(sub.attn.sum(-1), torch.ones(b, 1, 6))
+    with pytest.raises(ValueError, match="tokens"):
+        grid_features("l", raw, heads, (h, w + 1), n_prefix=prefix)
+
+
+def test_keep_tokens_renormalises_rows():
+    probs = attention_probs(torch.randn(2, 5, 3), torch.randn(2, 5, 3))
+    sub = keep_tokens(probs, torch.tensor([1, 2, 4]))
+    assert torch.allclose(sub.sum(-1), torch.ones(2, 3))
+    assert torch.allclose(sub[0, 0], probs[0, 1, [1, 2, 4]] / probs[0, 1, [1, 2, 4]].sum())
+
+
+def test_select_layers():
+    names = ["layer.0", "layer.1", "layer.2"]
+    assert select_layers(names) == names
+    assert select_layers(names, [-1, 0]) == ["layer.0", "layer.2"]
+    assert select_layers(names, "layer.[12]") == ["layer.1", "layer.2"]
+    with pytest.raises(ValueError, match="out of range"):
+        select_layers(names, [3])
+    with pytest.raises(ValueError, match="selects none"):
+        select_layers(names, ["block.*"])
+
+
+# --------------------------------------------------------------------------------------------
+# ViTs: clip, dino, mae
+
+
+@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
+def test_vit_shapes_and_options(tiny_dir, name):
+    cls = vit_class(name)
+    heads, d, side = TINY_VIT["num_attention_heads"], 16, TINY_VIT_INPUT // TINY_VIT["patch_size"]
+    backbone = cls(tiny_dir(name))
+    assert backbone.input_size == TINY_VIT_INPUT and backbone.name == name
+    features = backbone(images(2, TINY_VIT_INPUT))
+    assert [f.name for f in features] == ["layer.0", "layer.1"]
+    for f in features:
+        for t in (f.q, f.k, f.v):
+            assert t.shape == (2, heads, side, side, d) and t.dtype == torch.float32
+        assert f.attn is None and f.timestep is None
+
+    # larger input: interpolated position encodings; mean heads; strided tokens; one layer
+    other = cls(tiny_dir(name), input_size=48, heads="mean", token_stride=2, layers=[-1])
+    (f,) = other(images(1, 48))
+    assert f.name == "layer.1" and f.q.shape == (1, 1, 3, 3, d) and f.grid == (3, 3)
+    # images of another size are resized to input_size
+    assert other(images(1, 40))[0].q.shape == (1, 1, 3, 3, d)
+
+
+@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
+def test_vit_hooks_reproduce_the_models_attention(tiny_dir, name):
+    """softmax(q kᵀ/√d) of the captured q, k equals the model's own attention probabilities
+    (eager attention, ``output_attentions``), and ``attn`` is that attention restricted to the grid."""
+    backbone = vit_class(name)(tiny_dir(name), capture_attn=True)
+    x = images(2, TINY_VIT_INPUT)
+    features = backbone(x)
+
+    model = backbone.model
+    model.set_attn_implementation("eager")
+    pixel_values = backbone.preprocess(x)
+    kwargs = {"noise": backbone._noise(2, 16, "cpu")} if name == "mae" else {}
+    from ldsc.backbones.hooks import attention_modules
+
+    modules = dict(zip(["layer.0", "layer.1"], attention_modules(model).values()))
+    with torch.no_grad(), QKVCapture(modules) as capture:
+        reference = model(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=True, **kwargs)
+    heads = TINY_VIT["num_attention_heads"]
+    grid = torch.arange(16) + 1  # tokens after the class token
+    for i, f in enumerate(features):
+        raw = capture.outputs[f"layer.{i}"]
+        probs = attention_probs(split_heads(raw["q"], heads), split_heads(raw["k"], heads))
+        assert torch.allclose(probs, reference.attentions[i], atol=1e-5)
+        assert torch.allclose(f.attn, keep_tokens(reference.attentions[i], grid), atol=1e-5)
+        q = split_heads(raw["q"], heads)[:, :, 1:].reshape(2, heads, 4, 4, -1)
+        assert torch.allclose(f.q, q, atol=1e-5)  # layer 1 differs by sdpa vs eager rounding
+
+
+@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
+def test_vit_tokens_come_back_in_grid_order(tiny_dir, name):
+    """Changing one patch of the image changes layer 0's queries at that grid cell only
+    (q is a token-wise function of the patch embedding); for MAE this proves no shuffle."""
+    backbone = vit_class(name)(tiny_dir(name), layers=[0])
+    x = images(1, TINY_VIT_INPUT)
+    y = x.clone()
+    y[:, :, 8:16, 16:24] = 1 - y[:, :, 8:16, 16:24]  # patch (row 1, col 2)
+    changed = (backbone(x)[0].q - backbone(y)[0].q).abs().amax(dim=(0, 1, 4)) > 1e-6
+    assert changed.nonzero().tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
+def test_vit_frozen_and_not_in_checkpoints(tiny_dir, name):
+    backbone = vit_class(name)(tiny_dir(name))
+    backbone.train()
+    assert_frozen(backbone, backbone(images(1, TINY_VIT_INPUT)))
+
+
+def test_vit_normalisation_from_preprocessor_or_defaults(tiny_dir):
+    from ldsc.backbones.vit import IMAGENET_MEAN, OPENAI_CLIP_MEAN
+
+    assert torch.allclose(vit_class("clip")(tiny_dir("clip")).mean.flatten(), torch.tensor(OPENAI_CLIP_MEAN))
+    assert not os.path.exists(os.path.join(tiny_dir("dino"), "preprocessor_config.json"))
+    assert torch.allclose(vit_class("dino")(tiny_dir("dino")).mean.flatten(), torch.tensor(IMAGENET_MEAN))
+
+
+def test_vit_bfloat16_and_early_stop(tiny_dir):
+    full = vit_class("dino")(tiny_dir("dino"))
+    first = vit_class("dino")(tiny_dir("dino"), layers=[0])  # the forward stops after layer 0
+    x = images(2, TINY_VIT_INPUT)
+    assert torch.equal(first(x)[0].q, full(x)[0].q)
+    low = vit_class("dino")(tiny_dir("dino"), dtype="bfloat16")
+    assert next(low.model.parameters()).dtype == torch.bfloat16
+    f = low(x)[0]
+    assert f.q.dtype == torch.float32 and torch.allclose(f.q, full(x)[0].q, atol=0.1, rtol=0.1)
+    with pytest.raises(ValueError, match="multiple of the patch size"):
+        vit_class("dino")(tiny_dir("dino"), input_size=36)
+
+
+# --------------------------------------------------------------------------------------------
+# Stable Diffusion
+
+
+def test_sd_layers_grids_and_shapes(tiny_dir):
+    backbone = make_sd(tiny_dir, layers=None, max_grid=None)
+    features = backbone(images(2, TINY_SD_INPUT), generator=torch.Generator().manual_seed(0))
+    grids = {f.name: f.grid for f in features}
+    assert grids == {
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1": (8, 8),
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1": (4, 4),
+        "mid_block.attentions.0.transformer_blocks.0.attn1": (2, 2),
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1": (4, 4),
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn1": (4, 4),
+        "up_blocks.2.attentions.0.transformer_blocks.0.attn1": (8, 8),
+        "up_blocks.2.attentions.1.transformer_blocks.0.attn1": (8, 8),
+    }
+    assert list(grids) == backbone.layer_names  # execution order: down, mid, up
+    for f in features:
+        assert f.q.shape[:2] == (2, 2) and f.q.shape == f.k.shape == f.v.shape
+        assert f.q.shape[-1] == (8 if f.grid == (8, 8) else 16)
+        assert f.timestep.shape == (2,)
+
+    default = make_sd(tiny_dir, max_grid=4)  # mid and up blocks, no 8x8 layers (SD's 64x64 at 512 px)
+    assert default.layer_names == [
+        "mid_block.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn1",
+        "up_blocks.1.attentions.1.transformer_blocks.0.attn1",
+    ]
+    (f, *_) = make_sd(tiny_dir, layers=["up_blocks.2.*"], heads="mean", token_stride=2)(images(1, TINY_SD_INPUT))
+    assert f.q.shape == (1, 1, 4, 4, 8)
+    with pytest.raises(ValueError, match="no layer selected"):
+        make_sd(tiny_dir, layers=["up_blocks.2.*"], max_grid=4)
+
+
+def test_sd_never_hooks_cross_attention(tiny_dir):
+    backbone = make_sd(tiny_dir, layers=None, max_grid=None)
+    hooked = {id(m) for _, _, m in backbone._capture.targets}
+    for name, module in backbone.unet.named_modules():
+        if name.endswith("attn2"):
+            assert module.is_cross_attention
+            assert not {id(module.to_q), id(module.to_k), id(module.to_v)} & hooked
+    assert all(n.endswith("attn1") for n in backbone.layer_names)
+
+
+def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
+    """softmax(q kᵀ·scale) v from the captured q, k, v, heads merged and through ``to_out``,
+    equals the output of every ``attn1`` module."""
+    backbone = make_sd(tiny_dir, layers=None, max_grid=None, capture_attn=True)
+    unet = backbone.unet
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 200])
+    modules = backbone._attn1
+    with torch.no_grad(), QKVCapture(modules, extra=modules) as capture:
+        unet(latents, t, encoder_hidden_states=backbone.prompt_embedding.expand(2, -1, -1))
+    for name, module in modules.items():
+        raw = capture.outputs[name]
+        q, k, v = (split_heads(raw[r], module.heads) for r in "qkv")
+        probs = attention_probs(q, k, module.scale)
+        merged = (probs @ v).transpose(1, 2).flatten(2)
+        with torch.no_grad():
+            out = module.to_out[1](module.to_out[0](merged))
+        assert torch.allclose(out, raw["out"], atol=1e-5), name
+
+
+def test_sd_timestep_schedules():
+    from ldsc.backbones.sd import schedule_timesteps
+
+    def sequence(schedule, steps=7, **kw):
+        return [schedule_timesteps(schedule, s, 1, 0, 100, 5, **kw).item() for s in range(steps)]
+
+    assert sequence("constant") == [50] * 7
+    assert sequence("increasing") == [0, 25, 50, 75, 100, 100, 100]
+    assert sequence("decreasing") == [100, 75, 50, 25, 0, 0, 0]
+    assert sequence("cyclic", steps=10) == [0, 25, 50, 75, 100, 75, 50, 25, 0, 25]
+    draws = [schedule_timesteps("random", 0, 64, 10, 20, generator=torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert draws[0].min() >= 10 and draws[0].max() <= 20 and len(draws[0].unique()) > 5
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    with pytest.raises(ValueError):
+        schedule_timesteps("sometimes", 0, 1, 0, 10)
+
+
+def test_sd_schedule_state_and_reproducibility(tiny_dir):
+    x = images(2, TINY_SD_INPUT)
+    increasing = make_sd(tiny_dir, max_grid=4, schedule="increasing", t_min=0, t_max=90, schedule_steps=4)
+    seen = [increasing(x)[0].timestep.tolist() for _ in range(5)]
+    assert seen == [[0, 0], [30, 30], [60, 60], [90, 90], [90, 90]] and increasing.step == 5
+
+    def run(seed, **kw):
+        backbone = make_sd(tiny_dir, max_grid=4, **kw)
+        return backbone(x, generator=torch.Generator().manual_seed(seed))
+
+    a, b, c = run(0), run(0), run(1)
+    for fa, fb in zip(a, b):
+        assert torch.equal(fa.q, fb.q) and torch.equal(fa.timestep, fb.timestep)
+    assert not torch.equal(a[0].v, c[0].v)
+    s1, s2 = run(3, latent="sample"), run(3, latent="sample")
+    assert torch.equal(s1[0].k, s2[0].k) and not torch.equal(s1[0].k, run(3)[0].k)
+
+
+def test_sd_parts_and_frozen(tiny_dir, tmp_path):
+    backbone = make_sd(tiny_dir, max_grid=4)
+    backbone.train()
+    assert backbone.prompt_embedding.shape == (1, 16, 32)
+    assert backbone.vae.decoder is None
+    assert not any(n.startswith("text") for n, _ in backbone.named_modules())
+    assert_frozen(backbone, backbone(images(1, TINY_SD_INPUT), generator=torch.Generator().manual_seed(0)))
+
+    # a model folder without scheduler/ falls back to SD's DDPM schedule
+    no_scheduler = tmp_path / "sd"
+    no_scheduler.mkdir()
+    for part in ("vae", "unet", "text_encoder", "tokenizer"):
+        os.symlink(os.path.join(tiny_dir("sd"), part), no_scheduler / part)
+    from ldsc.backbones.sd import StableDiffusionBackbone
+
+    other = StableDiffusionBackbone(str(no_scheduler), input_size=TINY_SD_INPUT, max_grid=4)
+    assert torch.allclose(other.scheduler.alphas_cumprod, backbone.scheduler.alphas_cumprod)
+
+
+# --------------------------------------------------------------------------------------------
+# missing weights
+
+
+@pytest.mark.parametrize("name", ["sd", "clip", "dino", "mae"])
+@pytest.mark.parametrize("model_id", ["nobody-here/no-such-model", "/no/such/local/dir"])
+def test_missing_weights_fail_fast_with_one_sentence(monkeypatch, tmp_path, name, model_id):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(WeightsNotFoundError) as info:
+        if name == "sd":
+            from ldsc.backbones.sd import StableDiffusionBackbone
+
+            StableDiffusionBackbone(model_id, cache_dir=str(tmp_path))
+        else:
+            vit_class(name)(model_id, cache_dir=str(tmp_path))
+    message = str(info.value)
+    assert f"'{model_id}'" in message and str(tmp_path) in message and "\n" not in message
+    assert time.perf_counter() - start < 5
