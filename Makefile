@@ -1,0 +1,39 @@
+# ldsc — common tasks. Everything runs inside .venv (created by `make install`).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch first: the CPU build (2.13.0) by default; GPU users pass e.g.
+#   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH  ?= torch==2.13.0
+
+.PHONY: install demo test test-all bench scaling data weights clean
+
+install:            ## create .venv, install torch, then ldsc with its test extras
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH)
+	$(PY) -m pip install -e ".[test]"
+
+demo:               ## the main job: scikit-image's photographs, pixel backbone (no download)
+	$(PY) -m ldsc.run
+
+test:               ## the fast test suite (slow and GPU tests are skipped)
+	$(PY) -m pytest -q
+
+test-all:           ## every test, slow ones included
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench:              ## solver accuracy/speed benchmark (JSON lines)
+	$(PY) -m ldsc.bench
+
+scaling:            ## graph construction and solver epoch at 1e4..1e6 tokens
+	$(PY) experiments/scaling.py
+
+data:               ## COCO val2017 + COCO-Stuff labels into data/coco (needs internet)
+	bash experiments/download_coco.sh data/coco
+
+weights:            ## pre-download the default pretrained backbones (needs internet)
+	$(PY) -c "from huggingface_hub import snapshot_download as d; [d(m) for m in ('CompVis/stable-diffusion-v1-4', 'openai/clip-vit-base-patch16', 'facebook/dino-vitb8', 'facebook/vit-mae-base')]"
+
+clean:
+	rm -rf outputs multirun .pytest_cache
