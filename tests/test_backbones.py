@@ -24,9 +24,7 @@ from ldsc.backbones.hooks import (
     select_layers,
     split_heads,
 )
-from tiny_models import TINY_SD_INPUT, TINY_VIT, TINY_VIT_INPUT, make_tiny_clip, make_tiny_dino, make_tiny_mae, make_tiny_sd
-
-VIT_MAKERS = {"clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae}
+from tiny_models import TINY_SD_INPUT, TINY_VIT, TINY_VIT_INPUT, tiny_model_dir
 
 
 @pytest.fixture(autouse=True)
@@ -40,18 +38,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
+def tiny_dir():
     """``tiny_dir(name)`` → directory of a tiny saved model (built once per session)."""
-    root = tmp_path_factory.mktemp("tiny_models")
-    built: dict[str, str] = {}
-
-    def get(name: str) -> str:
-        if name not in built:
-            maker = make_tiny_sd if name == "sd" else VIT_MAKERS[name]
-            built[name] = maker(str(root / name))
-        return built[name]
-
-    return get
+    return tiny_model_dir
 
 
 def vit_class(name: str):

@@ -141,7 +141,9 @@ def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
 
 def test_wandb_logger_runs_offline(compose, tmp_path):
     pytest.importorskip("wandb")
-    cfg = compose([*TINY, "logger=wandb", "trainer.max_epochs=1"])
+    cfg = compose([*TINY, "logger=wandb", "trainer.max_epochs=1", "callbacks.export.figures=true",
+                   "callbacks.export.max_images=1"])
     fit(cfg)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
+    assert len(list(runs[0].glob("files/media/images/*.png"))) == 2  # one per-image panel + the grid

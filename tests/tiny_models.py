@@ -2,6 +2,9 @@
 ``save_pretrained`` in the layout of the real hub repositories, so tests load them through the
 same ``model_id`` path users take. Plain functions: ``make_tiny_<name>(directory) -> str``.
 
+:func:`tiny_model_dir` builds each once per process into a temporary folder (removed at exit),
+so several test modules share the builds.
+
 Sizes: the ViTs take 32 px images with 8 px patches (a 4×4 grid, 2 layers, 2 heads); the
 Stable Diffusion stand-in takes 64 px images, its VAE downsamples by 8 like the real one, and
 its UNet has attention at latent grids 8, 4 and 2.
@@ -9,8 +12,12 @@ its UNet has attention at latent grids 8, 4 and 2.
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
 import os
+import shutil
+import tempfile
 
 import torch
 
@@ -131,3 +138,21 @@ def make_tiny_sd(directory: str, with_scheduler: bool = True) -> str:
         DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                       num_train_timesteps=1000).save_pretrained(os.path.join(directory, "scheduler"))
     return directory
+
+
+MAKERS = {"clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae, "sd": make_tiny_sd}
+#: the input size each tiny model is made for
+TINY_INPUT = {"clip": TINY_VIT_INPUT, "dino": TINY_VIT_INPUT, "mae": TINY_VIT_INPUT, "sd": TINY_SD_INPUT}
+
+
+@functools.lru_cache(maxsize=None)
+def _root() -> str:
+    root = tempfile.mkdtemp(prefix="ldsc-tiny-models-")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_dir(name: str) -> str:
+    """Directory of the tiny ``name`` model (``sd``, ``clip``, ``dino`` or ``mae``), built on first use."""
+    return MAKERS[name](os.path.join(_root(), name))

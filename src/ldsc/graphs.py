@@ -94,33 +94,49 @@ def knn_affinity(
     image_ids = image_ids.to(x.device)
     if chunk_size is None:
         chunk_size = max(1, min(n, max_chunk_elements // max(n, 1)))
+    # tokens ordered image-major (the usual case): a block of rows only needs its own images'
+    # columns for the intra-image search, and no (chunk, N) mask or masked copy is made
+    contiguous = n < 2 or bool((image_ids[1:] >= image_ids[:-1]).all())
     rows, cols, vals = [], [], []
     arange = torch.arange(n, device=x.device)
+
+    def keep_top(cand: Tensor, k: int, r: Tensor, offset: int) -> None:
+        kk = min(k, cand.shape[1])
+        v, c = cand.topk(kk, dim=1)
+        keep = v > threshold  # also drops the -inf fillers
+        rows.append(r[:, None].expand(-1, kk)[keep])
+        cols.append(c[keep] + offset)
+        vals.append(v[keep])
+
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
-        sims = x[start:stop] @ y.T  # (c, N)
         r = arange[start:stop]
-        same = image_ids[start:stop, None] == image_ids[None, :]
-        sims[r - start, r] = float("-inf")  # no self-edges
-        for k, mask in ((k_intra, same), (k_inter, ~same)):
-            if k <= 0:
-                continue
-            masked = sims.masked_fill(~mask, float("-inf"))
-            kk = min(k, n)
-            v, c = masked.topk(kk, dim=1)
-            keep = v > threshold  # also drops the -inf fillers
-            rows.append(r[:, None].expand(-1, kk)[keep])
-            cols.append(c[keep])
-            vals.append(v[keep])
-            del masked
-        del sims, same
+        lo, hi = 0, n
+        if contiguous:
+            lo = int(torch.searchsorted(image_ids, image_ids[start:start + 1]))
+            hi = int(torch.searchsorted(image_ids, image_ids[stop - 1:stop], right=True))
+        sims = x[start:stop] @ (y.T if k_inter > 0 else y[lo:hi].T)  # (c, N) or (c, hi - lo)
+        block = sims[:, lo:hi] if k_inter > 0 else sims  # a view: the columns of the rows' own images
+        same = image_ids[start:stop, None] == image_ids[None, lo:hi]
+        block[r - start, r - lo] = float("-inf")  # no self-edges
+        if k_intra > 0:
+            keep_top(block.masked_fill(~same, float("-inf")), k_intra, r, lo)
+        if k_inter > 0:
+            block.masked_fill_(same, float("-inf"))  # in place: sims now holds other images only
+            keep_top(sims, k_inter, r, 0)
+        del sims, block, same
     if rows:
         rows_t, cols_t, vals_t = torch.cat(rows), torch.cat(cols), torch.cat(vals)
     else:
         rows_t = cols_t = torch.zeros(0, dtype=torch.long, device=x.device)
         vals_t = torch.zeros(0, device=x.device)
-    idx = torch.stack([torch.cat([rows_t, cols_t]), torch.cat([cols_t, rows_t])])
-    return torch.sparse_coo_tensor(idx, torch.cat([vals_t, vals_t]) * 0.5, (n, n), check_invariants=False).coalesce()
+    del rows, cols, vals
+    m = rows_t.numel()
+    idx = torch.empty(2, 2 * m, dtype=torch.long, device=x.device)  # [A, Aᵀ] without temporaries
+    idx[0, :m], idx[0, m:], idx[1, :m], idx[1, m:] = rows_t, cols_t, cols_t, rows_t
+    del rows_t, cols_t
+    vals_t = torch.cat([vals_t, vals_t]).mul_(0.5)
+    return torch.sparse_coo_tensor(idx, vals_t, (n, n), check_invariants=False).coalesce()
 
 
 def random_walk(W: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,73 @@
+"""graph=attn: softmax attention as the random walk, with the reuse buffer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldsc.attention_graph import AttentionGraphBuilder, block_diagonal, layer_attention
+from ldsc.backbones.base import LayerFeatures
+from ldsc.backbones.hooks import attention_probs, grid_features
+from ldsc.errors import ConfigError
+
+
+def features(batch=2, heads=3, h=3, w=4, d=5, prefix=1, seed=0, name="layer.0", attn=True):
+    g = torch.Generator().manual_seed(seed)
+    raw = {r: torch.randn(batch, prefix + h * w, heads * d, generator=g) for r in "qkv"}
+    return grid_features(name, raw, heads, (h, w), n_prefix=prefix, capture_attn=attn)
+
+
+def test_attention_graph_is_the_head_averaged_block_diagonal_attention():
+    layer = features()
+    (graph,) = AttentionGraphBuilder()([layer], base_size=24)
+    assert graph.grid == (3, 4) and graph.n_images == 2 and graph.weight == 24 / 3
+    P = graph.P.to_dense()
+    assert P.shape == (24, 24)
+    assert torch.allclose(P.sum(1), torch.ones(24))
+    assert torch.allclose(P[:12, :12], layer.attn[0].mean(0)) and torch.allclose(P[12:, 12:], layer.attn[1].mean(0))
+    assert P[:12, 12:].abs().max() == 0  # no edges across images
+    assert torch.equal(graph.W.to_dense(), P) and torch.equal(graph.degree, torch.ones(24))
+    heads = AttentionGraphBuilder(heads="separate")([layer], base_size=24)
+    assert [g.name for g in heads] == ["layer.0/head0", "layer.0/head1", "layer.0/head2"]
+
+
+def test_recomputed_attention_equals_the_captured_one():
+    """Without captured attn, softmax(q kᵀ/√d) over the grid keys equals the network's attention
+    over all tokens with the class token dropped and rows renormalised."""
+    captured, bare = features(attn=True), features(attn=False)
+    assert bare.attn is None
+    assert torch.allclose(layer_attention(bare), captured.attn, atol=1e-6)
+
+
+def test_block_diagonal_layout():
+    probs = torch.arange(8.0).view(2, 2, 2)
+    dense = block_diagonal(probs).to_dense()
+    assert torch.equal(dense, torch.tensor([[0.0, 1, 0, 0], [2, 3, 0, 0], [0, 0, 4, 5], [0, 0, 6, 7]]))
+
+
+def test_reuse_buffer_is_seeded_and_single_image_only():
+    def run(seed, batch=1):
+        builder = AttentionGraphBuilder(buffer_size=3, reuse_prob=0.6, seed=seed)
+        out = []
+        for step in range(8):
+            graphs = builder([features(batch=batch, seed=step, name=f"layer.{step % 2}")], base_size=12)
+            out.append(graphs[0].P.to_dense())
+        return out, builder
+
+    a, builder = run(0)
+    b, _ = run(0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(builder.buffer) == 3
+    fresh = [AttentionGraphBuilder()([features(seed=s, batch=1)], 12)[0].P.to_dense() for s in range(8)]
+    reused = [i for i in range(8) if not torch.equal(a[i], fresh[i])]
+    assert reused and reused[0] > 0  # some layers were replaced, never before anything was buffered
+    for i in reused:
+        assert any(torch.equal(a[i], fresh[j]) for j in range(max(0, i - 3), i))  # from the last 3
+    multi, _ = run(0, batch=2)  # batches of several images never reuse
+    assert all(torch.equal(m, AttentionGraphBuilder()([features(seed=s, batch=2)], 12)[0].P.to_dense())
+               for s, m in enumerate(multi))
+
+
+def test_too_many_tokens_is_a_clear_error():
+    with pytest.raises(ConfigError, match="max_tokens"):
+        AttentionGraphBuilder(max_tokens=10)([features()], base_size=12)

@@ -1,0 +1,108 @@
+"""End-to-end runs of ``ldsc.run`` with the pretrained backbones (tiny random stand-ins).
+
+Each backbone × graph runs in single-image mode (the real demo image) and in data-set mode (a
+folder of three COCO images), in-process through ``fit`` like ``test_run.py``; one run goes
+through ``python -m ldsc.run`` in a subprocess, and every ``-m backbone=... graph=...`` sweep
+combination is composed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL, run_cli
+from tiny_models import TINY_INPUT, tiny_model_dir
+
+from ldsc.run import fit
+
+BACKBONES = ["sd", "clip", "dino", "mae"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared machine: an OpenMP pool only oversubscribes
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def three_images(tmp_path, coco_dir) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for f in sorted(coco_dir.glob("*.jpg"))[:3]:
+        shutil.copy(f, folder / f.name)
+    return folder
+
+
+def backbone_overrides(name: str) -> list[str]:
+    return [f"backbone={name}", f"backbone.model_id={tiny_model_dir(name)}", f"backbone.input_size={TINY_INPUT[name]}"]
+
+
+def eigvecs(cfg) -> dict:
+    return torch.load(Path(cfg.paths.output_dir) / "eigvecs.pt", weights_only=False)
+
+
+@pytest.mark.parametrize("graph", ["qk", "vv"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_single_image_run(compose, single_image, name, graph):
+    cfg = compose([*SMALL, *backbone_overrides(name), f"graph={graph}", "data=single", f"data.path={single_image}",
+                   "data.batch_size=1", "K=3", "trainer.max_epochs=1"])
+    fit(cfg)
+    assert eigvecs(cfg)["eigvecs"].shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("graph", ["qk", "vv"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_dataset_run(compose, three_images, name, graph):
+    cfg = compose([*SMALL, *backbone_overrides(name), f"graph={graph}", "data=folder", f"data.root={three_images}",
+                   "data.batch_size=3", "K=3", "trainer.max_epochs=1"])
+    fit(cfg)
+    out = eigvecs(cfg)
+    assert out["eigvecs"].shape == (3, 3, 16, 16)
+    assert sorted(Path(f).name for f in out["files"]) == sorted(p.name for p in three_images.iterdir())
+
+
+@pytest.mark.parametrize("name", ["sd", "dino"])
+def test_attention_graph_run(compose, single_image, name):
+    cfg = compose([*SMALL, *backbone_overrides(name), "graph=attn", "data=single", f"data.path={single_image}",
+                   "data.batch_size=1", "K=3", "trainer.max_epochs=2"])
+    fit(cfg)
+    assert eigvecs(cfg)["eigvecs"].shape == (1, 3, 16, 16)
+
+
+def test_cli_run_with_a_local_model_dir(tmp_path, single_image):
+    out = tmp_path / "out"
+    res = run_cli([*SMALL, *backbone_overrides("sd"), "graph=vv", "data=single", f"data.path={single_image}",
+                   "data.batch_size=1", "K=3", "trainer.max_epochs=1", f"hydra.run.dir={out}"],
+                  env_extra={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert torch.load(out / "eigvecs.pt", weights_only=False)["eigvecs"].shape == (1, 3, 16, 16)
+
+
+def test_cli_missing_weights_is_one_sentence(tmp_path):
+    res = run_cli(["backbone=dino", "backbone.model_id=nobody-here/no-such-model", "data=samples",
+                   "data.names=[astronaut.png]", "logger=none", f"hydra.run.dir={tmp_path}"])
+    assert res.returncode != 0
+    assert "ldsc: error: Could not load weights 'nobody-here/no-such-model'" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("graph", ["qk", "vv", "attn"])
+@pytest.mark.parametrize("name", BACKBONES)
+def test_sweep_combinations_compose(compose, name, graph):
+    """Every job of ``python -m ldsc.run -m backbone=sd,clip,dino,mae graph=qk,vv[,attn]`` composes
+    to importable targets with the documented defaults."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    cfg = compose([f"backbone={name}", f"graph={graph}"])
+    OmegaConf.to_container(cfg, resolve=True)
+    assert get_class(cfg.backbone._target_).name == name
+    get_class(cfg.graph._target_)
+    defaults = {"sd": ("CompVis/stable-diffusion-v1-4", 512), "clip": ("openai/clip-vit-base-patch16", 224),
+                "dino": ("facebook/dino-vitb8", 480), "mae": ("facebook/vit-mae-base", 224)}
+    assert (cfg.backbone.model_id, cfg.backbone.input_size) == defaults[name]
