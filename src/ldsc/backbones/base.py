@@ -126,6 +126,6 @@ def weights_error(model_id: str, cache_dir: str | None, err: Exception | None = 
     return WeightsNotFoundError(
         f"Could not load weights '{model_id}' from a local directory or the Hugging Face cache "
         f"'{cache}'{reason}: on a machine with internet run "
-        f"`huggingface-cli download {model_id}` (or `make weights`), set HF_HOME to where the files "
+        f"`hf download {model_id}` (or `make weights`), set HF_HOME to where the files "
         f"are, or pass backbone.model_id=/path/to/local/dir."
     )
