@@ -20,7 +20,6 @@ from ldsc.backbones.hooks import (
     QKVCapture,
     attention_probs,
     grid_features,
-    keep_tokens,
     select_layers,
     split_heads,
 )
@@ -119,11 +118,19 @@ def test_grid_features_drops_prefix_strides_and_averages_heads():
         grid_features("l", raw, heads, (h, w + 1), n_prefix=prefix)
 
 
-def test_keep_tokens_renormalises_rows():
-    probs = attention_probs(torch.randn(2, 5, 3), torch.randn(2, 5, 3))
-    sub = keep_tokens(probs, torch.tensor([1, 2, 4]))
-    assert torch.allclose(sub.sum(-1), torch.ones(2, 3))
-    assert torch.allclose(sub[0, 0], probs[0, 1, [1, 2, 4]] / probs[0, 1, [1, 2, 4]].sum())
+def keep_tokens(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Attention ``(..., N, N)`` restricted to the tokens ``index``, rows renormalised."""
+    sub = probs.index_select(-2, index).index_select(-1, index)
+    return sub / sub.sum(dim=-1, keepdim=True)
+
+
+def test_captured_attention_is_the_full_attention_restricted_to_the_grid():
+    b, heads, h, w, d, prefix = 2, 3, 4, 6, 5, 1
+    raw = {r: torch.randn(b, prefix + h * w, heads * d) for r in "qkv"}
+    full = attention_probs(split_heads(raw["q"], heads), split_heads(raw["k"], heads))
+    f = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, capture_attn=True)
+    index = (torch.arange(0, h, 2)[:, None] * w + torch.arange(0, w, 2)[None, :]).flatten() + prefix
+    assert torch.allclose(f.attn, keep_tokens(full, index), atol=1e-6)
 
 
 def test_select_layers():

@@ -38,19 +38,16 @@ def _save_preprocessor(directory: str, mean, std, size: int) -> None:
         json.dump({"image_mean": list(mean), "image_std": list(std), "size": size}, f)
 
 
-def make_tiny_clip(directory: str, full_clip: bool = True) -> str:
-    """A CLIP checkpoint; ``full_clip`` saves a whole ``CLIPModel`` like ``openai/clip-vit-*``."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
+def make_tiny_clip(directory: str) -> str:
+    """A whole ``CLIPModel`` checkpoint (text and vision towers), like ``openai/clip-vit-*``."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     torch.manual_seed(0)
     vision = CLIPVisionConfig(**TINY_VIT)
-    if full_clip:
-        text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-                              num_attention_heads=2, vocab_size=64, max_position_embeddings=16)
-        model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
-    else:
-        model = CLIPVisionModel(vision)
-    model.save_pretrained(directory)
+    text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                          vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
+              ).save_pretrained(directory)
     _save_preprocessor(directory, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), 32)
     return directory
 
@@ -98,9 +95,9 @@ def _tiny_clip_tokenizer(directory: str, max_length: int) -> None:
                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
 
 
-def make_tiny_sd(directory: str, with_scheduler: bool = True) -> str:
+def make_tiny_sd(directory: str) -> str:
     """A Stable-Diffusion-v1 layout (vae/, unet/, text_encoder/, tokenizer/, scheduler/)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
@@ -134,9 +131,10 @@ def make_tiny_sd(directory: str, with_scheduler: bool = True) -> str:
                        pad_token_id=1)
     ).save_pretrained(os.path.join(directory, "text_encoder"))
     _tiny_clip_tokenizer(os.path.join(directory, "tokenizer"), max_length)
-    if with_scheduler:
-        DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                      num_train_timesteps=1000).save_pretrained(os.path.join(directory, "scheduler"))
+    # the real repository ships a PNDM config; its betas are all the DDPM noising needs
+    PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                  skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1,
+                  ).save_pretrained(os.path.join(directory, "scheduler"))
     return directory
 
 

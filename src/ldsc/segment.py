@@ -35,7 +35,7 @@ def _numpy(x) -> np.ndarray:
 # embeddings
 
 
-def pixel_embedding(eigvecs, drop_first: bool = True, normalize: str = "rows") -> np.ndarray:
+def pixel_embedding(eigvecs, drop_first: bool = True, normalize: str = "none") -> np.ndarray:
     """Per-pixel rows of one or several images' eigenvectors.
 
     Args:
@@ -44,12 +44,12 @@ def pixel_embedding(eigvecs, drop_first: bool = True, normalize: str = "rows") -
             one, so the leading singular direction is close to the all-ones direction: channel 0
             is the (near-)trivial, almost constant eigenvector and says nothing about grouping.
             (The paper's PCA figure drops it for the same reason.)
-        normalize: ``"rows"`` (default: unit-norm rows, as in Ng–Jordan–Weiss spectral
-            clustering — a pixel is described by its *direction* in the eigenspace, so pixels
-            of one segment cluster tightly even where the eigenvectors' magnitude fades; on the
-            paper's single image it gives visibly cleaner k-means segments than the raw rows),
-            ``"none"`` (keep the singular-value scaling: leading eigenvectors weigh more) or
-            ``"channels"`` (each channel to unit variance: all eigenvectors weigh the same).
+        normalize: ``"none"`` (default: keep the singular-value scaling, so leading
+            eigenvectors weigh more and distances are those between the solver's ``Z``),
+            ``"rows"`` (unit-norm rows, as in Ng–Jordan–Weiss spectral clustering — a pixel is
+            described by its *direction* in the eigenspace; unstable where the rows are
+            near zero, e.g. a background that only channel 0 describes) or ``"channels"``
+            (each channel to unit variance: all eigenvectors weigh the same).
 
     Returns:
         ``(H·W, K')`` (or ``(B·H·W, K')``, rows ordered ``(b, y, x)``) float32 array.
@@ -141,7 +141,7 @@ def segment_image(
     k: int | None = None,
     k_range: tuple[int, int] = (2, 10),
     drop_first: bool = True,
-    normalize: str = "rows",
+    normalize: str = "none",
     seed: int = 0,
 ) -> np.ndarray:
     """k-means segmentation of one image's ``(K, H, W)`` eigenvectors into an ``(H, W)`` label
@@ -214,7 +214,7 @@ def instance_masks(
     max_masks: int = 20,
     min_score: float = 0.2,
     drop_first: bool = True,
-    normalize: str = "rows",
+    normalize: str = "none",
     seed: int = 0,
 ) -> list[tuple[np.ndarray, float]]:
     """Regions of one image's embedding that stand out from their surroundings ("instances").

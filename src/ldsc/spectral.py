@@ -145,6 +145,26 @@ def exact_operator(
     return M.tocsr()
 
 
+def exact_eigenvectors(
+    graphs: Sequence[LayerGraph],
+    base: tuple[int, int],
+    K: int,
+    image_index: Sequence[int] | Tensor | None = None,
+    n_images: int | None = None,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """The exact reference (DESIGN §4): the ``K`` largest eigenpairs of :func:`exact_operator`.
+
+    Returns ``(values (K,), Z (n_images, K, H, W))``, float64, by decreasing eigenvalue; ``Z`` has
+    orthonormal columns over all pixels of all images.
+    """
+    H, W = base
+    M = exact_operator(graphs, base, image_index=image_index, n_images=n_images)
+    vals, vecs = top_eigenvectors(M, K, seed=seed)
+    n = M.shape[0] // (H * W)
+    return torch.from_numpy(vals.copy()), unflatten_channels(torch.from_numpy(vecs.copy()), n, H, W)
+
+
 def top_eigenvectors(M, K: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The ``K`` largest eigenpairs of a symmetric sparse matrix, by ``scipy.sparse.linalg.eigsh``.
 
@@ -193,3 +213,152 @@ def svd_order(Z: Tensor) -> tuple[Tensor, Tensor]:
     sign = torch.where(E.mean(0) < 0, -1.0, 1.0).to(E)
     E = E * sign
     return unflatten_channels(E.float(), B, H, W), s.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference operator in torch, and a block eigensolver on it (used by the fast solver)
+# ---------------------------------------------------------------------------------------------
+
+
+class LayerOperator:
+    """``M = Σ_l w_l U_lᵀ S_l U_l`` of one batch's graphs (DESIGN §4), applied as sparse products.
+
+    The torch twin of :func:`exact_operator` (same matrix; never formed): ``S_l`` are kept as CSR,
+    and ``U_l`` is a reshape-and-mean when ``h_l, w_l`` divide ``H, W`` (then
+    ``U_lᵀ S_l U_l z = upsample(S_l · avgpool(z))``), the sparse :func:`pool_operator` otherwise.
+
+    Args:
+        graphs: layer graphs of one batch of ``B`` images (nodes ``(b, y, x)``).
+        base: base grid ``(H, W)``.
+        dtype: dtype of ``S_l`` and of the vectors it is applied to.
+
+    Calling it maps ``X`` ``(B·H·W, m)`` (rows ``(b, y, x)``) to ``M X`` of the same shape.
+    ``shift`` is ``Σ_l w_l``, a bound on ``|λ(M)|``: ``M + shift·I`` is positive semi-definite.
+    """
+
+    def __init__(self, graphs: Sequence[LayerGraph], base: tuple[int, int], dtype: torch.dtype = torch.float32):
+        if not graphs:
+            raise ValueError("LayerOperator needs at least one graph")
+        self.base = (int(base[0]), int(base[1]))
+        self.n_images = graphs[0].n_images
+        self.terms = []
+        for g in graphs:
+            if g.n_images != self.n_images:
+                raise ValueError(f"graph {g.name} has {g.n_images} images, expected {self.n_images}")
+            S = g.sym().to(dtype).to_sparse_csr()
+            h, w = g.grid
+            U = None
+            if self.base[0] % h or self.base[1] % w:
+                U = pool_operator(self.base, g.grid).to(device=S.device, dtype=dtype).to_sparse_csr()
+            self.terms.append((S, (h, w), float(g.weight), U))
+        self.shift = float(sum(t[2] for t in self.terms))
+        self.size = self.n_images * self.base[0] * self.base[1]
+
+    def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
+        """``U_l X``: ``(B·H·W, m)`` -> ``(B·h·w, m)``, up to the factor ``√area`` that
+        :meth:`unpool` divides back out for divisible grids."""
+        (H, W), (h, w), B, m = self.base, grid, self.n_images, X.shape[1]
+        if U is None:
+            return X.reshape(B, h, H // h, w, W // w, m).mean((2, 4)).reshape(B * h * w, m)
+        Xi = X.reshape(B, H * W, m).permute(1, 0, 2).reshape(H * W, B * m)
+        return (U @ Xi).reshape(h * w, B, m).permute(1, 0, 2).reshape(B * h * w, m)
+
+    def unpool(self, Y: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
+        """``U_lᵀ Y``: ``(B·h·w, m)`` -> ``(B·H·W, m)`` (see :meth:`pool`)."""
+        (H, W), (h, w), B, m = self.base, grid, self.n_images, Y.shape[1]
+        if U is None:
+            fy, fx = H // h, W // w
+            return Y.reshape(B, h, 1, w, 1, m).expand(B, h, fy, w, fx, m).reshape(B * H * W, m)
+        Yi = Y.reshape(B, h * w, m).permute(1, 0, 2).reshape(h * w, B * m)
+        return (U.transpose(0, 1) @ Yi).reshape(H * W, B, m).permute(1, 0, 2).reshape(B * H * W, m)
+
+    def __call__(self, X: Tensor) -> Tensor:
+        out = None
+        for S, grid, weight, U in self.terms:
+            Y = self.unpool(S @ self.pool(X, grid, U), grid, U)
+            out = Y.mul_(weight) if out is None else out.add_(Y, alpha=weight)
+        return out
+
+
+def orthonormalize(X: Tensor, eps: float = 1e-6) -> Tensor:
+    """Orthonormal basis of ``span(X)`` (``(n, m)`` -> ``(n, r)``, ``r ≤ m``) via the eigen-
+    decomposition of the ``m×m`` Gram matrix (computed in float64); directions whose squared
+    norm falls below ``eps × largest`` are dropped. One pass over ``X``: cheap for tall ``X``."""
+    G = (X.T.double() @ X.double())
+    g, Q = torch.linalg.eigh(G)
+    keep = g > eps * g.max().clamp_min(1e-300)
+    C = (Q[:, keep] / g[keep].sqrt()).to(X.dtype)
+    return X @ C
+
+
+def rayleigh_ritz(V: Tensor, AV: Tensor, m: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Rayleigh–Ritz of a symmetric operator on ``span(V)`` (``V`` need not be orthonormal).
+
+    Args:
+        V: ``(n, p)`` basis; AV: ``(n, p)`` the operator applied to it; m: Ritz pairs wanted.
+        eps: basis directions with relative squared norm below this are dropped.
+
+    Returns:
+        ``(theta (m,), C (p, m))``: the ``m`` largest Ritz values and coefficients, so that the Ritz
+        vectors are ``V C`` (orthonormal) and their images ``AV C``.
+    """
+    Vd, AVd = V.double(), AV.double()
+    G = Vd.T @ Vd
+    T = Vd.T @ AVd
+    T = (T + T.T) / 2
+    g, Q = torch.linalg.eigh(G)
+    keep = g > eps * g.max().clamp_min(1e-300)
+    Wn = Q[:, keep] / g[keep].sqrt()  # G-orthonormal coordinates
+    theta, E = torch.linalg.eigh(Wn.T @ T @ Wn)
+    top = torch.argsort(theta, descending=True)[:m]
+    return theta[top], (Wn @ E[:, top])
+
+
+def lobpcg_top(
+    apply,
+    X: Tensor,
+    iters: int,
+    tol: float = 0.0,
+    P: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Largest eigenpairs of a symmetric operator by LOBPCG (no preconditioner), warm-started.
+
+    Each iteration applies ``apply`` once, to the ``m`` residual directions, and does
+    Rayleigh–Ritz on ``span[X, R, P]`` (``P``: the previous step's direction), so convergence
+    follows ``√gap`` like Lanczos rather than the ``gap`` of subspace iteration.
+
+    Args:
+        apply: ``(n, m) -> (n, m)`` symmetric operator.
+        X: ``(n, m)`` starting block (need not be orthonormal).
+        iters: maximum iterations.
+        tol: stop when every residual ``‖A x − θ x‖`` is below ``tol · max|θ|`` (0: run ``iters``).
+        P: ``(n, m)`` search directions from an earlier call (continuing a run), or ``None``.
+
+    Returns:
+        ``(theta (m,), X (n, m) orthonormal Ritz vectors, P (n, m) last directions, iterations run)``.
+    """
+    m = X.shape[1]
+    X = orthonormalize(X)
+    AX = apply(X)
+    theta, C = rayleigh_ritz(X, AX, m)
+    C = C.to(X.dtype)
+    X, AX = X @ C, AX @ C
+    AP = apply(P) if P is not None else None
+    it = 0
+    for it in range(1, iters + 1):
+        R = AX - X * theta.to(X.dtype)
+        rn = R.norm(dim=0)
+        if tol > 0 and bool((rn <= tol * theta.abs().max()).all()):
+            it -= 1
+            break
+        R = R / rn.clamp_min(1e-30)
+        AR = apply(R)
+        V = torch.cat([X, R] + ([P] if P is not None else []), 1)
+        AV = torch.cat([AX, AR] + ([AP] if AP is not None else []), 1)
+        theta, C = rayleigh_ritz(V, AV, m)
+        C = C.to(X.dtype)
+        X, AX = V @ C, AV @ C
+        P, AP = V[:, m:] @ C[m:], AV[:, m:] @ C[m:]  # the step, without its component in old X
+        scale = P.norm(dim=0).clamp_min(1e-30)
+        P, AP = P / scale, AP / scale
+    return theta, X, P, it

@@ -159,13 +159,6 @@ def attention_probs(q: Tensor, k: Tensor, scale: float | None = None) -> Tensor:
     return logits.softmax(dim=-1)
 
 
-def keep_tokens(probs: Tensor, index: Tensor) -> Tensor:
-    """Restrict attention ``(..., N, N)`` to the tokens ``index`` (rows and columns) and
-    renormalise every row to sum to one — the random walk conditioned on staying among them."""
-    sub = probs.index_select(-2, index).index_select(-1, index)
-    return sub / sub.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(sub.dtype).tiny)
-
-
 def grid_features(
     name: str,
     captured: dict[str, Tensor],
@@ -190,9 +183,11 @@ def grid_features(
         head_mode: ``"keep"`` (one slice per head) or ``"mean"`` (average over heads → 1).
         token_stride: keep every ``token_stride``-th token along each axis.
         capture_attn: also return the softmax attention ``(B, heads, n, n)`` between the kept
-            grid tokens. It is computed over *all* tokens, class tokens included, exactly as
-            the network attends; then the rows/columns of dropped tokens are removed and each
-            row renormalised, so it stays row-stochastic (a random walk restricted to the grid).
+            grid tokens: the network's attention over *all* tokens (class tokens included) with
+            the rows and columns of dropped tokens removed and each row renormalised, so it stays
+            row-stochastic (the random walk restricted to the grid). Renormalising a softmax
+            after dropping columns gives the softmax over the remaining keys, so it is computed
+            as ``softmax(q kᵀ · scale)`` over the kept tokens directly.
         timestep: optional ``(B,)`` diffusion timesteps to attach.
 
     Features are returned in float32 whatever dtype the network ran in.
@@ -212,14 +207,15 @@ def grid_features(
     index = (rows[:, None] * w + cols[None, :]).flatten() + n_prefix
     hs, ws = len(rows), len(cols)
 
+    kept = {role: t.index_select(2, index) for role, t in qkv.items()}  # (B, heads, hs*ws, d)
     attn = None
     if capture_attn:
-        attn = keep_tokens(attention_probs(qkv["q"], qkv["k"], scale), index)
+        attn = attention_probs(kept["q"], kept["k"], scale)
         if head_mode == "mean":
             attn = attn.mean(dim=1, keepdim=True)
 
     out = {}
-    for role, t in qkv.items():
-        t = t.index_select(2, index).reshape(batch, heads, hs, ws, t.shape[-1]).float()
+    for role, t in kept.items():
+        t = t.reshape(batch, heads, hs, ws, t.shape[-1]).float()
         out[role] = t.mean(dim=1, keepdim=True) if head_mode == "mean" else t
     return LayerFeatures(name, q=out["q"], k=out["k"], v=out["v"], attn=attn, timestep=timestep)

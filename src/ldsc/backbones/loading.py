@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import warnings
 from typing import Any
 
 from ldsc.backbones.base import weights_error
@@ -80,7 +81,9 @@ def _quiet(library: str):
     lib_logging.set_verbosity_error()
     lib_logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():  # diffusers still passes an argument the hub deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            yield
     finally:
         lib_logging.set_verbosity(verbosity)
         if bars:

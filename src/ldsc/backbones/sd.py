@@ -36,6 +36,7 @@ resumed run must also restore :attr:`step`.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -46,6 +47,8 @@ from torch import Tensor, nn
 from ldsc.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError
 from ldsc.backbones.hooks import QKVCapture, grid_features, qkv_projections, select_layers
 from ldsc.backbones.loading import load_pretrained, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
 
@@ -175,6 +178,7 @@ class StableDiffusionBackbone(Backbone):
         try:
             self.scheduler = load_pretrained(DDPMScheduler, self.model_id, subfolder="scheduler", weights=False, **load)
         except WeightsNotFoundError:
+            log.info("no scheduler config in '%s': using Stable Diffusion v1's DDPM noise schedule", self.model_id)
             self.scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG)
         if self.t_max >= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"t_max={t_max} must be below num_train_timesteps={self.scheduler.config.num_train_timesteps}")
@@ -185,7 +189,7 @@ class StableDiffusionBackbone(Backbone):
         if self.input_size % self.vae_factor:
             raise ValueError(f"input_size {self.input_size} is not a multiple of the VAE factor {self.vae_factor}")
         attn1 = self.self_attention_layers(self.unet)
-        picked = select_layers(list(attn1), None if layers is None else layers)
+        picked = select_layers(list(attn1), layers)
         self.grids = {name: self.layer_grid(name) for name in attn1}
         self.layer_names = [n for n in picked if max_grid is None or max(self.grids[n]) <= int(max_grid)]
         if not self.layer_names:

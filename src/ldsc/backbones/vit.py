@@ -45,8 +45,9 @@ class VisionTransformerBackbone(Backbone):
     """
 
     name = "vit"
-    #: transformers class to load
+    #: transformers class to load, and extra ``from_pretrained`` arguments
     model_class_name: str = ""
+    load_kwargs: dict = {}
     #: normalisation used when the model directory has no preprocessor_config.json
     default_mean: tuple[float, float, float] = IMAGENET_MEAN
     default_std: tuple[float, float, float] = IMAGENET_STD
@@ -100,7 +101,8 @@ class VisionTransformerBackbone(Backbone):
     def load_model(self, model_id: str, cache_dir: str | None):
         import transformers
 
-        return load_pretrained(getattr(transformers, self.model_class_name), model_id, cache_dir=cache_dir)
+        model_class = getattr(transformers, self.model_class_name)
+        return load_pretrained(model_class, model_id, cache_dir=cache_dir, **self.load_kwargs)
 
     def encode(self, pixel_values: Tensor) -> None:
         """Run the encoder once (outputs are read from the hooks)."""
@@ -160,11 +162,7 @@ class DINOBackbone(VisionTransformerBackbone):
 
     name = "dino"
     model_class_name = "ViTModel"
-
-    def load_model(self, model_id: str, cache_dir: str | None):
-        from transformers import ViTModel
-
-        return load_pretrained(ViTModel, model_id, cache_dir=cache_dir, add_pooling_layer=False)
+    load_kwargs = {"add_pooling_layer": False}
 
 
 class MAEBackbone(VisionTransformerBackbone):
@@ -180,6 +178,7 @@ class MAEBackbone(VisionTransformerBackbone):
 
     name = "mae"
     model_class_name = "ViTMAEModel"
+    load_kwargs = {"mask_ratio": 0.0}  # overrides the checkpoint's config (0.75 for pretraining)
 
     def __init__(self, model_id: str, **kwargs):
         super().__init__(model_id, **kwargs)
@@ -188,13 +187,6 @@ class MAEBackbone(VisionTransformerBackbone):
         kept, _, ids_restore = self.model.embeddings.random_masking(tokens, noise=self._noise(1, n, "cpu"))
         if not (torch.equal(kept.flatten(), tokens.flatten()) and torch.equal(ids_restore.flatten(), torch.arange(n))):
             raise RuntimeError("ViTMAE does not keep its tokens in grid order with mask_ratio=0 and ordered noise")
-
-    def load_model(self, model_id: str, cache_dir: str | None):
-        from transformers import ViTMAEModel
-
-        model = load_pretrained(ViTMAEModel, model_id, cache_dir=cache_dir, mask_ratio=0.0)
-        model.config.mask_ratio = 0.0
-        return model
 
     @staticmethod
     def _noise(batch: int, n: int, device) -> Tensor:
