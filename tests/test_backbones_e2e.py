@@ -83,8 +83,6 @@ def test_cli_run_with_a_local_model_dir(tmp_path, single_image):
     assert torch.load(out / "eigvecs.pt", weights_only=False)["eigvecs"].shape == (1, 3, 16, 16)
 
 
-@pytest.mark.xfail(reason="run.py must unwrap hydra's InstantiationException around the backbone's "
-                          "WeightsNotFoundError (an LdscError) to print it as one sentence", strict=False)
 def test_cli_missing_weights_is_one_sentence(tmp_path):
     res = run_cli(["backbone=dino", "backbone.model_id=nobody-here/no-such-model", "data=samples",
                    "data.names=[astronaut.png]", "logger=none", f"hydra.run.dir={tmp_path}"])

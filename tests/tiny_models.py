@@ -8,6 +8,11 @@ so several test modules share the builds.
 Sizes: the ViTs take 32 px images with 8 px patches (a 4×4 grid, 2 layers, 2 heads); the
 Stable Diffusion stand-in takes 64 px images, its VAE downsamples by 8 like the real one, and
 its UNet has attention at latent grids 8, 4 and 2.
+
+``size="base"`` builds the published architectures instead (ViT-B: 12 layers, 12 heads, width
+768; SD v1: the 860M-parameter UNet and the KL-f8 VAE), still randomly initialised — for
+measuring real-size layer grids and speed without the weights (experiments/backbone_report.py).
+The text towers and tokenizers stay tiny in both sizes: ldsc only embeds the empty prompt.
 """
 
 from __future__ import annotations
@@ -31,6 +36,18 @@ TINY_VIT = dict(
 )
 TINY_VIT_INPUT = 32
 TINY_SD_INPUT = 64
+#: ViT-B (CLIP ViT-B/16, DINO ViT-B/8, MAE ViT-B/16 differ only in the patch size)
+BASE_VIT = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                image_size=224, patch_size=16)
+BASE_PATCH = {"clip": 16, "dino": 8, "mae": 16}
+
+
+def _vit_spec(name: str, size: str) -> dict:
+    if size == "tiny":
+        return dict(TINY_VIT)
+    if size == "base":
+        return dict(BASE_VIT, patch_size=BASE_PATCH[name])
+    raise ValueError(f"size must be 'tiny' or 'base', got {size!r}")
 
 
 def _save_preprocessor(directory: str, mean, std, size: int) -> None:
@@ -38,41 +55,45 @@ def _save_preprocessor(directory: str, mean, std, size: int) -> None:
         json.dump({"image_mean": list(mean), "image_std": list(std), "size": size}, f)
 
 
-def make_tiny_clip(directory: str) -> str:
+def make_tiny_clip(directory: str, size: str = "tiny") -> str:
     """A whole ``CLIPModel`` checkpoint (text and vision towers), like ``openai/clip-vit-*``."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(**TINY_VIT)
+    vision = CLIPVisionConfig(**_vit_spec("clip", size))
     text = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
                           vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16)
               ).save_pretrained(directory)
-    _save_preprocessor(directory, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711), 32)
+    _save_preprocessor(directory, (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711),
+                       vision.image_size)
     return directory
 
 
-def make_tiny_dino(directory: str) -> str:
+def make_tiny_dino(directory: str, size: str = "tiny") -> str:
     """A ``ViTModel`` checkpoint like ``facebook/dino-vitb8`` (no preprocessor file: defaults)."""
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(**TINY_VIT)).save_pretrained(directory)
+    ViTModel(ViTConfig(**_vit_spec("dino", size))).save_pretrained(directory)
     return directory
 
 
-def make_tiny_mae(directory: str) -> str:
+def make_tiny_mae(directory: str, size: str = "tiny") -> str:
     """A ``ViTMAEForPreTraining`` checkpoint (encoder + decoder) like ``facebook/vit-mae-base``,
     saved with the pretraining ``mask_ratio = 0.75``."""
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     torch.manual_seed(0)
-    config = ViTMAEConfig(**TINY_VIT, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-                          decoder_num_attention_heads=2, decoder_intermediate_size=20, mask_ratio=0.75)
+    decoder = (dict(decoder_hidden_size=16, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                    decoder_intermediate_size=20) if size == "tiny" else
+               dict(decoder_hidden_size=512, decoder_num_hidden_layers=8, decoder_num_attention_heads=16,
+                    decoder_intermediate_size=2048))
+    config = ViTMAEConfig(**_vit_spec("mae", size), **decoder, mask_ratio=0.75)
     model = ViTMAEForPreTraining(config)
     # random sin-cos position embeddings differ per position, so a shuffle would be visible
     model.save_pretrained(directory)
-    _save_preprocessor(directory, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 32)
+    _save_preprocessor(directory, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), config.image_size)
     return directory
 
 
@@ -95,38 +116,49 @@ def _tiny_clip_tokenizer(directory: str, max_length: int) -> None:
                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}, f)
 
 
-def make_tiny_sd(directory: str) -> str:
+def make_tiny_sd(directory: str, size: str = "tiny") -> str:
     """A Stable-Diffusion-v1 layout (vae/, unet/, text_encoder/, tokenizer/, scheduler/)."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if size not in ("tiny", "base"):
+        raise ValueError(f"size must be 'tiny' or 'base', got {size!r}")
+    tiny = size == "tiny"
     torch.manual_seed(0)
     AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512),
+        layers_per_block=1 if tiny else 2,
         latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_SD_INPUT,
+        norm_num_groups=8 if tiny else 32,
+        sample_size=TINY_SD_INPUT if tiny else 512,
     ).save_pretrained(os.path.join(directory, "vae"))
-    UNet2DConditionModel(
+    max_length = 16 if tiny else 77
+    text_width = 32 if tiny else 768
+    unet = dict(
         sample_size=TINY_SD_INPUT // 8,
-        in_channels=4,
-        out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
         norm_num_groups=8,
-        cross_attention_dim=32,
         attention_head_dim=2,  # SD v1 naming: this is the number of heads
-    ).save_pretrained(os.path.join(directory, "unet"))
-    max_length = 16
+    ) if tiny else dict(
+        sample_size=64,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        norm_num_groups=32,
+        attention_head_dim=8,
+    )
+    UNet2DConditionModel(in_channels=4, out_channels=4, cross_attention_dim=text_width, **unet
+                         ).save_pretrained(os.path.join(directory, "unet"))
     CLIPTextModel(
-        CLIPTextConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+        CLIPTextConfig(hidden_size=text_width, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
                        vocab_size=64, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
                        pad_token_id=1)
     ).save_pretrained(os.path.join(directory, "text_encoder"))

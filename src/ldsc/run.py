@@ -94,11 +94,26 @@ def fit(cfg: DictConfig):
     return solver
 
 
+def user_error(err: BaseException) -> LdscError | None:
+    """The :class:`LdscError` behind ``err``, if any: Hydra's ``instantiate`` and Lightning wrap
+    the exceptions raised inside them, so the chain of causes is searched."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LdscError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(cfg: DictConfig) -> None:
     try:
         fit(cfg)
-    except LdscError as err:
+    except Exception as exc:
+        err = user_error(exc)
+        if err is None:
+            raise
         log.error("%s", err)
         print(f"ldsc: error: {err}", file=sys.stderr)
         sys.exit(1)
