@@ -111,6 +111,14 @@ class Backbone(nn.Module):
         return {}
 
 
+def check_capture_options(heads: str, token_stride: int) -> None:
+    """Validate the capture options shared by the hooked backbones (``heads``, ``token_stride``)."""
+    if heads not in ("keep", "mean"):
+        raise ValueError(f"heads must be 'keep' or 'mean', got {heads!r}")
+    if int(token_stride) < 1:
+        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+
+
 class WeightsNotFoundError(LdscError, RuntimeError):
     """Raised with one clear sentence when pretrained weights cannot be loaded."""
 

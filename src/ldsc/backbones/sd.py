@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldsc.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError
+from ldsc.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
 from ldsc.backbones.hooks import QKVCapture, grid_features, qkv_projections, select_layers
 from ldsc.backbones.loading import load_pretrained, resolve_dtype
 
@@ -148,16 +148,13 @@ class StableDiffusionBackbone(Backbone):
         super().__init__()
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        if heads not in ("keep", "mean"):
-            raise ValueError(f"heads must be 'keep' or 'mean', got {heads!r}")
+        check_capture_options(heads, token_stride)
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if latent not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
         if not 0 <= int(t_min) <= int(t_max):
             raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
-        if int(token_stride) < 1:
-            raise ValueError(f"token_stride must be >= 1, got {token_stride}")
         self.model_id = str(model_id)
         self.input_size = int(input_size)
         self.t_min, self.t_max = int(t_min), int(t_max)

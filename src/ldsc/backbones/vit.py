@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.backbones.base import Backbone, LayerFeatures
+from ldsc.backbones.base import Backbone, LayerFeatures, check_capture_options
 from ldsc.backbones.hooks import QKVCapture, attention_modules, grid_features, select_layers
 from ldsc.backbones.loading import load_pretrained, read_config_file, resolve_dtype
 
@@ -64,10 +64,7 @@ class VisionTransformerBackbone(Backbone):
         capture_attn: bool = False,
     ):
         super().__init__()
-        if heads not in ("keep", "mean"):
-            raise ValueError(f"heads must be 'keep' or 'mean', got {heads!r}")
-        if int(token_stride) < 1:
-            raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+        check_capture_options(heads, token_stride)
         self.model_id = str(model_id)
         self.head_mode = heads
         self.token_stride = int(token_stride)
