@@ -128,6 +128,19 @@ def test_cli_unknown_choice_lists_valid_ones(tmp_path):
     assert "pixel" in res.stderr and "nonexistent" in res.stderr
 
 
+def test_console_script_finds_the_configs_from_any_folder(tmp_path):
+    """``ldsc-run`` (the installed console script) resolves ``conf/`` like ``python -m ldsc.run``."""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("ldsc-run")
+    if not script.exists():
+        pytest.skip(f"console script not installed next to {sys.executable}")
+    res = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "backbone: clip, dino, mae, pixel, sd" in res.stdout
+
+
 def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
     res = run_cli(["-m", "graph=qk,vv", "K=3,4", *[o for o in TINY if not o.startswith("K=")],
                    "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path / 'sweep'}"], timeout=600)
