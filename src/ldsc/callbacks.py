@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from ldsc.export import save_eigenvectors, write_figures
 
@@ -43,3 +45,93 @@ class ExportEigenvectors(L.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="figures", images=[str(p) for p in self.paths],
                                  caption=[p.stem for p in self.paths])
+
+
+class EvaluateRun(L.Callback):
+    """After :class:`ExportEigenvectors` has written ``eigvecs.pt``, run :func:`ldsc.evaluate.evaluate_run`
+    on the output folder: four-panel figures, what/where and, with ``labels``, mIoU — the same as
+    ``python -m ldsc.evaluate OUTPUT_DIR`` afterwards. Add it with ``+callbacks.evaluate=...`` or
+    an experiment preset (``conf/experiment/paper_*.yaml``); it must come after ``export``."""
+
+    def __init__(self, output_dir: str, labels: str | None = None, label_map: str | None = None,
+                 clusters: int | None = None, figures: int = 4):
+        self.output_dir, self.labels, self.label_map = Path(output_dir), labels, label_map
+        self.clusters, self.figures = clusters, int(figures)
+        self.metrics: dict | None = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from ldsc.evaluate import evaluate_run, format_summary
+
+        m = evaluate_run(self.output_dir, labels=self.labels, label_map=self.label_map,
+                         clusters=self.clusters, n_figures=self.figures, use_wandb=False)
+        self.metrics = m
+        log.info("evaluation:\n%s", format_summary(m))
+        scalars = {f"eval/{k}": v for k, v in {**m, **m["what_where"]}.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        images = [*m["figures"], *([str(Path(m["out"]) / "confusion.png")] if "miou" in m else [])]
+        for logger in trainer.loggers:  # through the run's own loggers (W&B: the same run)
+            logger.log_metrics(scalars, step=trainer.global_step)
+            if images and hasattr(logger, "log_image") and type(logger).__name__ == "WandbLogger":
+                logger.log_image(key="eval/figures", images=images, caption=[Path(p).stem for p in images])
+
+
+class AlignmentMonitor(L.Callback):
+    """Logs ``train/alignment``: the subspace alignment (DESIGN §4) of the solver's
+    pseudo-eigenvectors with the exact top-``K`` eigenspace of the whole data set's graphs.
+
+    The exact reference is computed once, at the start of training, and only for small runs
+    (at most ``max_tokens`` base-grid nodes over all images): it needs the whole-data-set graph.
+    Larger runs log nothing and say so once. ``history`` keeps ``(epoch, seconds, alignment)``
+    with the seconds of training so far, not counting this callback's own work (``overhead``).
+
+    Args:
+        enabled: switch the monitor off without removing it from the config.
+        max_tokens: largest ``n_images · H · W`` for which the reference is computed.
+        every_n_epochs: log every this many epochs (and always after the last).
+    """
+
+    def __init__(self, enabled: bool = True, max_tokens: int = 50_000, every_n_epochs: int = 1):
+        self.enabled, self.max_tokens, self.every_n_epochs = enabled, int(max_tokens), max(1, int(every_n_epochs))
+        self.reference: torch.Tensor | None = None
+        self.history: list[tuple[int, float, float]] = []
+        self.overhead = 0.0
+        self._start = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        from ldsc.spectral import exact_eigenvectors
+
+        self._start, self.overhead, self.history = time.perf_counter(), 0.0, []
+        if not self.enabled or self.reference is not None:
+            return
+        dm = trainer.datamodule
+        tokens = dm.num_images * dm.base_size**2
+        if tokens > self.max_tokens:
+            log.info("alignment monitor off: %d base-grid nodes > max_tokens=%d (the exact reference needs the "
+                     "whole-data-set graph)", tokens, self.max_tokens)
+            return
+        t = time.perf_counter()
+        graphs = [g.to("cpu") for g in dm.whole_dataset_graphs(pl_module.device)]
+        _, ref = exact_eigenvectors(graphs, (dm.base_size, dm.base_size), pl_module.K)
+        self.reference = ref
+        self.overhead += time.perf_counter() - t
+        log.info("alignment monitor: exact reference of %d nodes in %.2f s", tokens, time.perf_counter() - t)
+
+    def alignment(self, pl_module) -> float:
+        from ldsc.spectral import subspace_alignment
+
+        return subspace_alignment(pl_module.eigenvectors(), self.reference)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.reference is None:
+            return
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if (epoch + 1) % self.every_n_epochs and not last and not trainer.should_stop:
+            return
+        t = time.perf_counter()
+        a = self.alignment(pl_module)
+        self.history.append((epoch, t - self._start - self.overhead, a))
+        self.overhead += time.perf_counter() - t
+        pl_module.log("train/alignment", a, prog_bar=True)

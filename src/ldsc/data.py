@@ -200,6 +200,33 @@ class ImageDataModule(L.LightningDataModule):
             features = backbone(images, generator=gen)
             return self.graph_builder(features, self.base_size)
 
+    def whole_dataset_graphs(self, device=None, max_tokens: int | None = None, epoch: int = 0) -> list:
+        """The layer graphs of *every* image in one batch: intra- and inter-image neighbours over
+        the whole data set (DESIGN §4), the graphs the exact reference is defined on.
+
+        Args:
+            device: where to run the backbone and build the graphs (default CPU).
+            max_tokens: refuse (:class:`~ldsc.errors.ConfigError`, one sentence) when the largest
+                layer would have more than this many tokens: the kNN search is quadratic in it.
+            epoch: passed to the backbone's randomness (diffusion noise), as for a batch.
+        """
+        from ldsc.errors import ConfigError
+
+        files = self.prepare_files()
+        if self.backbone is None or self.graph_builder is None:
+            raise RuntimeError("call attach(backbone, graph_builder, base_size) before using the data module")
+        tokens = len(files) * self.base_size**2
+        if max_tokens is not None and tokens > max_tokens:
+            raise ConfigError(
+                f"The whole-data-set graph of {len(files)} images at {self.base_size}x{self.base_size} has {tokens} "
+                f"base-grid nodes, above the limit of {max_tokens}: use solver=fast, fewer images (data.limit) or "
+                f"a smaller base_size, or raise the limit.")
+        ds = ImageFiles(files, self.backbone.input_size)
+        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
+        if device is not None:
+            images = images.to(device)
+        return self.graphs_for(images, torch.arange(len(ds)), epoch)
+
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         graphs = self.graphs_for(batch["image"], batch["index"], epoch)

@@ -56,7 +56,7 @@ class LayerGraph:
         dinv = self.degree.clamp_min(1e-12).rsqrt()
         dinv = torch.where(self.degree > 0, dinv, torch.zeros_like(dinv))
         vals = W.values() * dinv[i] * dinv[j]
-        return torch.sparse_coo_tensor(W.indices(), vals, W.shape, check_invariants=False).coalesce()
+        return torch.sparse_coo_tensor(W.indices(), vals, W.shape, check_invariants=False, is_coalesced=True)
 
     def to(self, device) -> "LayerGraph":
         return LayerGraph(self.name, self.grid, self.n_images, self.W.to(device), self.P.to(device),
@@ -99,13 +99,14 @@ def knn_affinity(
     contiguous = n < 2 or bool((image_ids[1:] >= image_ids[:-1]).all())
     rows, cols, vals = [], [], []
     arange = torch.arange(n, device=x.device)
+    itype = torch.int32 if n < 2**31 else torch.long
 
     def keep_top(cand: Tensor, k: int, r: Tensor, offset: int) -> None:
         kk = min(k, cand.shape[1])
         v, c = cand.topk(kk, dim=1)
         keep = v > threshold  # also drops the -inf fillers
-        rows.append(r[:, None].expand(-1, kk)[keep])
-        cols.append(c[keep] + offset)
+        rows.append(r[:, None].expand(-1, kk)[keep].to(itype))  # int32 while n allows: half the memory
+        cols.append((c[keep] + offset).to(itype))
         vals.append(v[keep])
 
     for start in range(0, n, chunk_size):
@@ -125,18 +126,64 @@ def knn_affinity(
             block.masked_fill_(same, float("-inf"))  # in place: sims now holds other images only
             keep_top(sims, k_inter, r, 0)
         del sims, block, same
-    if rows:
-        rows_t, cols_t, vals_t = torch.cat(rows), torch.cat(cols), torch.cat(vals)
+    return symmetrize(rows, cols, vals, n)
+
+
+#: bits of a packed key that carry the (quantised) similarity, see :func:`symmetrize`
+VALUE_BITS = 23
+
+
+def symmetrize(rows: list[Tensor], cols: list[Tensor], vals: list[Tensor], n: int) -> Tensor:
+    """``W = (A + Aᵀ) / 2`` as a coalesced ``(n, n)`` sparse COO from ``A``'s entries (lists of
+    chunks, emptied as they are consumed).
+
+    Entries of ``A`` and ``Aᵀ`` become one int64 key each, sorted and merged. On CPU with
+    ``n < 2²⁰`` the similarity (a cosine in ``[-1, 1]``) is packed into the key's low 23 bits
+    (a 2.4e-7 step, float32's own resolution near 1) and the keys are sorted in place, so the
+    peak memory stays near twice the result's; otherwise an argsort carries the values along.
+    """
+    device = vals[0].device if vals else torch.device("cpu")
+    m = sum(v.numel() for v in vals)
+    if m == 0:
+        return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.long, device=device),
+                                       torch.zeros(0, device=device), (n, n)).coalesce()
+    packed = device.type == "cpu" and n < 2 ** ((63 - VALUE_BITS) // 2)
+    scale = (2**VALUE_BITS - 1) / 2.0
+    keys = torch.empty(2 * m, dtype=torch.long, device=device)  # row-major keys of A, then of Aᵀ
+    half = None if packed else torch.empty(2 * m, dtype=torch.float32, device=device)
+    at = 0
+    while rows:  # fill chunk by chunk, freeing each chunk as it is copied
+        r, c, v = rows.pop(0).long(), cols.pop(0).long(), vals.pop(0)
+        j = at + v.numel()
+        if packed:
+            q = ((v.float().clamp(-1, 1) + 1) * scale).round_().long()
+            keys[at:j] = ((r * n + c) << VALUE_BITS) | q
+            keys[m + at:m + j] = ((c * n + r) << VALUE_BITS) | q
+            del q
+        else:
+            keys[at:j] = r * n + c
+            keys[m + at:m + j] = c * n + r
+            half[at:j] = v
+            half[m + at:m + j] = v
+        at = j
+        del r, c, v
+    if packed:
+        keys.numpy().sort(kind="quicksort")  # in place: no index array
+        half = (keys & (2**VALUE_BITS - 1)).float().div_(scale).sub_(1.0).mul_(0.5)
+        keys >>= VALUE_BITS
     else:
-        rows_t = cols_t = torch.zeros(0, dtype=torch.long, device=x.device)
-        vals_t = torch.zeros(0, device=x.device)
-    del rows, cols, vals
-    m = rows_t.numel()
-    idx = torch.empty(2, 2 * m, dtype=torch.long, device=x.device)  # [A, Aᵀ] without temporaries
-    idx[0, :m], idx[0, m:], idx[1, :m], idx[1, m:] = rows_t, cols_t, cols_t, rows_t
-    del rows_t, cols_t
-    vals_t = torch.cat([vals_t, vals_t]).mul_(0.5)
-    return torch.sparse_coo_tensor(idx, vals_t, (n, n), check_invariants=False).coalesce()
+        keys, order = torch.sort(keys)
+        half = half[order].mul_(0.5)
+        del order
+    uniq, counts = torch.unique_consecutive(keys, return_counts=True)
+    del keys
+    summed = torch.segment_reduce(half, "sum", lengths=counts) if uniq.numel() < half.numel() else half
+    del half, counts
+    idx = torch.empty(2, uniq.numel(), dtype=torch.long, device=device)
+    torch.div(uniq, n, rounding_mode="floor", out=idx[0])
+    torch.remainder(uniq, n, out=idx[1])
+    del uniq
+    return torch.sparse_coo_tensor(idx, summed, (n, n), check_invariants=False, is_coalesced=True)
 
 
 def random_walk(W: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,7 +192,8 @@ def random_walk(W: Tensor) -> tuple[Tensor, Tensor]:
     i = W.indices()[0]
     degree = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device).index_add_(0, i, W.values())
     inv = torch.where(degree > 0, 1.0 / degree.clamp_min(1e-12), torch.zeros_like(degree))
-    P = torch.sparse_coo_tensor(W.indices(), W.values() * inv[i], W.shape, check_invariants=False).coalesce()
+    # same sparsity as W: share its (coalesced) indices instead of sorting a copy
+    P = torch.sparse_coo_tensor(W.indices(), W.values() * inv[i], W.shape, check_invariants=False, is_coalesced=True)
     return P, degree
 
 

@@ -35,6 +35,11 @@ def _numpy(x) -> np.ndarray:
 # embeddings
 
 
+#: rows shorter than this fraction of the root-mean-square row norm are not blown up to unit
+#: length by ``normalize="rows"`` (see :func:`pixel_embedding`)
+ROW_FLOOR = 0.5
+
+
 def pixel_embedding(eigvecs, drop_first: bool = True, normalize: str = "none") -> np.ndarray:
     """Per-pixel rows of one or several images' eigenvectors.
 
@@ -46,10 +51,15 @@ def pixel_embedding(eigvecs, drop_first: bool = True, normalize: str = "none") -
             (The paper's PCA figure drops it for the same reason.)
         normalize: ``"none"`` (default: keep the singular-value scaling, so leading
             eigenvectors weigh more and distances are those between the solver's ``Z``),
-            ``"rows"`` (unit-norm rows, as in Ng–Jordan–Weiss spectral clustering — a pixel is
-            described by its *direction* in the eigenspace; unstable where the rows are
-            near zero, e.g. a background that only channel 0 describes) or ``"channels"``
-            (each channel to unit variance: all eigenvectors weigh the same).
+            ``"rows"`` (rows to unit length, as in Ng–Jordan–Weiss spectral clustering — a
+            pixel is described by its *direction* in the eigenspace. Each row is divided by
+            ``max(‖row‖, ROW_FLOOR · rms)``, ``rms`` the root-mean-square row norm, so rows near
+            zero — pixels that no eigenvector but channel 0 describes, e.g. a background — stay
+            near the origin and form their own cluster instead of pointing in random directions.
+            K eigenvectors of a large graph each light up a few regions, so with ``"none"`` the
+            pixels outside them pile into one big cluster; ``"rows"`` is what per-image
+            segmentation and instance masks use) or ``"channels"`` (each channel to unit
+            variance: all eigenvectors weigh the same).
 
     Returns:
         ``(H·W, K')`` (or ``(B·H·W, K')``, rows ordered ``(b, y, x)``) float32 array.
@@ -63,7 +73,9 @@ def pixel_embedding(eigvecs, drop_first: bool = True, normalize: str = "none") -
         E = E[:, 1:]
     X = np.ascontiguousarray(E.transpose(0, 2, 3, 1).reshape(-1, E.shape[1]))
     if normalize == "rows":
-        X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+        norms = np.linalg.norm(X, axis=1, keepdims=True)
+        rms = float(np.sqrt(np.mean(norms**2))) if len(X) else 0.0
+        X = X / np.maximum(norms, max(ROW_FLOOR * rms, 1e-12))
     elif normalize == "channels":
         X = (X - X.mean(0)) / np.maximum(X.std(0), 1e-12)
     elif normalize != "none":
@@ -141,7 +153,7 @@ def segment_image(
     k: int | None = None,
     k_range: tuple[int, int] = (2, 10),
     drop_first: bool = True,
-    normalize: str = "none",
+    normalize: str = "rows",
     seed: int = 0,
 ) -> np.ndarray:
     """k-means segmentation of one image's ``(K, H, W)`` eigenvectors into an ``(H, W)`` label
@@ -214,7 +226,7 @@ def instance_masks(
     max_masks: int = 20,
     min_score: float = 0.2,
     drop_first: bool = True,
-    normalize: str = "none",
+    normalize: str = "rows",
     seed: int = 0,
 ) -> list[tuple[np.ndarray, float]]:
     """Regions of one image's embedding that stand out from their surroundings ("instances").

@@ -131,7 +131,7 @@ def four_panel_figure(
         (draw_instances(img, bare), f"instance masks ({len(bare)})"),
         (seg, f"k-means segmentation (k={k})"),
     ]
-    fig, axes = plt.subplots(2, 2, figsize=(8, 8 * H / W + 0.6))
+    fig, axes = plt.subplots(2, 2, figsize=(8, 8 * H / W + 1.0), layout="constrained")
     for ax, (a, name) in zip(axes.ravel(), panels):
         if a.ndim == 2:
             ax.imshow(a, cmap="tab10" if k <= 10 else "tab20", interpolation="nearest",
@@ -142,7 +142,6 @@ def four_panel_figure(
         ax.set_axis_off()
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     if path is None:
         return fig
     from ldsc.viz import save

@@ -8,6 +8,7 @@ Conventions: pseudo-eigenvectors of a batch are ``Z`` of shape ``(B, K, H, W)`` 
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -105,6 +106,18 @@ def _scipy(t: Tensor):
     return sp.csr_matrix((t.values().double().numpy(), (i, j)), shape=tuple(t.shape))
 
 
+def _symmetric_normalized(W: Tensor):
+    """``S = D^{-1/2} W D^{-1/2}`` in float64 scipy CSR (degrees recomputed in float64, so ``S`` is
+    symmetric to rounding: ``eigsh`` assumes it)."""
+    import scipy.sparse as sp
+
+    Ws = _scipy(W)
+    d = np.asarray(Ws.sum(1)).ravel()
+    dinv = np.where(d > 0, 1.0 / np.sqrt(np.maximum(d, 1e-300)), 0.0)
+    D = sp.diags(dinv)
+    return (D @ Ws @ D).tocsr()
+
+
 def exact_operator(
     graphs: Sequence[LayerGraph],
     base: tuple[int, int],
@@ -140,7 +153,7 @@ def exact_operator(
         cols = (idx[:, None] * hw + np.arange(hw)[None, :]).ravel()
         sel = sp.csr_matrix((np.ones(B * hw), (np.arange(B * hw), cols)), shape=(B * hw, n * hw))
         Ug = (Ub @ sel).tocsr()  # (N_l, n·HW)
-        term = (Ug.T @ _scipy(g.sym()) @ Ug) * (g.weight * scale)
+        term = (Ug.T @ _symmetric_normalized(g.W) @ Ug) * (g.weight * scale)
         M = term if M is None else M + term
     return M.tocsr()
 
@@ -245,11 +258,13 @@ class LayerOperator:
         for g in graphs:
             if g.n_images != self.n_images:
                 raise ValueError(f"graph {g.name} has {g.n_images} images, expected {self.n_images}")
-            S = g.sym().to(dtype).to_sparse_csr()
             h, w = g.grid
             U = None
-            if self.base[0] % h or self.base[1] % w:
-                U = pool_operator(self.base, g.grid).to(device=S.device, dtype=dtype).to_sparse_csr()
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                S = g.sym().to(dtype).to_sparse_csr()
+                if self.base[0] % h or self.base[1] % w:
+                    U = pool_operator(self.base, g.grid).to(device=S.device, dtype=dtype).to_sparse_csr()
             self.terms.append((S, (h, w), float(g.weight), U))
         self.shift = float(sum(t[2] for t in self.terms))
         self.size = self.n_images * self.base[0] * self.base[1]

@@ -1,7 +1,9 @@
 """The paper's solver: gradient descent on the paper's objective (DESIGN §3).
 
-``Z = softmax_K(X)`` of a learnable logit table ``X``; every batch of graphs gets
-``steps_per_batch`` optimiser steps. The optimiser is dense (e.g. AdamW, as published): rows of
+``Z = softmax_K(X)`` of a learnable logit table ``X`` (data-set recipe) or of logits produced by a
+small 3-layer conv net from a learnable ``(n_images, 128, H, W)`` input (``parametrization:
+convnet``, the single-image recipe); every batch of graphs gets ``steps_per_batch`` forward/backward
+steps, with an optimiser step every ``accumulate`` of them. The optimiser is dense (e.g. AdamW, as published): rows of
 images not in the batch keep moving through momentum and weight decay — faithful to the paper,
 and the reason this solver is kept for reproduction rather than speed.
 """
@@ -12,7 +14,7 @@ from functools import partial
 from typing import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ldsc.solvers.base import EigenSolver
 from ldsc.spectral import paper_objective
@@ -22,7 +24,10 @@ class PaperSolver(EigenSolver):
     """Args (besides :class:`EigenSolver`'s):
         optimizer: a partial optimiser constructor taking the parameters (Hydra ``_partial_``).
         steps_per_batch: optimiser steps on each batch's graphs before the next batch.
-        parametrization: ``softmax`` (the paper's) or ``identity`` (raw table).
+        parametrization: ``softmax`` (the paper's table), ``convnet`` (softmax of a 3-layer conv
+            net's output on a learnable ``conv_channels × H × W`` input per image: the paper's
+            single-image recipe) or ``identity`` (raw table).
+        conv_channels: channels of the conv net's input and hidden layers.
         eig_weight, orth_weight: weights of the eigenvalue and orthogonality terms.
         accumulate: gradients summed over this many steps before the optimiser steps.
     """
@@ -30,11 +35,20 @@ class PaperSolver(EigenSolver):
     def __init__(self, n_images: int, K: int, base_size: int, optimizer: Callable | None = None,
                  steps_per_batch: int = 1, parametrization: str = "softmax", eig_weight: float = 1.0,
                  orth_weight: float = 1.0, accumulate: int = 1, init_scale: float = 1.0,
-                 ema: float | None = None):
-        super().__init__(n_images, K, base_size, init_scale=init_scale, ema=ema)
-        if parametrization not in ("softmax", "identity"):
-            raise ValueError(f"parametrization must be 'softmax' or 'identity', not {parametrization!r}")
+                 ema: float | None = None, conv_channels: int = 128):
+        if parametrization not in ("softmax", "identity", "convnet"):
+            raise ValueError(f"parametrization must be 'softmax', 'convnet' or 'identity', not {parametrization!r}")
+        convnet = parametrization == "convnet"
+        super().__init__(n_images, K if not convnet else 1, base_size, init_scale=init_scale,
+                         ema=None if convnet else ema)
+        self.K = int(K)
         self.parametrization = parametrization
+        if convnet:  # the table is replaced by the net's input; a 1-channel stub keeps the base class simple
+            c = int(conv_channels)
+            self.table.requires_grad_(False)
+            self.input = nn.Parameter(torch.randn(self.n_images, c, self.base_size, self.base_size))
+            self.net = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
+                                     nn.ReLU(), nn.Conv2d(c, self.K, 3, padding=1))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-2)
         self.steps_per_batch, self.accumulate = int(steps_per_batch), max(1, int(accumulate))
         self.eig_weight, self.orth_weight = eig_weight, orth_weight
@@ -42,16 +56,30 @@ class PaperSolver(EigenSolver):
         self._micro = 0
 
     def pseudo_eigenvectors(self, rows: Tensor) -> Tensor:
-        return rows.softmax(1) if self.parametrization == "softmax" else rows
+        return rows if self.parametrization == "identity" else rows.softmax(1)
+
+    def logits(self, index: Tensor) -> Tensor:
+        """``(B, K, H, W)`` logits of the images ``index`` (table rows, or the conv net's output)."""
+        if self.parametrization == "convnet":
+            return self.net(self.input[index])
+        return self.table[index]
+
+    @torch.no_grad()
+    def eigenvectors(self) -> Tensor:
+        if self.parametrization != "convnet":
+            return super().eigenvectors()
+        out = [self.pseudo_eigenvectors(self.logits(torch.arange(i, min(i + 64, self.n_images), device=self.device)))
+               for i in range(0, self.n_images, 64)]
+        return torch.cat(out).float().cpu()
 
     def configure_optimizers(self):
-        return self.optimizer_factory(self.parameters())
+        return self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         opt = self.optimizers()
         index, graphs = batch["index"], batch["graphs"]
         for _ in range(self.steps_per_batch):
-            Z = self.pseudo_eigenvectors(self.table[index])
+            Z = self.pseudo_eigenvectors(self.logits(index))
             loss, stats = paper_objective(Z, graphs, self.eig_weight, self.orth_weight)
             self.manual_backward(loss / self.accumulate)
             self._micro += 1

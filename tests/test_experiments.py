@@ -1,0 +1,134 @@
+"""The reproduction presets (conf/experiment/paper_*.yaml, cocostuff27.yaml), their evaluation
+callback, the comparison table and the COCO download script — all offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ldsc.errors import DataError
+from ldsc.evaluate import metrics_table
+from ldsc.run import fit
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ["paper_single_image_figure", "paper_coco_vv", "paper_coco_qk", "cocostuff27"]
+BACKBONES = ["sd", "clip", "dino", "mae", "pixel"]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_compose_with_every_backbone(compose, preset, backbone):
+    """Each preset names SD by default and stays valid when the backbone is swapped on the
+    command line (the COCO-Stuff table and the no-download pixel runs do that)."""
+    cfg = compose([f"experiment={preset}", f"backbone={backbone}", "++data.path=/tmp/x.jpg"])
+    c = OmegaConf.to_container(cfg, resolve=True)
+    assert c["K"] == 15 and c["callbacks"]["evaluate"]["_target_"] == "ldsc.callbacks.EvaluateRun"
+    assert list(c["callbacks"]).index("evaluate") > list(c["callbacks"]).index("export")
+    default = compose([f"experiment={preset}", "++data.path=/tmp/x.jpg"])
+    assert default.backbone._target_.endswith("StableDiffusionBackbone")
+    if preset.startswith("paper_coco"):
+        assert cfg.data.limit == 100 and cfg.base_size == 32 and cfg.graph.pair == preset[-2:]
+        assert cfg.callbacks.export.grid_vectors == 15
+    if preset == "cocostuff27":
+        ev = c["callbacks"]["evaluate"]
+        assert ev["label_map"] == "cocostuff27" and ev["clusters"] == 27
+        assert ev["labels"].endswith("coco/stuffthingmaps_trainval2017/val2017")
+
+
+def test_single_image_figure_preset_runs_with_pixel_backbone(compose, single_image):
+    cfg = compose(["experiment=paper_single_image_figure", "backbone=pixel", f"data.path={single_image}",
+                   "base_size=16", "K=4", "trainer.max_epochs=1", "logger=none",
+                   "trainer.enable_progress_bar=false", "~callbacks.progress", "callbacks.export.figures=false"])
+    fit(cfg)
+    out = Path(cfg.paths.output_dir) / "eval"
+    assert len(list((out / "figures").glob("four_panel_*.png"))) == 1
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_images"] == 1 and "position_r2" in m["what_where"]
+
+
+# ------------------------------------------------------------------------------- tables
+
+
+def fake_metrics(folder: Path, backbone: str, pair: str, miou: float | None) -> Path:
+    m = {"n_images": 3, "backbone": f"ldsc.backbones.x.{backbone}", "graph_pair": pair,
+         "what_where": {"position_r2": 0.5, "variance_from_position": 0.25}}
+    if miou is not None:
+        m.update(miou=miou, pixel_accuracy=0.75)
+        m["what_where"].update(label_accuracy=0.6, label_kmeans_miou=0.4, variance_from_label=0.3)
+    (folder / "eval").mkdir(parents=True)
+    (folder / "eval" / "metrics.json").write_text(json.dumps(m))
+    return folder
+
+
+def test_metrics_table_compares_runs(tmp_path):
+    a = fake_metrics(tmp_path / "sd_vv", "StableDiffusionBackbone", "vv", 0.125)
+    b = fake_metrics(tmp_path / "dino_qk", "DINOBackbone", "qk", None)
+    lines = metrics_table([a, b / "eval" / "metrics.json"]).splitlines()
+    assert len(lines) == 4 and lines[0].startswith("| run | backbone | graph | images | mIoU |")
+    assert lines[2].startswith("| sd_vv | sd | vv | 3 | 0.125 | 0.750 | 0.500 | 0.250 | 0.600 | 0.400 | 0.300 |")
+    assert lines[3].startswith("| dino_qk | dino | qk | 3 | – | – | 0.500 | 0.250 | – |")
+    with pytest.raises(DataError, match="No metrics.json"):
+        metrics_table([tmp_path / "missing"])
+
+
+def test_metrics_table_script(tmp_path):
+    a = fake_metrics(tmp_path / "run", "PixelBackbone", "qk", 0.5)
+    res = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "metrics_table.py"), str(a)],
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "| run | pixel | qk | 3 | 0.500 |" in res.stdout
+
+
+# ------------------------------------------------------------------------------- downloads
+
+
+def fake_archives(folder: Path) -> None:
+    """Tiny stand-ins for the two official archives, with their real internal layout."""
+    folder.mkdir()
+    with zipfile.ZipFile(folder / "val2017.zip", "w") as z:
+        for stem in ("000000000139", "000000000285"):
+            z.writestr(f"val2017/{stem}.jpg", b"jpeg bytes")
+    with zipfile.ZipFile(folder / "stuffthingmaps_trainval2017.zip", "w") as z:
+        z.writestr("train2017/000000000009.png", b"train label")
+        for stem in ("000000000139", "000000000285"):
+            z.writestr(f"val2017/{stem}.png", b"png bytes")
+
+
+@pytest.mark.skipif(shutil.which("unzip") is None, reason="unzip is not installed")
+def test_download_coco_layout_with_a_fake_curl(tmp_path):
+    fake_archives(tmp_path / "archives")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    curl = bin_dir / "curl"  # copies the archive named by the URL's last part
+    curl.write_text('#!/bin/sh\nfor a; do :; done\nout=""\nwhile [ $# -gt 1 ]; do [ "$1" = -o ] && out=$2; '
+                    f'shift; done\ncp "{tmp_path / "archives"}/$(basename "$a")" "$out"\n')
+    curl.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    dest = tmp_path / "coco"
+    res = subprocess.run(["bash", str(REPO_ROOT / "experiments" / "download_coco.sh"), str(dest)],
+                         env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.name for p in (dest / "val2017").iterdir()) == ["000000000139.jpg", "000000000285.jpg"]
+    labels = dest / "stuffthingmaps_trainval2017" / "val2017"
+    assert sorted(p.name for p in labels.iterdir()) == ["000000000139.png", "000000000285.png"]
+    assert not (dest / "stuffthingmaps_trainval2017" / "train2017").exists()
+    assert not list(dest.glob("*.zip")) and not list(dest.glob("*.part"))
+
+
+def test_download_coco_without_tools_says_so(tmp_path):
+    bin_dir = tmp_path / "bin"  # a PATH with bash's basics but no curl/wget/unzip
+    bin_dir.mkdir()
+    for tool in ("mkdir", "find", "wc", "basename", "dirname"):
+        if shutil.which(tool):
+            (bin_dir / tool).symlink_to(shutil.which(tool))
+    res = subprocess.run([shutil.which("bash"), str(REPO_ROOT / "experiments" / "download_coco.sh"),
+                          str(tmp_path / "coco")], env={"PATH": str(bin_dir)}, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "download_coco.sh: error:" in res.stderr and ("unzip" in res.stderr or "curl" in res.stderr)
