@@ -62,6 +62,9 @@ class PlantedFeatures(L.LightningDataModule):
             out.append(LayerGraph(f"f{s}", (s, s), len(index), W, P, deg, weight=self.size / s))
         return out
 
+    def whole_dataset_graphs(self, device=None):
+        return self.graphs(torch.arange(self.n))
+
     def train_dataloader(self):
         return DataLoader(list(range(self.n)), batch_size=self.batch_size,
                           sampler=EpochShuffleSampler(self.n, seed=1))
@@ -81,6 +84,20 @@ def test_fast_solver_converges_in_mini_batch_mode():
     # the table's K leading columns are orthonormal over all pixels of all images
     X = solver.eigenvectors().permute(0, 2, 3, 1).reshape(-1, 4).double()
     torch.testing.assert_close(X.T @ X, torch.eye(4, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_fast_solver_solves_a_small_data_set_on_its_whole_graph():
+    """Below ``whole_max_tokens`` the mini-batches are not used: the whole-data-set graph is solved
+    in the first step (alignment 1 with the exact eigenspace of *that* graph) and the run stops."""
+    data = PlantedFeatures()
+    _, ref = exact_eigenvectors(data.whole_dataset_graphs(), (8, 8), 4)
+    L.seed_everything(0, verbose=False)
+    solver = FastSolver(n_images=data.n, K=4, base_size=8, iters=100, whole_max_tokens=data.n * 64)
+    trainer = L.Trainer(max_epochs=10, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(solver, datamodule=data)
+    assert bool(solver.whole_solved) and trainer.current_epoch <= 1
+    assert subspace_alignment(solver.eigenvectors(), ref) >= 0.999
 
 
 def metrics(cfg) -> list[dict]:
@@ -109,6 +126,21 @@ def test_default_solver_is_fast_and_logs_its_alignment(compose):
     run_fit(cfg)
     align = logged(metrics(cfg), "train/alignment")
     assert len(align) == 2 and align[-1] >= 0.99
+
+
+def test_default_solver_solves_a_small_folder_on_its_whole_graph(compose):
+    """Three photographs in batches of two: the default config builds the whole-data-set graph
+    once, solves it (alignment 1 with the exact reference) and stops after the first epoch; with
+    ``whole_max_tokens=0`` the same run goes through the mini-batches instead."""
+    over = ["data.names=[astronaut.png,coffee.png,chelsea.png]", *TINY[1:], "data.batch_size=2", "logger=csv",
+            "trainer.max_epochs=3"]
+    cfg = compose(over)
+    solver = run_fit(cfg)
+    assert bool(solver.whole_solved) and solver.trainer.current_epoch == 1  # stopped after the first epoch
+    assert logged(metrics(cfg), "train/alignment")[-1] >= 0.999
+    cfg = compose([*over, "solver.whole_max_tokens=0"], out=Path(cfg.paths.output_dir).parent / "minibatch")
+    solver = run_fit(cfg)
+    assert not bool(solver.whole_solved) and solver.trainer.current_epoch == 3
 
 
 def test_alignment_monitor_can_be_switched_off_and_skips_large_runs(compose, tmp_path):

@@ -4,6 +4,9 @@
     python -m ldsc.bench --cases single --solvers fast,exact
     python -m ldsc.bench --cases coco --paper-epochs 10    # cap the paper solver (labelled "capped")
 
+Solvers: ``exact``, ``fast`` (the default solver as configured), ``fast_minibatch`` (the fast
+solver forced into its mini-batch regime, ``solver.whole_max_tokens=0``), ``paper`` and ``ncut``.
+
 Cases (graphs built by the app's own configs: backbone, graph builder and data module):
 
 * ``single``: ``single_image.jpg``, 64×64 base grid, pixel layers 64/32/16, ``K = 15``;
@@ -218,16 +221,19 @@ def case_overrides(case: str, args) -> list[str]:
 
 def solver_overrides(case: str, solver: str, args) -> tuple[list[str], bool]:
     """Overrides for one solver of one case, and whether the run is capped below its recipe."""
-    if solver == "fast":
+    if solver == "fast":  # small data sets: the whole-data-set graph, solved once (one epoch)
         epochs = args.fast_epochs or (1 if case == "single" else 8)
         return ["solver=fast", f"trainer.max_epochs={epochs}"], False
+    if solver == "fast_minibatch":  # the fast solver's regime for data sets too large for that
+        epochs = args.fast_epochs or 8
+        return ["solver=fast", "solver.whole_max_tokens=0", f"trainer.max_epochs={epochs}"], False
     if solver == "paper":
         if case == "single":
             steps = args.paper_steps or 2000
             return ["solver=paper_single", "trainer.max_epochs=1", f"solver.steps_per_batch={steps}"], steps < 2000
         epochs = args.paper_epochs or 200
         return ["solver=paper", f"trainer.max_epochs={epochs}"], epochs < 200
-    raise SystemExit(f"unknown solver {solver!r}: choose from fast, paper, exact, ncut")
+    raise SystemExit(f"unknown solver {solver!r}: choose from fast, fast_minibatch, paper, exact, ncut")
 
 
 def emit(line: dict) -> None:
@@ -237,7 +243,7 @@ def emit(line: dict) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="single,coco")
-    p.add_argument("--solvers", default="exact,fast,paper,ncut")
+    p.add_argument("--solvers", default="exact,fast,fast_minibatch,paper,ncut")
     p.add_argument("--image", default=str(SHARED / "single_image.jpg"))
     p.add_argument("--coco", default=str(SHARED / "coco_val2017_first100"))
     p.add_argument("--paper-steps", type=int, default=None, help="cap the single-image paper run (default 2000)")
@@ -276,6 +282,8 @@ def main(argv=None) -> None:
         for solver in solvers:
             if solver == "exact":
                 continue
+            if solver == "fast_minibatch" and case == "single":
+                continue  # one image is always one whole batch
             if solver == "ncut":
                 if case == "single":
                     emit({**info, "solver": "ncut-pytorch", **ncut_baseline(base_cfg, ref)})

@@ -115,6 +115,8 @@ class AlignmentMonitor(L.Callback):
         graphs = [g.to("cpu") for g in dm.whole_dataset_graphs(pl_module.device)]
         _, ref = exact_eigenvectors(graphs, (dm.base_size, dm.base_size), pl_module.K)
         self.reference = ref
+        if not getattr(pl_module, "uses_whole_graph", lambda: False)():  # nobody else needs them
+            dm.release_whole_dataset_graphs()
         self.overhead += time.perf_counter() - t
         log.info("alignment monitor: exact reference of %d nodes in %.2f s", tokens, time.perf_counter() - t)
 

@@ -221,11 +221,21 @@ class ImageDataModule(L.LightningDataModule):
                 f"The whole-data-set graph of {len(files)} images at {self.base_size}x{self.base_size} has {tokens} "
                 f"base-grid nodes, above the limit of {max_tokens}: use solver=fast, fewer images (data.limit) or "
                 f"a smaller base_size, or raise the limit.")
+        key = (str(device), int(epoch), len(files))
+        cached = getattr(self, "_whole_graphs", None)
+        if cached is not None and cached[0] == key:  # the alignment monitor and the solver share one build
+            return cached[1]
         ds = ImageFiles(files, self.backbone.input_size)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))])
         if device is not None:
             images = images.to(device)
-        return self.graphs_for(images, torch.arange(len(ds)), epoch)
+        graphs = self.graphs_for(images, torch.arange(len(ds)), epoch)
+        self._whole_graphs = (key, graphs)
+        return graphs
+
+    def release_whole_dataset_graphs(self) -> None:
+        """Drop the graphs kept by :meth:`whole_dataset_graphs` (they can be large)."""
+        self._whole_graphs = None
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0

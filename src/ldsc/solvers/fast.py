@@ -4,12 +4,19 @@ Instead of thousands of gradient steps on the paper's objective, every batch app
 reference operator ``M = Σ_l w_l U_lᵀ S_l U_l`` of its graphs (:class:`~ldsc.spectral.LayerOperator`,
 sparse products only) to the table rows of its images and keeps the leading Ritz vectors.
 
-Two regimes, chosen per batch:
+Three regimes:
 
 * **Whole data set in one batch** (a single image, or a small folder with ``batch_size ≥`` its
   size): the batch's graphs *are* the data set's graphs, so the table is solved outright by
   LOBPCG warm-started from the table (:func:`~ldsc.spectral.lobpcg_top`), stopping when every
   residual ``‖Mx − θx‖ ≤ tol·θ_max``. Later epochs start converged and cost one product.
+* **Small data sets in mini-batches** (at most ``whole_max_tokens`` base-grid nodes, images ×
+  H × W): the graph of a batch of 40 differs *systematically* from the whole data set's (a
+  token's 25 inter-image neighbours are picked among 39 images instead of all of them), so no
+  average over batches reaches the whole-data-set eigenspace. When that graph fits, the solver
+  builds it once (:meth:`~ldsc.data.ImageDataModule.whole_dataset_graphs`, intra + inter
+  neighbours over every image), solves it by LOBPCG as above and stops the run: one pass of
+  graph construction instead of one per epoch. ``whole_max_tokens=0`` turns this off.
 * **Mini-batches** (data-set mode): the graph of one batch only connects the images in it, so
   its eigenvectors are batch indicators (DESIGN §4). The data-set operator is approached as the
   average ``M̄`` of the batch operators over random partitions, by a *stochastic subspace
@@ -52,11 +59,13 @@ class FastSolver(EigenSolver):
         average: mini-batch mode: least weight of the newest epoch in the averaged Rayleigh–Ritz.
         power: mini-batch mode: ``Y ← Y + η M_b Y`` steps per batch and epoch.
         dtype: ``float32`` (default) or ``float64`` for the products.
+        whole_max_tokens: data sets with at most this many base-grid nodes are solved on their
+            whole-data-set graph in one step (see module docstring); 0: always mini-batches.
     """
 
     def __init__(self, n_images: int, K: int, base_size: int, iters: int = 30, tol: float = 1e-4,
                  oversample: int = 5, step: float = 100.0, average: float = 0.1, power: int = 3,
-                 init_scale: float = 1.0, dtype: str = "float32"):
+                 init_scale: float = 1.0, dtype: str = "float32", whole_max_tokens: int = 0):
         m = int(K) + int(oversample)
         super().__init__(n_images, m, base_size, init_scale=init_scale, ema=None)
         self.K, self.m = int(K), m
@@ -64,6 +73,8 @@ class FastSolver(EigenSolver):
         self.iters, self.tol, self.power = int(iters), float(tol), int(power)
         self.step, self.average = float(step), float(average)
         self.dtype_ = getattr(torch, dtype)
+        self.whole_max_tokens = int(whole_max_tokens)
+        self.register_buffer("whole_solved", torch.zeros((), dtype=torch.bool))
         self.automatic_optimization = False
         # running average of the projected operator in the table's current basis (checkpointed)
         self.register_buffer("ritz_average", torch.zeros(m, m, dtype=torch.float64))
@@ -85,6 +96,8 @@ class FastSolver(EigenSolver):
     @torch.no_grad()
     def training_step(self, batch: dict, batch_idx: int):
         index, graphs = batch["index"], batch["graphs"]
+        if len(index) < self.n_images and self.uses_whole_graph():
+            return self._solve_whole_dataset(len(index))
         op = LayerOperator(graphs, (self.base_size, self.base_size), dtype=self.dtype_)
         X = flatten_channels(self.table[index]).to(self.dtype_)
         if len(index) == self.n_images:
@@ -92,6 +105,27 @@ class FastSolver(EigenSolver):
         else:
             stats = self._step_minibatch(op, X, index)
         self.log_dict(stats, prog_bar=True, batch_size=len(index))
+
+    def uses_whole_graph(self) -> bool:
+        """Whether this data set is solved on its whole-data-set graph (small enough, see above)."""
+        return 0 < self.n_images * self.base_size**2 <= self.whole_max_tokens
+
+    def _solve_whole_dataset(self, batch_size: int) -> None:
+        """Build the whole data set's graphs once, solve them by LOBPCG and stop the run."""
+        if not bool(self.whole_solved):
+            log.info("fast solver: %d images x %dx%d = %d nodes <= whole_max_tokens=%d: solving the whole-data-set "
+                     "graph once instead of mini-batches", self.n_images, self.base_size, self.base_size,
+                     self.n_images * self.base_size**2, self.whole_max_tokens)
+            graphs = self.trainer.datamodule.whole_dataset_graphs(self.device)
+            op = LayerOperator(graphs, (self.base_size, self.base_size), dtype=self.dtype_)
+            index = torch.arange(self.n_images, device=self.device)
+            stats = self._solve_whole(op, flatten_channels(self.table).to(self.dtype_), index)
+            self.whole_solved.fill_(True)
+            release = getattr(self.trainer.datamodule, "release_whole_dataset_graphs", None)
+            if release is not None:
+                release()
+            self.log_dict(stats, prog_bar=True, batch_size=batch_size)
+        self.trainer.should_stop = True
 
     def _write(self, index: Tensor, X: Tensor) -> None:
         self.table[index] = unflatten_channels(X.to(self.table.dtype), len(index), self.base_size, self.base_size)
