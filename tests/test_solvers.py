@@ -100,6 +100,42 @@ def test_fast_solver_solves_a_small_data_set_on_its_whole_graph():
     assert subspace_alignment(solver.eigenvectors(), ref) >= 0.999
 
 
+class NoisyEpochs(PlantedFeatures):
+    """All images in one batch, reshuffled, with fresh feature noise every epoch (as SD's
+    timesteps give a new graph every epoch)."""
+
+    def __init__(self, **kw):
+        super().__init__(batch_size=kw.pop("n", 3), n=kw.pop("n", 3), **kw)
+        self.clean = self.features.clone()
+
+    def epoch_graphs(self, epoch: int, index: torch.Tensor) -> list[LayerGraph]:
+        g = torch.Generator().manual_seed(100 + epoch)
+        self.features = self.clean + 6.0 * torch.randn(self.clean.shape, generator=g)
+        return self.graphs(index)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        return {"index": batch, "graphs": self.epoch_graphs(self.trainer.current_epoch, batch)}
+
+
+def test_fast_solver_averages_the_graphs_of_recent_epochs():
+    """One batch holding every image, a different graph each epoch: the solution is the exact
+    eigenspace of the *mean* operator of the epochs (whatever order the batch came in), not of the
+    last epoch's graph alone."""
+    from ldsc.spectral import exact_operator, top_eigenvectors
+
+    data, epochs = NoisyEpochs(), 4
+    mean = sum(exact_operator(data.epoch_graphs(e, torch.arange(data.n)), (8, 8)) for e in range(epochs)) / epochs
+    _, ref = top_eigenvectors(mean, 4)
+    _, last = exact_eigenvectors(data.epoch_graphs(epochs - 1, torch.arange(data.n)), (8, 8), 4)
+    L.seed_everything(0, verbose=False)
+    solver = FastSolver(n_images=data.n, K=4, base_size=8, iters=200, tol=1e-5, average_epochs=epochs)
+    L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, accelerator="cpu").fit(solver, datamodule=data)
+    Z = solver.eigenvectors()
+    assert subspace_alignment(Z, torch.from_numpy(ref.copy())) >= 0.99
+    assert subspace_alignment(Z, last) < subspace_alignment(Z, torch.from_numpy(ref.copy())) - 0.01
+
+
 def metrics(cfg) -> list[dict]:
     with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))

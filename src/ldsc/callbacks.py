@@ -29,7 +29,8 @@ class ExportEigenvectors(L.Callback):
         if not trainer.is_global_zero:
             return
         files = trainer.datamodule.prepare_files()
-        E = save_eigenvectors(self.output_dir, pl_module.eigenvectors(), files, self.run_config)
+        E = save_eigenvectors(self.output_dir, pl_module.eigenvectors(), files, self.run_config,
+                              keep_order=getattr(pl_module, "eigenvalue_ordered", False))
         log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
         if self.figures:
             self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)

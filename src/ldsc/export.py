@@ -1,7 +1,8 @@
 """Writing a finished run: ``eigvecs.pt``, the image index and the figures.
 
-``eigvecs.pt`` holds ``eigvecs`` ``(n_images, K, H, W)`` (SVD-ordered: channel 0 has the largest
-singular value), ``singular_values`` ``(K,)``, ``files`` (index -> image path), ``K``,
+``eigvecs.pt`` holds ``eigvecs`` ``(n_images, K, H, W)`` (channel 0 first: SVD-ordered for the
+paper's solver, whose pseudo-eigenvectors are not orthogonal; in order of decreasing eigenvalue
+for the fast and exact solvers, whose output is), ``singular_values`` ``(K,)``, ``files`` (index -> image path), ``K``,
 ``base_size`` and the resolved ``config``.
 """
 
@@ -17,12 +18,14 @@ from ldsc.data import load_image
 from ldsc.spectral import svd_order
 
 
-def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], config: dict | None = None) -> torch.Tensor:
-    """SVD-order ``Z`` (``(n, K, H, W)``), write ``eigvecs.pt`` and ``files.json``; returns the
-    SVD-ordered eigenvectors."""
+def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], config: dict | None = None,
+                      keep_order: bool = False) -> torch.Tensor:
+    """SVD-order ``Z`` (``(n, K, H, W)``; ``keep_order``: it is orthonormal and eigenvalue-ordered
+    already, see :func:`~ldsc.spectral.svd_order`), write ``eigvecs.pt`` and ``files.json``;
+    returns the ordered eigenvectors."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    E, s = svd_order(Z)
+    E, s = svd_order(Z, keep_order=keep_order)
     payload = {"eigvecs": E, "singular_values": s, "files": list(files), "K": E.shape[1],
                "base_size": E.shape[-1], "config": config or {}}
     torch.save(payload, out / "eigvecs.pt")

@@ -32,6 +32,9 @@ class ExactSolver(EigenSolver):
         seed: seed of eigsh's start vector.
     """
 
+    #: the exported eigenvectors are orthonormal Ritz vectors, ordered by decreasing eigenvalue
+    eigenvalue_ordered = True
+
     def __init__(self, n_images: int, K: int, base_size: int, max_tokens: int = 250_000, seed: int = 0):
         super().__init__(n_images, K, base_size, init_scale=0.0, ema=None)
         self.table.requires_grad_(False)

@@ -9,7 +9,10 @@ Three regimes:
 * **Whole data set in one batch** (a single image, or a small folder with ``batch_size ≥`` its
   size): the batch's graphs *are* the data set's graphs, so the table is solved outright by
   LOBPCG warm-started from the table (:func:`~ldsc.spectral.lobpcg_top`), stopping when every
-  residual ``‖Mx − θx‖ ≤ tol·θ_max``. Later epochs start converged and cost one product.
+  residual ``‖Mx − θx‖ ≤ tol·θ_max``. With a backbone that draws new randomness every epoch
+  (SD's timesteps), the operator solved is the mean of the last ``average_epochs`` epochs' (the
+  paper averages over timesteps the same way, through its loss); when an epoch starts converged
+  (a deterministic backbone: the same graph again) the run stops.
 * **Small data sets in mini-batches** (at most ``whole_max_tokens`` base-grid nodes, images ×
   H × W): the graph of a batch of 40 differs *systematically* from the whole data set's (a
   token's 25 inter-image neighbours are picked among 39 images instead of all of them), so no
@@ -38,6 +41,7 @@ it is checkpointed, exported and resumed like the paper solver's.
 from __future__ import annotations
 
 import logging
+from collections import deque
 
 import torch
 from torch import Tensor
@@ -59,13 +63,21 @@ class FastSolver(EigenSolver):
         average: mini-batch mode: least weight of the newest epoch in the averaged Rayleigh–Ritz.
         power: mini-batch mode: ``Y ← Y + η M_b Y`` steps per batch and epoch.
         dtype: ``float32`` (default) or ``float64`` for the products.
+        average_epochs: one batch holding every image: LOBPCG solves the mean of the operators of
+            the last this many epochs (a backbone with randomness, e.g. SD's timesteps, gives a
+            new graph every epoch; a deterministic one the same graph, and the run stops as soon
+            as an epoch needs no iteration).
         whole_max_tokens: data sets with at most this many base-grid nodes are solved on their
             whole-data-set graph in one step (see module docstring); 0: always mini-batches.
     """
 
+    #: the exported eigenvectors are orthonormal Ritz vectors, ordered by decreasing eigenvalue
+    eigenvalue_ordered = True
+
     def __init__(self, n_images: int, K: int, base_size: int, iters: int = 30, tol: float = 1e-4,
                  oversample: int = 5, step: float = 100.0, average: float = 0.1, power: int = 3,
-                 init_scale: float = 1.0, dtype: str = "float32", whole_max_tokens: int = 0):
+                 init_scale: float = 1.0, dtype: str = "float32", whole_max_tokens: int = 0,
+                 average_epochs: int = 20):
         m = int(K) + int(oversample)
         super().__init__(n_images, m, base_size, init_scale=init_scale, ema=None)
         self.K, self.m = int(K), m
@@ -74,6 +86,8 @@ class FastSolver(EigenSolver):
         self.step, self.average = float(step), float(average)
         self.dtype_ = getattr(torch, dtype)
         self.whole_max_tokens = int(whole_max_tokens)
+        # one batch = every image: the operators of the last ``average`` epochs, solved as their mean
+        self._recent: deque[tuple[Tensor, LayerOperator]] = deque(maxlen=max(1, int(average_epochs)))
         self.register_buffer("whole_solved", torch.zeros((), dtype=torch.bool))
         self.automatic_optimization = False
         # running average of the projected operator in the table's current basis (checkpointed)
@@ -101,10 +115,27 @@ class FastSolver(EigenSolver):
         op = LayerOperator(graphs, (self.base_size, self.base_size), dtype=self.dtype_)
         X = flatten_channels(self.table[index]).to(self.dtype_)
         if len(index) == self.n_images:
-            stats = self._solve_whole(op, X, index)
+            self._recent.append((index, op))  # the batch's order differs between epochs: keep it
+            stats = self._solve_whole(self._mean_operator(), flatten_channels(self.table).to(self.dtype_),
+                                      torch.arange(self.n_images, device=index.device))
+            if stats["train/iterations"] == 0:  # the table already solves the (averaged) graphs: done
+                self.trainer.should_stop = True
         else:
             stats = self._step_minibatch(op, X, index)
         self.log_dict(stats, prog_bar=True, batch_size=len(index))
+
+    def _mean_operator(self):
+        """The mean of the recent epochs' operators, acting on the table's rows in image order."""
+        recent, hw = list(self._recent), self.base_size**2
+
+        def apply(V: Tensor) -> Tensor:
+            Vi = V.view(self.n_images, hw, -1)
+            out = torch.zeros_like(Vi)
+            for index, op in recent:
+                out[index] += op(Vi[index].reshape(len(index) * hw, -1)).view(len(index), hw, -1)
+            return (out / len(recent)).view_as(V)
+
+        return apply
 
     def uses_whole_graph(self) -> bool:
         """Whether this data set is solved on its whole-data-set graph (small enough, see above)."""
