@@ -11,6 +11,8 @@ plus ``chunk·N`` (one block of similarities), never with ``N²``.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -92,11 +94,18 @@ def knn_affinity(
     x = F.normalize(x.float(), dim=-1)
     y = x if y is None else F.normalize(y.float(), dim=-1)
     image_ids = image_ids.to(x.device)
-    if chunk_size is None:
-        chunk_size = max(1, min(n, max_chunk_elements // max(n, 1)))
     # tokens ordered image-major (the usual case): a block of rows only needs its own images'
     # columns for the intra-image search, and no (chunk, N) mask or masked copy is made
     contiguous = n < 2 or bool((image_ids[1:] >= image_ids[:-1]).all())
+    if chunk_size is None:
+        if contiguous and k_inter == 0:  # a block of c rows meets at most c + (largest image) columns;
+            # at most one image's rows a block: larger blocks are no faster, and their freed
+            # candidate lists leave the allocator holding more memory (peak 4x the graph at 1e6 tokens)
+            w = int(torch.unique_consecutive(image_ids, return_counts=True)[1].max()) if n else 1
+            chunk_size = min(w, int((math.sqrt(w * w + 4 * max_chunk_elements) - w) / 2))
+        else:  # every row meets all n columns
+            chunk_size = max_chunk_elements // max(n, 1)
+        chunk_size = max(1, min(n, chunk_size))
     rows, cols, vals = [], [], []
     arange = torch.arange(n, device=x.device)
     itype = torch.int32 if n < 2**31 else torch.long
@@ -109,7 +118,12 @@ def knn_affinity(
         cols.append((c[keep] + offset).to(itype))
         vals.append(v[keep])
 
-    for start in range(0, n, chunk_size):
+    starts = range(0, n, chunk_size)
+    if k_inter > 0 and n >= 50_000:  # the quadratic search over all images takes minutes on a CPU: show it
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"kNN graph of {n} tokens", unit="block", leave=False)
+    for start in starts:
         stop = min(n, start + chunk_size)
         r = arange[start:stop]
         lo, hi = 0, n
