@@ -239,6 +239,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        solver = self.trainer.lightning_module if self.trainer is not None else None
+        if len(batch["index"]) < self.num_images and getattr(solver, "uses_whole_graph", lambda: False)():
+            return {"index": batch["index"], "graphs": None}  # it solves the whole-data-set graph instead
         graphs = self.graphs_for(batch["image"], batch["index"], epoch)
         return {"index": batch["index"], "graphs": graphs}
 

@@ -9,9 +9,11 @@ Pure functions on arrays/tensors — no Lightning, no Hydra — usable from a no
   (one-to-one cluster→class matching, mIoU, pixel accuracy).
 * :func:`what_where` — how much of the embedding is "where" (pixel position) vs "what" (label).
 
-Conventions: eigenvectors are those of ``RUN_DIR/eigvecs.pt`` — SVD-ordered, channel 0 carries
-the largest singular value and channels are scaled by their singular values (``U·Σ``), so
-Euclidean distances between rows equal distances between the solver's pseudo-eigenvectors ``Z``.
+Conventions: eigenvectors are those of ``RUN_DIR/eigvecs.pt``, channel 0 first: for the paper's
+solver SVD-ordered and scaled by their singular values (``U·Σ``, so Euclidean distances between
+rows equal distances between its pseudo-eigenvectors ``Z``); for the fast and exact solvers
+orthonormal eigenvectors in order of decreasing eigenvalue (channel 0: the leading, degree-like
+one).
 Label maps use ``ignore_index`` (255) for unlabelled pixels.
 """
 
