@@ -77,6 +77,20 @@ def test_paper_solver_separates_planted_blocks():
     assert blocks_recovered(solver) > 0.95
 
 
+def test_paper_single_image_recipe_separates_planted_blocks():
+    """The published single-image parametrisation: a conv net (batch-normalised hidden layers) on a
+    learnable input, gradients accumulated over several steps per Adam update."""
+    from ldsc.solvers.paper import PaperSolver
+
+    L.seed_everything(0, verbose=False)
+    solver = PaperSolver(1, 4, BASE, optimizer=partial(torch.optim.Adam, lr=0.01), steps_per_batch=40,
+                         accumulate=2, parametrization="convnet", conv_channels=16, eig_weight=2.0, orth_weight=2.0)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in solver.net)
+    fit(solver, epochs=3)  # 3 epochs x 4 batches x 40 steps = 240 passes, 120 Adam updates
+    assert blocks_recovered(solver) > 0.95
+    assert set(solver.state_dict()) >= {"input", "net.0.weight"}  # what a checkpoint holds
+
+
 def test_fast_solver_separates_planted_blocks():
     from ldsc.solvers.fast import FastSolver
 

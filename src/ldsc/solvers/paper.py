@@ -25,7 +25,7 @@ class PaperSolver(EigenSolver):
         optimizer: a partial optimiser constructor taking the parameters (Hydra ``_partial_``).
         steps_per_batch: optimiser steps on each batch's graphs before the next batch.
         parametrization: ``softmax`` (the paper's table), ``convnet`` (softmax of a 3-layer conv
-            net's output on a learnable ``conv_channels × H × W`` input per image: the paper's
+            net's output (batch-normalised hidden layers) on a learnable ``conv_channels × H × W`` input per image: the paper's
             single-image recipe) or ``identity`` (raw table).
         conv_channels: channels of the conv net's input and hidden layers.
         eig_weight, orth_weight: weights of the eigenvalue and orthogonality terms.
@@ -47,8 +47,12 @@ class PaperSolver(EigenSolver):
             c = int(conv_channels)
             self.table.requires_grad_(False)
             self.input = nn.Parameter(torch.randn(self.n_images, c, self.base_size, self.base_size))
-            self.net = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1),
-                                     nn.ReLU(), nn.Conv2d(c, self.K, 3, padding=1))
+            # conv–batch-norm–ReLU twice, then a conv to K logits (the published net normalises its
+            # hidden layers; batch statistics always, so training and export see the same net)
+            self.net = nn.Sequential(
+                nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c, track_running_stats=False), nn.ReLU(),
+                nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c, track_running_stats=False), nn.ReLU(),
+                nn.Conv2d(c, self.K, 3, padding=1))
         self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-2)
         self.steps_per_batch, self.accumulate = int(steps_per_batch), max(1, int(accumulate))
         self.eig_weight, self.orth_weight = eig_weight, orth_weight
