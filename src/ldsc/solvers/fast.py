@@ -86,7 +86,7 @@ class FastSolver(EigenSolver):
         self.step, self.average = float(step), float(average)
         self.dtype_ = getattr(torch, dtype)
         self.whole_max_tokens = int(whole_max_tokens)
-        # one batch = every image: the operators of the last ``average`` epochs, solved as their mean
+        # one batch = every image: the operators of the last ``average_epochs`` epochs, solved as their mean
         self._recent: deque[tuple[Tensor, LayerOperator]] = deque(maxlen=max(1, int(average_epochs)))
         self.register_buffer("whole_solved", torch.zeros((), dtype=torch.bool))
         self.automatic_optimization = False
@@ -113,7 +113,6 @@ class FastSolver(EigenSolver):
         if len(index) < self.n_images and self.uses_whole_graph():
             return self._solve_whole_dataset(len(index))
         op = LayerOperator(graphs, (self.base_size, self.base_size), dtype=self.dtype_)
-        X = flatten_channels(self.table[index]).to(self.dtype_)
         if len(index) == self.n_images:
             self._recent.append((index, op))  # the batch's order differs between epochs: keep it
             stats = self._solve_whole(self._mean_operator(), flatten_channels(self.table).to(self.dtype_),
@@ -121,7 +120,7 @@ class FastSolver(EigenSolver):
             if stats["train/iterations"] == 0:  # the table already solves the (averaged) graphs: done
                 self.trainer.should_stop = True
         else:
-            stats = self._step_minibatch(op, X, index)
+            stats = self._step_minibatch(op, flatten_channels(self.table[index]).to(self.dtype_), index)
         self.log_dict(stats, prog_bar=True, batch_size=len(index))
 
     def _mean_operator(self):
