@@ -32,12 +32,13 @@ def main(argv=None) -> None:
     p.add_argument("--override", nargs="*", default=["backbone.divisors=[1,2]"], help="extra Hydra overrides")
     args = p.parse_args(argv)
 
-    from ldsc.bench import build, compose
+    from ldsc.bench import compose
     from ldsc.data import ImageFiles
+    from ldsc.run import build_datamodule
     from ldsc.spectral import exact_eigenvectors, exact_operator, subspace_alignment, top_eigenvectors, unflatten_channels
 
     cfg = compose(["experiment=dataset", f"data.root={args.root}", f"K={args.K}", *args.override])
-    dm, base = build(cfg)
+    dm, base = build_datamodule(cfg)
     files = dm.prepare_files()
     n = len(files)
     t = time.perf_counter()

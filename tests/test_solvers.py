@@ -65,6 +65,9 @@ class PlantedFeatures(L.LightningDataModule):
     def whole_dataset_graphs(self, device=None):
         return self.graphs(torch.arange(self.n))
 
+    def release_whole_dataset_graphs(self):
+        pass  # nothing kept
+
     def train_dataloader(self):
         return DataLoader(list(range(self.n)), batch_size=self.batch_size,
                           sampler=EpochShuffleSampler(self.n, seed=1))

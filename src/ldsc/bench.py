@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldsc.run import build_datamodule
+
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
@@ -108,6 +110,7 @@ def make_probe(reference: torch.Tensor | None):
     return Probe()
 
 
+
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -118,18 +121,6 @@ def compose(overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return hydra_compose("config", overrides=overrides)
-
-
-def build(cfg):
-    """Data module (backbone and graph builder attached) and base grid, as ``ldsc.run.fit`` does."""
-    from hydra.utils import instantiate
-
-    from ldsc.run import base_grid
-
-    dm = instantiate(cfg.data)
-    base = base_grid(cfg, dm.num_images)
-    dm.attach(instantiate(cfg.backbone), instantiate(cfg.graph), base, seed=int(cfg.seed))
-    return dm, base
 
 
 def ritz_residual(M, Z: torch.Tensor) -> float:
@@ -147,7 +138,7 @@ def reference(cfg) -> dict:
     """The exact reference of a case, timed: whole-data-set graphs, operator, eigsh."""
     from ldsc.spectral import exact_operator, top_eigenvectors, unflatten_channels
 
-    dm, base = build(cfg)
+    dm, base = build_datamodule(cfg)
     with PeakRSS() as mem:
         t0 = time.perf_counter()
         graphs = [g.to("cpu") for g in dm.whole_dataset_graphs()]
@@ -168,7 +159,7 @@ def run_solver(cfg, ref: dict) -> dict:
     from ldsc.spectral import subspace_alignment
 
     L.seed_everything(int(cfg.seed), verbose=False)
-    dm, base = build(cfg)
+    dm, base = build_datamodule(cfg)
     solver = instantiate(cfg.solver, n_images=dm.num_images, K=int(cfg.K), base_size=base)
     probe = make_probe(ref["Z"])
     trainer = L.Trainer(max_epochs=int(cfg.trainer.max_epochs), logger=False, enable_checkpointing=False,
@@ -193,7 +184,7 @@ def ncut_baseline(cfg, ref: dict) -> dict:
     from ldsc.graphs import head_vectors
     from ldsc.spectral import subspace_alignment, unflatten_channels
 
-    dm, base = build(cfg)
+    dm, base = build_datamodule(cfg)
     files = dm.prepare_files()
     from ldsc.data import image_tensor
 

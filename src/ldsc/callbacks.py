@@ -30,7 +30,7 @@ class ExportEigenvectors(L.Callback):
             return
         files = trainer.datamodule.prepare_files()
         E = save_eigenvectors(self.output_dir, pl_module.eigenvectors(), files, self.run_config,
-                              keep_order=getattr(pl_module, "eigenvalue_ordered", False))
+                              keep_order=pl_module.eigenvalue_ordered)
         log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
         if self.figures:
             self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)
@@ -116,7 +116,7 @@ class AlignmentMonitor(L.Callback):
         graphs = [g.to("cpu") for g in dm.whole_dataset_graphs(pl_module.device)]
         _, ref = exact_eigenvectors(graphs, (dm.base_size, dm.base_size), pl_module.K)
         self.reference = ref
-        if not getattr(pl_module, "uses_whole_graph", lambda: False)():  # nobody else needs them
+        if not pl_module.uses_whole_graph():  # nobody else needs them
             dm.release_whole_dataset_graphs()
         self.overhead += time.perf_counter() - t
         log.info("alignment monitor: exact reference of %d nodes in %.2f s", tokens, time.perf_counter() - t)

@@ -150,6 +150,7 @@ class ImageDataModule(L.LightningDataModule):
         self.files: list[str] | None = None
         self.backbone = None
         self.graph_builder = None
+        self._whole_graphs = None  # (key, graphs) of the last whole_dataset_graphs call
         self.base_size: int | None = None
         self.seed = 0
 
@@ -222,9 +223,8 @@ class ImageDataModule(L.LightningDataModule):
                 f"base-grid nodes, above the limit of {max_tokens}: use solver=fast, fewer images (data.limit) or "
                 f"a smaller base_size, or raise the limit.")
         key = (str(device), int(epoch), len(files))
-        cached = getattr(self, "_whole_graphs", None)
-        if cached is not None and cached[0] == key:  # the alignment monitor and the solver share one build
-            return cached[1]
+        if self._whole_graphs is not None and self._whole_graphs[0] == key:  # monitor and solver share one build
+            return self._whole_graphs[1]
         ds = ImageFiles(files, self.backbone.input_size)
         images = torch.stack([ds[i]["image"] for i in range(len(ds))])
         if device is not None:
@@ -240,7 +240,7 @@ class ImageDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         solver = self.trainer.lightning_module if self.trainer is not None else None
-        if len(batch["index"]) < self.num_images and getattr(solver, "uses_whole_graph", lambda: False)():
+        if solver is not None and len(batch["index"]) < self.num_images and solver.uses_whole_graph():
             return {"index": batch["index"], "graphs": None}  # it solves the whole-data-set graph instead
         graphs = self.graphs_for(batch["image"], batch["index"], epoch)
         return {"index": batch["index"], "graphs": graphs}

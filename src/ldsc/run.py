@@ -56,6 +56,18 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return None
 
 
+def build_datamodule(cfg: DictConfig):
+    """The data module of ``cfg`` with its frozen backbone and graph builder attached, and the
+    side of the base grid: ``(datamodule, base)``."""
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    base = base_grid(cfg, datamodule.num_images)
+    log.info("%d image(s), base grid %dx%d, K=%d", datamodule.num_images, base, base, cfg.K)
+    datamodule.attach(instantiate(cfg.backbone), instantiate(cfg.graph), base, seed=int(cfg.seed))
+    return datamodule, base
+
+
 def fit(cfg: DictConfig):
     """Build everything from ``cfg`` and fit; returns the trained solver."""
     import lightning as L
@@ -64,14 +76,8 @@ def fit(cfg: DictConfig):
     from ldsc.callbacks import ExportEigenvectors
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule, base = build_datamodule(cfg)
     n_images = datamodule.num_images
-    base = base_grid(cfg, n_images)
-    log.info("%d image(s), base grid %dx%d, K=%d", n_images, base, base, cfg.K)
-
-    backbone = instantiate(cfg.backbone)
-    graph_builder = instantiate(cfg.graph)
-    datamodule.attach(backbone, graph_builder, base, seed=int(cfg.seed))
     solver = instantiate(cfg.solver, n_images=n_images, K=int(cfg.K), base_size=base)
 
     resolved = OmegaConf.to_container(cfg, resolve=True)

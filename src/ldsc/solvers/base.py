@@ -24,6 +24,15 @@ class EigenSolver(L.LightningModule):
             exported eigenvectors use the average when enabled.
     """
 
+    #: whether :meth:`eigenvectors` is already orthonormal and ordered by decreasing eigenvalue
+    #: (then the export keeps that order instead of SVD-ordering)
+    eigenvalue_ordered = False
+
+    def uses_whole_graph(self) -> bool:
+        """Whether the solver builds the whole-data-set graph itself, so that the data module need
+        not build the batches' own graphs."""
+        return False
+
     def __init__(self, n_images: int, K: int, base_size: int, init_scale: float = 1.0, ema: float | None = None):
         super().__init__()
         self.n_images, self.K, self.base_size = int(n_images), int(K), int(base_size)

@@ -151,9 +151,7 @@ class FastSolver(EigenSolver):
             index = torch.arange(self.n_images, device=self.device)
             stats = self._solve_whole(op, flatten_channels(self.table).to(self.dtype_), index)
             self.whole_solved.fill_(True)
-            release = getattr(self.trainer.datamodule, "release_whole_dataset_graphs", None)
-            if release is not None:
-                release()
+            self.trainer.datamodule.release_whole_dataset_graphs()
             self.log_dict(stats, prog_bar=True, batch_size=batch_size)
         self.trainer.should_stop = True
 
