@@ -134,27 +134,3 @@ def test_download_coco_without_tools_says_so(tmp_path):
     assert "download_coco.sh: error:" in res.stderr and ("unzip" in res.stderr or "curl" in res.stderr)
 
 
-def test_partition_average_script(tmp_path):
-    """experiments/partition_average.py on three photographs in batches of one: one partition's
-    graph has no inter-image edges at all, the average of several approaches the whole graph."""
-    from skimage import data as skdata
-    from PIL import Image
-
-    root = tmp_path / "imgs"
-    root.mkdir()
-    for name in ("astronaut", "coffee", "chelsea"):
-        Image.fromarray(getattr(skdata, name)()).save(root / f"{name}.png")
-
-    def run(batch: int, partitions: int) -> list[dict]:
-        out = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "partition_average.py"), "--root",
-                              str(root), "--partitions", str(partitions), "--batch", str(batch), "--K", "4",
-                              "--override", "base_size=8", "backbone.divisors=[1]"],
-                             capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
-
-    lines = run(batch=2, partitions=2)
-    assert lines[0]["images"] == 3 and [x["partitions"] for x in lines[1:]] == [1, 2]
-    assert all(0.0 <= x["alignment"] <= 1.0 + 1e-9 for x in lines[1:])
-    # one batch holding every image: its graph *is* the whole data set's
-    assert run(batch=3, partitions=1)[1]["alignment"] > 0.999

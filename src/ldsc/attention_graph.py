@@ -90,6 +90,9 @@ class AttentionGraphBuilder:
         self.buffer: deque[LayerGraph] = deque(maxlen=max(int(buffer_size), 0))
         self.generator = torch.Generator().manual_seed(int(seed))
 
+    #: the vector kinds the feature store must hold (attention is recomputed from q and k)
+    kinds = ["k", "q"]
+
     def graphs_of(self, layer: LayerFeatures, base_size: int) -> list[LayerGraph]:
         """The fresh attention graph(s) of one layer."""
         h, w = layer.grid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,34 @@ import torch
 from ldsc.export import save_eigenvectors, write_figures
 
 log = logging.getLogger(__name__)
+
+
+class SolverCheckpoint(L.Callback):
+    """Writes ``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs and when training ends,
+    atomically (a temporary file renamed over the old one, which stays intact until the new one
+    is complete).
+
+    Lightning's ``ModelCheckpoint`` saves only when the global step has moved, which a solver
+    without an optimiser (closed-form steps) never does; this callback saves regardless.
+    """
+
+    def __init__(self, dirpath: str, every_n_epochs: int = 1):
+        self.dirpath, self.every_n_epochs = Path(dirpath), max(1, int(every_n_epochs))
+        self.last_path = self.dirpath / "last.ckpt"
+
+    def save(self, trainer: L.Trainer) -> None:
+        tmp = self.dirpath / "last.ckpt.tmp"
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, self.last_path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.should_stop:
+            self.save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not self.last_path.exists():
+            self.save(trainer)
 
 
 class ExportEigenvectors(L.Callback):
@@ -109,15 +138,17 @@ class AlignmentMonitor(L.Callback):
         dm = trainer.datamodule
         tokens = dm.num_images * dm.base_size**2
         if tokens > self.max_tokens:
-            log.info("alignment monitor off: %d base-grid nodes > max_tokens=%d (the exact reference needs the "
-                     "whole-data-set graph)", tokens, self.max_tokens)
+            log.info("alignment monitor off: %d base-grid nodes > max_tokens=%d (the exact reference is an eigsh "
+                     "of the whole-data-set operator)", tokens, self.max_tokens)
+            return
+        if not dm.graphs_are_exact():
+            log.info("alignment monitor off: the graphs were built by approximate search (graph.search); "
+                     "compare with a run of solver=exact graph.search=exact instead")
             return
         t = time.perf_counter()
-        graphs = [g.to("cpu") for g in dm.whole_dataset_graphs(pl_module.device)]
+        graphs = [g.to("cpu") for g in dm.dataset_graphs()]
         _, ref = exact_eigenvectors(graphs, (dm.base_size, dm.base_size), pl_module.K)
         self.reference = ref
-        if not pl_module.uses_whole_graph():  # nobody else needs them
-            dm.release_whole_dataset_graphs()
         self.overhead += time.perf_counter() - t
         log.info("alignment monitor: exact reference of %d nodes in %.2f s", tokens, time.perf_counter() - t)
 

@@ -1,9 +1,9 @@
-"""Images in, per-batch layer graphs out.
+"""Images in, layer graphs out: images -> backbone -> feature store -> graphs.
 
 Datasets only read and resize images (that is all worker processes do). The
-:class:`ImageDataModule` runs the frozen backbone and the graph builder on the training device in
-``on_after_batch_transfer``, under ``torch.no_grad()``, and hands the solver
-``{"index": (B,), "graphs": list[LayerGraph]}``.
+:class:`ImageDataModule` runs the frozen backbone over the images in batches into the feature
+store (:mod:`ldsc.store`), builds the graphs from the store, and hands the solver
+``{"index": (B,), "graphs": [...]}``.
 
 Images are resized to the backbone's square ``input_size`` without cropping (aspect ratio is not
 kept), so the eigenvectors cover the whole image; figures and evaluation resize back.
@@ -128,39 +128,82 @@ def batch_seed(seed: int, epoch: int, index: torch.Tensor) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+class _Steps(Dataset):
+    """``n`` placeholder items: one per solver step of an epoch over the whole-data-set graphs."""
+
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
 class ImageDataModule(L.LightningDataModule):
-    """Streams images through a frozen backbone and builds the batch's layer graphs.
+    """Images -> frozen backbone -> feature store -> graphs, for the solver.
 
     Subclasses implement :meth:`find_images`. ``run.py`` calls :meth:`attach` with the backbone,
-    the graph builder and the base grid before fitting.
+    the graph builder, the base grid and the scope the solver works on, before fitting.
+
+    * ``scope="dataset"`` (the default and exact solvers): :meth:`setup` fills the feature store
+      (:mod:`ldsc.store`; reused when it exists) and builds the whole data set's graphs once
+      (:meth:`~ldsc.graphs.KnnGraphBuilder.dataset_graphs`), after a memory estimate; every epoch
+      is one batch ``{"index": all images, "graphs": the graphs}``.
+    * ``scope="batch"`` (the paper's recipes): batches of ``batch_size`` images, reshuffled every
+      epoch; each batch's graphs are built from the store's vectors of its images (draw
+      ``epoch mod draws``): ``{"index": (B,), "graphs": list[LayerGraph]}``.
 
     Args:
-        batch_size: images per batch (graphs connect images within a batch).
+        batch_size: images per backbone pass while filling the store, and per batch in the
+            ``batch`` scope.
         num_workers: image-reading worker processes.
-        shuffle: reshuffle the batches every epoch (data-set mode needs it: DESIGN §4).
+        shuffle: reshuffle the batches every epoch (``batch`` scope).
         check_images: decode every image once at set-up and skip unreadable ones with a warning.
         limit: use only the first ``limit`` images (sorted by name).
+        memory_limit_gb: refuse a data-set run whose estimated peak memory exceeds this
+            (``null``: the memory available when the run starts).
     """
 
     def __init__(self, batch_size: int = 40, num_workers: int = 0, shuffle: bool = True,
-                 check_images: bool = True, limit: int | None = None):
+                 check_images: bool = True, limit: int | None = None, memory_limit_gb: float | None = None):
         super().__init__()
         self.batch_size, self.num_workers, self.shuffle = int(batch_size), int(num_workers), shuffle
         self.check_images, self.limit = check_images, limit
+        self.memory_limit_gb = memory_limit_gb
         self.files: list[str] | None = None
         self.backbone = None
         self.graph_builder = None
-        self._whole_graphs = None  # (key, graphs) of the last whole_dataset_graphs call
         self.base_size: int | None = None
         self.seed = 0
+        self.scope = "dataset"
+        self.store_options = None
+        self.backbone_config: dict = {}
+        self.store = None
+        self.graphs: list | None = None
+        #: wall time and peak memory of each stage (see :mod:`ldsc.profiling`)
+        self.stages: dict = {}
+        self._device_graphs: tuple | None = None
 
     # -- what subclasses provide -------------------------------------------------------------
     def find_images(self) -> list[str]:
         raise NotImplementedError
 
     # -- wiring ------------------------------------------------------------------------------
-    def attach(self, backbone, graph_builder, base_size: int, seed: int = 0) -> None:
+    def attach(self, backbone, graph_builder, base_size: int, seed: int = 0, scope: str = "dataset",
+               store=None, backbone_config: dict | None = None) -> None:
+        """Give the data module its backbone, graph builder and base grid; ``scope`` is
+        ``dataset`` or ``batch`` (see class docstring); ``store`` the
+        :class:`~ldsc.store.StoreOptions`; ``backbone_config`` the backbone's settings (part of
+        the store's key)."""
+        from ldsc.store import StoreOptions
+
+        if scope not in ("dataset", "batch"):
+            raise ValueError(f"scope must be 'dataset' or 'batch', not {scope!r}")
         self.backbone, self.graph_builder, self.base_size, self.seed = backbone, graph_builder, base_size, seed
+        self.scope, self.store_options = scope, store or StoreOptions()
+        self.backbone_config = backbone_config if backbone_config is not None else {"class": type(backbone).__name__}
         backbone.set_base_size(base_size)
 
     def prepare_files(self) -> list[str]:
@@ -181,69 +224,114 @@ class ImageDataModule(L.LightningDataModule):
     def num_images(self) -> int:
         return len(self.prepare_files())
 
+    def _device(self):
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return torch.device("cpu")
+
+    def feature_store(self, device=None):
+        """The :class:`~ldsc.store.FeatureStore` of this data set (opened or built once)."""
+        from ldsc.profiling import stage
+        from ldsc.store import open_or_build
+
+        if self.store is None:
+            if self.backbone is None or self.graph_builder is None:
+                raise RuntimeError("call attach(backbone, graph_builder, base_size) before using the data module")
+            with stage("features", self.stages):
+                self.store = open_or_build(self.store_options, self.prepare_files(), self.backbone,
+                                           self.backbone_config, self.base_size, self.graph_builder.kinds,
+                                           seed=self.seed, batch_size=self.batch_size,
+                                           device=device or self._device(), num_workers=self.num_workers)
+        return self.store
+
+    def check_memory(self) -> dict:
+        """Estimate the peak memory of the whole-data-set graphs and solver; refuse, with one
+        sentence, a run that would not fit (see :func:`~ldsc.graphs.estimate_dataset_graph_bytes`)."""
+        from ldsc.errors import ConfigError
+        from ldsc.graphs import estimate_dataset_graph_bytes
+
+        store = self.feature_store()
+        b = self.graph_builder
+        k = getattr(b, "k_intra", 0) + (getattr(b, "k_inter", 0) if store.n_images > 1 else 0)
+        est = estimate_dataset_graph_bytes(store.n_images, store.layers, max(k, 1), store.draws,
+                                           getattr(b, "dim", None), getattr(b, "heads", "concat"),
+                                           base_size=self.base_size)
+        limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
+        if limit and est["peak"] > limit:
+            gb = 2**30
+            raise ConfigError(
+                f"This run needs about {est['peak'] / gb:.1f} GB (graphs {est['graphs'] / gb:.1f} GB, building "
+                f"{est['build'] / gb:.1f} GB, solver {est['solver'] / gb:.1f} GB) but {limit / gb:.1f} GB are available: "
+                f"lower graph.k_intra/graph.k_inter, set graph.dim (e.g. 64), use fewer images (data.limit) or a "
+                f"smaller base_size, or raise data.memory_limit_gb.")
+        return est
+
+    def dataset_graphs(self) -> list:
+        """The whole data set's layer graphs, built once from the feature store."""
+        from ldsc.profiling import stage
+
+        if self.graphs is None:
+            store = self.feature_store()
+            if hasattr(self.graph_builder, "dataset_graphs"):
+                self.check_memory()
+                with stage("graphs", self.stages):
+                    self.graphs = self.graph_builder.dataset_graphs(store, self.base_size)
+                for name, sec in getattr(self.graph_builder, "timings", {}).items():
+                    self.stages.setdefault("graphs", {})[f"{name}_s"] = round(sec, 3)
+            else:  # e.g. attention graphs: dense per image, built like one batch holding every image
+                self.graphs = self.graph_builder(store.features(range(store.n_images)), self.base_size)
+            log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
+        return self.graphs
+
+    def graphs_are_exact(self) -> bool:
+        """Whether the whole-data-set graphs were built by exact (brute-force) search."""
+        b = self.graph_builder
+        if not hasattr(b, "search_method") or self.store is None:
+            return True
+        return all(b.search_method(self.store.n_images * layer["grid"][0] * layer["grid"][1]) == "exact"
+                   for layer in self.store.layers)
+
     def setup(self, stage: str | None = None) -> None:
         self.prepare_files()
+        self.feature_store()
+        if self.scope == "dataset":
+            self.dataset_graphs()
 
     def train_dataloader(self) -> DataLoader:
-        files = self.prepare_files()
-        ds = ImageFiles(files, self.backbone.input_size if self.backbone is not None else 224)
-        return DataLoader(ds, batch_size=min(self.batch_size, len(ds)),
-                          sampler=EpochShuffleSampler(len(ds), self.seed, self.shuffle),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        n = self.num_images
+        if self.scope == "dataset":
+            return DataLoader(_Steps(1), batch_size=1)
+        return DataLoader(_Steps(n), batch_size=min(self.batch_size, n),
+                          sampler=EpochShuffleSampler(n, self.seed, self.shuffle))
 
-    def graphs_for(self, images: torch.Tensor, index: torch.Tensor, epoch: int = 0) -> list:
-        """Run the frozen backbone and the graph builder on one batch (pure glue, no grad)."""
-        if self.backbone is None or self.graph_builder is None:
-            raise RuntimeError("call attach(backbone, graph_builder, base_size) before using the data module")
-        backbone = self.backbone.to(images.device)
-        gen = torch.Generator(device=images.device).manual_seed(batch_seed(self.seed, epoch, index))
-        with torch.no_grad():
-            features = backbone(images, generator=gen)
-            return self.graph_builder(features, self.base_size)
-
-    def whole_dataset_graphs(self, device=None, max_tokens: int | None = None, epoch: int = 0) -> list:
-        """The layer graphs of *every* image in one batch: intra- and inter-image neighbours over
-        the whole data set (DESIGN §4), the graphs the exact reference is defined on.
-
-        Args:
-            device: where to run the backbone and build the graphs (default CPU).
-            max_tokens: refuse (:class:`~ldsc.errors.ConfigError`, one sentence) when the largest
-                layer would have more than this many tokens: the kNN search is quadratic in it.
-            epoch: passed to the backbone's randomness (diffusion noise), as for a batch.
-        """
-        from ldsc.errors import ConfigError
-
-        files = self.prepare_files()
-        if self.backbone is None or self.graph_builder is None:
-            raise RuntimeError("call attach(backbone, graph_builder, base_size) before using the data module")
-        tokens = len(files) * self.base_size**2
-        if max_tokens is not None and tokens > max_tokens:
-            raise ConfigError(
-                f"The whole-data-set graph of {len(files)} images at {self.base_size}x{self.base_size} has {tokens} "
-                f"base-grid nodes, above the limit of {max_tokens}: use solver=fast, fewer images (data.limit) or "
-                f"a smaller base_size, or raise the limit.")
-        key = (str(device), int(epoch), len(files))
-        if self._whole_graphs is not None and self._whole_graphs[0] == key:  # monitor and solver share one build
-            return self._whole_graphs[1]
-        ds = ImageFiles(files, self.backbone.input_size)
-        images = torch.stack([ds[i]["image"] for i in range(len(ds))])
-        if device is not None:
-            images = images.to(device)
-        graphs = self.graphs_for(images, torch.arange(len(ds)), epoch)
-        self._whole_graphs = (key, graphs)
-        return graphs
-
-    def release_whole_dataset_graphs(self) -> None:
-        """Drop the graphs kept by :meth:`whole_dataset_graphs` (they can be large)."""
-        self._whole_graphs = None
-
-    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> dict:
+        device = batch.device
+        if self.scope == "dataset":
+            if self._device_graphs is None or self._device_graphs[0] != device:
+                graphs = self.dataset_graphs()
+                self._device_graphs = (device, graphs if device.type == "cpu" else [g.to(device) for g in graphs])
+            return {"index": torch.arange(self.num_images, device=device), "graphs": self._device_graphs[1]}
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        solver = self.trainer.lightning_module if self.trainer is not None else None
-        if solver is not None and len(batch["index"]) < self.num_images and solver.uses_whole_graph():
-            return {"index": batch["index"], "graphs": None}  # it solves the whole-data-set graph instead
-        graphs = self.graphs_for(batch["image"], batch["index"], epoch)
-        return {"index": batch["index"], "graphs": graphs}
+        store = self.feature_store()
+        features = store.features(batch.tolist(), draw=epoch % store.draws)
+        for layer in features:
+            for name in ("q", "k", "v", "hidden"):
+                if getattr(layer, name) is not None:
+                    setattr(layer, name, getattr(layer, name).to(device))
+        with torch.no_grad():
+            return {"index": batch, "graphs": self.graph_builder(features, self.base_size)}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (``MemAvailable``), if the OS tells."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 class FolderDataModule(ImageDataModule):

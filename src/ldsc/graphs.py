@@ -12,8 +12,10 @@ plus ``chunk·N`` (one block of similarities), never with ``N²``.
 from __future__ import annotations
 
 import math
-
+import warnings
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +65,110 @@ class LayerGraph:
     def to(self, device) -> "LayerGraph":
         return LayerGraph(self.name, self.grid, self.n_images, self.W.to(device), self.P.to(device),
                           self.degree.to(device), self.weight)
+
+    def sym_blocks(self) -> list[tuple[int, Tensor]]:
+        """``S`` as one row block: ``[(0, CSR (N, N))]`` (the interface of :class:`DatasetGraph`)."""
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            return [(0, self.sym().to_sparse_csr())]
+
+
+class DatasetGraph:
+    """One layer's graph over every token of a data set, kept as ``S = D^{-1/2} W D^{-1/2}`` in
+    row blocks of CSR (so products run block by block, and a block is all a rank needs to hold).
+
+    Attributes:
+        name, grid, n_images, weight: as :class:`LayerGraph`.
+        blocks: ``[(first_row, CSR (rows, N))]`` covering rows ``0..N-1`` in order.
+        degree: ``(N,)`` row sums of ``W``.
+    """
+
+    def __init__(self, name: str, grid: tuple[int, int], n_images: int, blocks: list[tuple[int, Tensor]],
+                 degree: Tensor, weight: float = 1.0):
+        self.name, self.grid, self.n_images, self.weight = name, tuple(grid), int(n_images), float(weight)
+        self.blocks, self.degree = blocks, degree
+
+    @property
+    def num_nodes(self) -> int:
+        return self.n_images * self.grid[0] * self.grid[1]
+
+    @property
+    def nnz(self) -> int:
+        return sum(int(b._nnz()) for _, b in self.blocks)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for _, b in self.blocks
+                   for t in (b.crow_indices(), b.col_indices(), b.values()))
+
+    def sym_blocks(self) -> list[tuple[int, Tensor]]:
+        return self.blocks
+
+    def sym_scipy(self):
+        """``S`` as one float64 ``scipy.sparse.csr_matrix`` (for the exact reference)."""
+        import scipy.sparse as sp
+
+        parts = [sp.csr_matrix((b.values().double().numpy(), b.col_indices().numpy(), b.crow_indices().numpy()),
+                               shape=tuple(b.shape)) for _, b in self.blocks]
+        return sp.vstack(parts, format="csr")
+
+    def to(self, device) -> "DatasetGraph":
+        return DatasetGraph(self.name, self.grid, self.n_images, [(s, b.to(device)) for s, b in self.blocks],
+                            self.degree.to(device), self.weight)
+
+
+def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1,
+                                block_entries: int = 2**25) -> tuple[list[tuple[int, Tensor]], Tensor]:
+    """Neighbour lists -> ``S = D^{-1/2} W D^{-1/2}`` in row blocks of CSR.
+
+    ``A`` holds each row's kept similarities (``idx ≥ 0`` and ``sim > threshold``); ``W = (A + Aᵀ)/2``
+    and its degrees are formed one block of rows at a time: a block's entries are its own rows of
+    ``A`` plus the entries of ``A`` whose column falls in the block (one scan of the column array),
+    summed by ``scipy``'s COO -> CSR conversion. Memory: ``A`` plus ``W`` (``O(N·k)``).
+
+    Args:
+        idx: ``(N, k)`` neighbour ids (``-1``: none), any integer dtype; sim: ``(N, k)`` similarities.
+        threshold: similarities at or below are dropped.
+        block_entries: about this many entries of ``W`` per block.
+
+    Returns:
+        ``(blocks, degree)`` with ``blocks = [(first_row, torch CSR (rows, N) float32)]``.
+    """
+    import scipy.sparse as sp
+
+    n, k = idx.shape
+    cols = idx.numpy().astype(np.int32, copy=False)
+    vals = sim.numpy().astype(np.float32, copy=False)
+    keep = (cols >= 0) & (vals > threshold)
+    cols = np.where(keep, cols, -1)
+    rows_per_block = max(1, block_entries // max(2 * k, 1))
+    pieces, degree = [], np.zeros(n, dtype=np.float64)
+    for r0 in range(0, n, rows_per_block):
+        r1 = min(n, r0 + rows_per_block)
+        own = cols[r0:r1]
+        m = own >= 0
+        r_a = np.nonzero(m)[0].astype(np.int32)  # local rows of A's entries (row-major order)
+        c_a, v_a = own[m], vals[r0:r1][m]
+        hit = (cols >= r0) & (cols < r1)  # entries of A landing in this block's rows of Aᵀ
+        src_row, src_k = np.nonzero(hit)
+        r_t = (cols[src_row, src_k] - r0).astype(np.int32)
+        c_t, v_t = src_row.astype(np.int32), vals[src_row, src_k]
+        del hit, src_row, src_k
+        B = sp.coo_matrix((np.concatenate([v_a, v_t]) * 0.5, (np.concatenate([r_a, r_t]), np.concatenate([c_a, c_t]))),
+                          shape=(r1 - r0, n)).tocsr()  # sums the duplicates (mutual neighbours)
+        B.sum_duplicates()
+        degree[r0:r1] = np.asarray(B.sum(1)).ravel()
+        pieces.append((r0, B))
+    dinv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
+    blocks = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for r0, B in pieces:
+            rows = np.repeat(np.arange(B.shape[0]), np.diff(B.indptr)) + r0
+            B.data = (B.data * dinv[rows] * dinv[B.indices]).astype(np.float32)
+            blocks.append((r0, torch.sparse_csr_tensor(torch.from_numpy(B.indptr.astype(np.int32)),
+                                                       torch.from_numpy(B.indices.astype(np.int32, copy=False)),
+                                                       torch.from_numpy(B.data), size=B.shape)))
+    return blocks, torch.from_numpy(degree.astype(np.float32))
 
 
 def knn_affinity(
@@ -233,20 +339,52 @@ def head_vectors(t: Tensor, heads: str) -> list[Tensor]:
 class KnnGraphBuilder:
     """Builds one sparse kNN graph per layer (per head with ``heads="separate"``).
 
+    Two uses: ``builder(features, base_size)`` builds a *batch's* graphs from features in memory
+    (:func:`knn_affinity`; the paper solver's batches), and :meth:`dataset_graphs` builds the
+    *whole data set's* graphs from a feature store by nearest-neighbour search
+    (:mod:`ldsc.neighbors`): intra-image neighbours exact, inter-image neighbours by ``search``.
+
     Args:
         pair: which vectors to compare: ``qk``, ``vv``, ``kk``, ``qq`` or ``hidden``.
-        k_intra, k_inter, threshold: see :func:`knn_affinity`. ``k_inter`` is ignored for a
-            batch of one image.
+        k_intra, k_inter, threshold: see :func:`knn_affinity`. ``k_inter`` is ignored for one image.
         heads: ``concat`` | ``mean`` | ``separate`` (see :func:`head_vectors`).
         max_chunk_elements: size of one block of similarities (memory knob).
+        search: inter-image search, ``auto`` | ``exact`` | ``ivf`` | ``hnsw`` (``auto``: exact up
+            to ``exact_max_tokens`` tokens in a layer, IVF up to ``hnsw_min_tokens``, HNSW beyond).
+        nlist, nprobe: IVF lists (``null``: ``4·√N``) and lists visited per query.
+        hnsw_m, ef_search, ef_construction: HNSW links per node and candidate-list sizes.
+        dim: reduce every layer's vectors to this many dimensions before the search (``null``: keep).
+        reduce: ``pca`` (fitted on a sample of the layer's tokens) or ``random`` (a fixed Gaussian
+            projection), used when ``dim`` is set.
+        seed: seed of the IVF training sample, the PCA sample and the random projection.
     """
 
     def __init__(self, pair: str = "qk", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
-                 heads: str = "concat", max_chunk_elements: int = 2**24):
+                 heads: str = "concat", max_chunk_elements: int = 2**24, search: str = "auto",
+                 exact_max_tokens: int = 16384, hnsw_min_tokens: int = 2_000_000, nlist: int | None = None,
+                 nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
+                 dim: int | None = None, reduce: str = "pca", seed: int = 0):
+        from ldsc.neighbors import SEARCH_METHODS
+
         if pair not in PAIRS:
             raise ValueError(f"graph pair must be one of {sorted(PAIRS)}, not {pair!r}")
-        self.pair, self.k_intra, self.k_inter = pair, k_intra, k_inter
-        self.threshold, self.heads, self.max_chunk_elements = threshold, heads, max_chunk_elements
+        if search not in SEARCH_METHODS:
+            raise ValueError(f"graph.search must be one of {list(SEARCH_METHODS)}, not {search!r}")
+        if reduce not in ("pca", "random"):
+            raise ValueError(f"graph.reduce must be 'pca' or 'random', not {reduce!r}")
+        self.pair, self.k_intra, self.k_inter = pair, int(k_intra), int(k_inter)
+        self.threshold, self.heads, self.max_chunk_elements = float(threshold), heads, int(max_chunk_elements)
+        self.search, self.exact_max_tokens, self.hnsw_min_tokens = search, int(exact_max_tokens), int(hnsw_min_tokens)
+        self.nlist, self.nprobe = nlist, int(nprobe)
+        self.hnsw_m, self.ef_search, self.ef_construction = int(hnsw_m), int(ef_search), int(ef_construction)
+        self.dim, self.reduce, self.seed = (int(dim) if dim else None), reduce, int(seed)
+        #: seconds per stage of the last :meth:`dataset_graphs` (``index`` + ``search``, ``symmetrize``)
+        self.timings: dict[str, float] = {}
+
+    @property
+    def kinds(self) -> list[str]:
+        """The vector kinds this graph type compares (what the feature store must hold)."""
+        return sorted(set(PAIRS[self.pair]))
 
     def __call__(self, features: list[LayerFeatures], base_size: int) -> list[LayerGraph]:
         graphs = []
@@ -264,3 +402,131 @@ class KnnGraphBuilder:
                 name = layer.name if len(xs) == 1 else f"{layer.name}/head{j}"
                 graphs.append(LayerGraph(name, (h, w), B, W, P, deg, weight=base_size / h))
         return graphs
+
+    # -- the whole data set, from a feature store ------------------------------------------------
+    def search_method(self, n_tokens: int) -> str:
+        from ldsc.neighbors import choose_search
+
+        return choose_search(self.search, n_tokens, self.exact_max_tokens, self.hnsw_min_tokens)
+
+    def layer_vectors(self, store, layer: int, draw: int, progress: bool = False) -> list[tuple[Tensor, Tensor]]:
+        """Per graph of one layer (one per head with ``heads="separate"``): unit ``(x, y)`` rows of
+        every token of the store, reduced to ``dim`` when set; read a block of images at a time."""
+        a, b = PAIRS[self.pair]
+        info = store.layers[layer]
+        h, w = info["grid"]
+        n = store.n_images
+        per = max(1, 2**22 // max(1, h * w * info["heads"]))  # images per read (~4M vectors rows x heads)
+        n_graphs = info["heads"] if self.heads == "separate" else 1
+        projections: list = [None] * n_graphs
+        if self.dim:
+            projections = self._fit_projections(store, layer, draw, n_graphs)
+        out = []
+        for kind in dict.fromkeys((a, b)):
+            full = None
+            for s in range(0, n, per):
+                e = min(n, s + per)
+                mats = head_vectors(store.vectors(layer, kind, draw, slice(s, e)), self.heads)
+                if full is None:
+                    d = self.dim or mats[0].shape[1]
+                    full = [torch.empty(n * h * w, d) for _ in mats]
+                for g, m in enumerate(mats):
+                    if projections[g] is not None:
+                        m = m @ projections[g]
+                    full[g][s * h * w:e * h * w] = F.normalize(m, dim=-1)
+            out.append(full)
+        xs = out[0]
+        ys = out[1] if len(out) > 1 else out[0]
+        return list(zip(xs, ys))
+
+    def _fit_projections(self, store, layer: int, draw: int, n_graphs: int) -> list[Tensor]:
+        """``(D, dim)`` per graph: top principal axes of a sample of tokens (``pca``; uncentred, so
+        inner products are kept best), or a fixed Gaussian projection (``random``)."""
+        a, b = PAIRS[self.pair]
+        gen = torch.Generator().manual_seed(self.seed)
+        n = store.n_images
+        pick = torch.randperm(n, generator=gen)[: min(n, 64)].sort().values.numpy()
+        mats = [head_vectors(store.vectors(layer, kind, draw, pick), self.heads) for kind in dict.fromkeys((a, b))]
+        projs = []
+        for g in range(n_graphs):
+            sample = torch.cat([F.normalize(m[g], dim=-1) for m in mats])
+            D = sample.shape[1]
+            if self.dim >= D:
+                projs.append(None)
+                continue
+            if self.reduce == "random":
+                projs.append(torch.randn(D, self.dim, generator=gen) / self.dim**0.5)
+                continue
+            rows = torch.randperm(sample.shape[0], generator=gen)[:200_000]
+            _, _, V = torch.linalg.svd(sample[rows], full_matrices=False)
+            projs.append(V[: self.dim].T.contiguous())
+        return projs
+
+    def dataset_graphs(self, store, base_size: int, progress: bool = True) -> list["DatasetGraph"]:
+        """The graphs of every layer (and draw) of ``store`` over all its images (see class
+        docstring); with several draws each layer's graphs are weighted ``w_l / draws``, so the
+        operator averages over draws."""
+        import time
+
+        from tqdm.auto import tqdm
+
+        from ldsc.neighbors import inter_image_knn, intra_image_knn
+
+        graphs, self.timings = [], {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
+        n = store.n_images
+        for draw in range(store.draws):
+            for li, info in enumerate(store.layers):
+                h, w = info["grid"]
+                T = h * w
+                t0 = time.perf_counter()
+                pairs = self.layer_vectors(store, li, draw)
+                self.timings["vectors"] += time.perf_counter() - t0
+                method = self.search_method(n * T)
+                for j, (x, y) in enumerate(pairs):
+                    t0 = time.perf_counter()
+                    idx_a, sim_a = intra_image_knn(x, y, T, self.k_intra, max_chunk_elements=self.max_chunk_elements)
+                    parts_i, parts_s = [idx_a], [sim_a]
+                    if self.k_inter > 0 and n > 1:
+                        bar = tqdm(total=n, desc=f"neighbours {info['name']} ({method})", unit="img",
+                                   disable=not progress or n * T < 50_000, leave=False)
+                        idx_e, sim_e = inter_image_knn(
+                            x, y, T, self.k_inter, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
+                            ef_search=self.ef_search, ef_construction=self.ef_construction,
+                            max_chunk_elements=self.max_chunk_elements, seed=self.seed, progress=bar.update)
+                        bar.close()
+                        parts_i.append(idx_e)
+                        parts_s.append(sim_e)
+                    del x, y
+                    idx = torch.cat(parts_i, 1) if len(parts_i) > 1 else parts_i[0]
+                    sim = torch.cat(parts_s, 1) if len(parts_s) > 1 else parts_s[0]
+                    del parts_i, parts_s
+                    t1 = time.perf_counter()
+                    self.timings["search"] += t1 - t0
+                    blocks, degree = symmetric_normalized_blocks(idx, sim, self.threshold)
+                    del idx, sim
+                    self.timings["symmetrize"] += time.perf_counter() - t1
+                    name = info["name"] if len(pairs) == 1 else f"{info['name']}/head{j}"
+                    if store.draws > 1:
+                        name = f"{name}@draw{draw}"
+                    graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws))
+                del pairs
+        return graphs
+
+
+def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1, dim: int | None = None,
+                                 heads: str = "concat", solver_columns: int = 20, base_size: int = 32) -> dict:
+    """Bytes a whole-data-set run needs at its peak, by part: ``graphs`` (every layer's ``S``: at
+    most ``2·N·k`` entries of 8 bytes), ``build`` (the largest layer's vectors, neighbour lists and
+    the block being symmetrised, on top of the graphs built before it) and ``solver`` (six
+    ``N_base × columns`` float32 blocks of the eigen-iteration)."""
+    graphs, build = 0, 0
+    for info in layers:
+        h, w = info["grid"]
+        N = n_images * h * w
+        per_graph = info["heads"] if heads == "separate" else 1
+        D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
+        g = 2 * N * k * 8
+        graphs += g * per_graph * draws
+        build = max(build, N * D * 4 * 2 + N * k * 16 + g)
+    solver = 6 * n_images * base_size * base_size * solver_columns * 4
+    return {"graphs": graphs, "build": build, "solver": solver, "peak": graphs + max(build, solver)}

@@ -56,15 +56,24 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return None
 
 
+def solver_class(cfg: DictConfig):
+    """The solver class named by ``cfg.solver._target_`` (not instantiated)."""
+    from hydra.utils import get_class
+
+    return get_class(cfg.solver._target_)
+
+
 def build_datamodule(cfg: DictConfig):
-    """The data module of ``cfg`` with its frozen backbone and graph builder attached, and the
-    side of the base grid: ``(datamodule, base)``."""
+    """The data module of ``cfg`` with its frozen backbone, graph builder and feature store
+    attached, and the side of the base grid: ``(datamodule, base)``."""
     from hydra.utils import instantiate
 
     datamodule = instantiate(cfg.data)
     base = base_grid(cfg, datamodule.num_images)
     log.info("%d image(s), base grid %dx%d, K=%d", datamodule.num_images, base, base, cfg.K)
-    datamodule.attach(instantiate(cfg.backbone), instantiate(cfg.graph), base, seed=int(cfg.seed))
+    datamodule.attach(instantiate(cfg.backbone), instantiate(cfg.graph), base, seed=int(cfg.seed),
+                      scope=solver_class(cfg).graph_scope, store=instantiate(cfg.store),
+                      backbone_config=OmegaConf.to_container(cfg.backbone, resolve=True))
     return datamodule, base
 
 
@@ -74,6 +83,7 @@ def fit(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from ldsc.callbacks import ExportEigenvectors
+    from ldsc.profiling import stage
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, base = build_datamodule(cfg)
@@ -90,7 +100,9 @@ def fit(cfg: DictConfig):
     for lg in loggers:
         lg.log_hyperparams(resolved)
     try:
-        trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg))
+        with stage("fit", datamodule.stages):
+            trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg))
+        write_stages(cfg.paths.output_dir, datamodule.stages)
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
@@ -98,6 +110,15 @@ def fit(cfg: DictConfig):
             wandb.finish()
     log.info("outputs in %s", cfg.paths.output_dir)
     return solver
+
+
+def write_stages(out_dir: str, stages: dict) -> None:
+    """``<out_dir>/stages.json``: seconds and peak memory of each stage (features, graphs, fit)."""
+    import json
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "stages.json").write_text(json.dumps(stages, indent=1))
+    log.info("stages: %s", ", ".join(f"{k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB" for k, v in stages.items()))
 
 
 def user_error(err: BaseException) -> LdscError | None:

@@ -153,7 +153,8 @@ def exact_operator(
         cols = (idx[:, None] * hw + np.arange(hw)[None, :]).ravel()
         sel = sp.csr_matrix((np.ones(B * hw), (np.arange(B * hw), cols)), shape=(B * hw, n * hw))
         Ug = (Ub @ sel).tocsr()  # (N_l, n·HW)
-        term = (Ug.T @ _symmetric_normalized(g.W) @ Ug) * (g.weight * scale)
+        S = g.sym_scipy() if hasattr(g, "sym_scipy") else _symmetric_normalized(g.W)
+        term = (Ug.T @ S @ Ug) * (g.weight * scale)
         M = term if M is None else M + term
     return M.tocsr()
 
@@ -270,15 +271,25 @@ class LayerOperator:
             if g.n_images != self.n_images:
                 raise ValueError(f"graph {g.name} has {g.n_images} images, expected {self.n_images}")
             h, w = g.grid
+            blocks = [(s, S if S.dtype == dtype else S.to(dtype)) for s, S in g.sym_blocks()]
             U = None
-            with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                warnings.simplefilter("ignore", UserWarning)
-                S = g.sym().to(dtype).to_sparse_csr()
-                if self.base[0] % h or self.base[1] % w:
-                    U = pool_operator(self.base, g.grid).to(device=S.device, dtype=dtype).to_sparse_csr()
-            self.terms.append((S, (h, w), float(g.weight), U))
+            if self.base[0] % h or self.base[1] % w:
+                with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                    warnings.simplefilter("ignore", UserWarning)
+                    U = pool_operator(self.base, g.grid).to(device=blocks[0][1].device, dtype=dtype).to_sparse_csr()
+            self.terms.append((blocks, (h, w), float(g.weight), U))
         self.shift = float(sum(t[2] for t in self.terms))
         self.size = self.n_images * self.base[0] * self.base[1]
+
+    @staticmethod
+    def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor) -> Tensor:
+        """``S Y`` for ``S`` in row blocks of CSR."""
+        if len(blocks) == 1:
+            return blocks[0][1] @ Y
+        out = torch.empty_like(Y)
+        for s, B in blocks:
+            out[s:s + B.shape[0]] = B @ Y
+        return out
 
     def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
         """``U_l X``: ``(B·H·W, m)`` -> ``(B·h·w, m)``, up to the factor ``√area`` that
@@ -300,8 +311,8 @@ class LayerOperator:
 
     def __call__(self, X: Tensor) -> Tensor:
         out = None
-        for S, grid, weight, U in self.terms:
-            Y = self.unpool(S @ self.pool(X, grid, U), grid, U)
+        for blocks, grid, weight, U in self.terms:
+            Y = self.unpool(self.sym_apply(blocks, self.pool(X, grid, U)), grid, U)
             out = Y.mul_(weight) if out is None else out.add_(Y, alpha=weight)
         return out
 
@@ -340,51 +351,132 @@ def rayleigh_ritz(V: Tensor, AV: Tensor, m: int, eps: float = 1e-6) -> tuple[Ten
     return theta[top], (Wn @ E[:, top])
 
 
+def _chunks(n: int, size: int = 2**18):
+    for s in range(0, n, size):
+        yield slice(s, min(n, s + size))
+
+
+def _grams(basis: list[Tensor], images: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``G = Vᵀ V`` and ``T = Vᵀ A V`` (float64, symmetrised) for ``V = [basis...]`` and
+    ``A V = [images...]``, accumulated a chunk of rows at a time (no concatenated copy of ``V``)."""
+    m = [b.shape[1] for b in basis]
+    p = sum(m)
+    G = torch.zeros(p, p, dtype=torch.float64, device=basis[0].device)
+    T = torch.zeros_like(G)
+    for rows in _chunks(basis[0].shape[0]):
+        V = torch.cat([b[rows] for b in basis], 1).double()
+        AV = torch.cat([a[rows] for a in images], 1).double()
+        G += V.T @ V
+        T += V.T @ AV
+    return (G + G.T) / 2, (T + T.T) / 2
+
+
+def ritz_from_grams(G: Tensor, T: Tensor, m: int, eps: float = 1e-10) -> tuple[Tensor, Tensor]:
+    """Rayleigh–Ritz from the Gram matrices of a (not necessarily orthonormal) basis: the ``m``
+    largest Ritz values and coefficients ``C`` with ``Cᵀ G C = I``."""
+    g, Q = torch.linalg.eigh(G)
+    keep = g > eps * g.max().clamp_min(1e-300)
+    Wn = Q[:, keep] / g[keep].sqrt()
+    theta, E = torch.linalg.eigh(Wn.T @ T @ Wn)
+    top = torch.argsort(theta, descending=True)[:m]
+    return theta[top], Wn @ E[:, top]
+
+
+def lobpcg_start(apply, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Rayleigh–Ritz of ``apply`` on ``span(X)``: ``(theta (m,), X, AX)`` with ``X`` rotated (in
+    place) onto orthonormal Ritz vectors by decreasing Ritz value."""
+    m = X.shape[1]
+    AX = apply(X)
+    G, T = _grams([X], [AX])
+    theta, C = ritz_from_grams(G, T, m)
+    C = C.to(X.dtype)
+    for rows in _chunks(X.shape[0]):
+        X[rows] = X[rows] @ C
+        AX[rows] = AX[rows] @ C
+    return theta, X, AX
+
+
+def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = None,
+                AP: Tensor | None = None, use_directions: bool | None = None,
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One LOBPCG iteration (no preconditioner) for the largest eigenpairs of a symmetric operator.
+
+    Applies ``apply`` once, to the residuals ``R = AX − Xθ``, then does Rayleigh–Ritz on
+    ``span[X, R, P]`` (``P``: the previous step's direction). ``X``, ``AX``, ``P`` and ``AP`` are
+    updated in place a chunk of rows at a time, so the memory is the six ``(n, m)`` blocks
+    ``X, AX, R, AR, P, AP`` and nothing more (no concatenated basis).
+
+    Args:
+        apply: ``(n, m) -> (n, m)``; X, AX: current Ritz vectors and their images; theta: their
+            Ritz values ``(m,)``; P, AP: previous directions (``None`` on the first step).
+        use_directions: whether ``P``/``AP`` hold directions (default: when given); ``False``
+            with buffers given makes them the destination of the first step's directions.
+
+    Returns:
+        ``(theta, X, P, AP, residual)`` where ``residual`` ``(m,)`` holds ``‖A x − θ x‖`` of the
+        vectors *before* the step (``AX`` is updated in place).
+    """
+    m = X.shape[1]
+    eps = 1e-5 if X.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+    R = AX - X * theta.to(X.dtype)
+    rn = R.norm(dim=0)
+    # what is left of R along X is rounding: remove it (X is orthonormal), then normalise
+    G, _ = _grams([X, R], [X, R])
+    R -= X @ G[:m, m:].to(X.dtype)
+    R /= R.norm(dim=0).clamp_min(1e-30)
+    AR = apply(R)
+    if use_directions is None:
+        use_directions = P is not None
+    basis, images = [X, R], [AX, AR]
+    if use_directions:
+        basis.append(P)
+        images.append(AP)
+    G, T = _grams(basis, images)
+    theta, C = ritz_from_grams(G, T, m, eps=eps)
+    C = C.to(X.dtype)
+    Cx, Cr = C[:m], C[m:2 * m]
+    Cp = C[2 * m:] if use_directions else None
+    if P is None:
+        P, AP = torch.empty_like(X), torch.empty_like(AX)
+    for rows in _chunks(X.shape[0]):
+        for Y, Ry, Py in ((X, R, P), (AX, AR, AP)):
+            step = Ry[rows] @ Cr
+            if Cp is not None:
+                step += Py[rows] @ Cp
+            Y[rows] = Y[rows] @ Cx + step
+            Py[rows] = step
+    del R, AR
+    scale = P.norm(dim=0).clamp_min(1e-30)
+    P /= scale
+    AP /= scale
+    return theta, X, P, AP, rn
+
+
 def lobpcg_top(
     apply,
     X: Tensor,
     iters: int,
     tol: float = 0.0,
-    P: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Largest eigenpairs of a symmetric operator by LOBPCG (no preconditioner), warm-started.
-
-    Each iteration applies ``apply`` once, to the ``m`` residual directions, and does
-    Rayleigh–Ritz on ``span[X, R, P]`` (``P``: the previous step's direction), so convergence
-    follows ``√gap`` like Lanczos rather than the ``gap`` of subspace iteration.
+) -> tuple[Tensor, Tensor, int]:
+    """Largest eigenpairs of a symmetric operator by LOBPCG (:func:`lobpcg_step`), warm-started.
 
     Args:
         apply: ``(n, m) -> (n, m)`` symmetric operator.
-        X: ``(n, m)`` starting block (need not be orthonormal).
+        X: ``(n, m)`` starting block (need not be orthonormal; not modified).
         iters: maximum iterations.
         tol: stop when every residual ``‖A x − θ x‖`` is below ``tol · max|θ|`` (0: run ``iters``).
-        P: ``(n, m)`` search directions from an earlier call (continuing a run), or ``None``.
 
     Returns:
-        ``(theta (m,), X (n, m) orthonormal Ritz vectors, P (n, m) last directions, iterations run)``.
+        ``(theta (m,), X (n, m) orthonormal Ritz vectors, iterations run)``.
     """
-    m = X.shape[1]
-    X = orthonormalize(X)
-    AX = apply(X)
-    theta, C = rayleigh_ritz(X, AX, m)
-    C = C.to(X.dtype)
-    X, AX = X @ C, AX @ C
-    AP = apply(P) if P is not None else None
+    theta, X, AX = lobpcg_start(apply, orthonormalize(X))
+    P = AP = None
     it = 0
-    for it in range(1, iters + 1):
+    while it < iters:
         R = AX - X * theta.to(X.dtype)
-        rn = R.norm(dim=0)
-        if tol > 0 and bool((rn <= tol * theta.abs().max()).all()):
-            it -= 1
+        if tol > 0 and bool((R.norm(dim=0) <= tol * theta.abs().max()).all()):
             break
-        R = R / rn.clamp_min(1e-30)
-        AR = apply(R)
-        V = torch.cat([X, R] + ([P] if P is not None else []), 1)
-        AV = torch.cat([AX, AR] + ([AP] if AP is not None else []), 1)
-        theta, C = rayleigh_ritz(V, AV, m)
-        C = C.to(X.dtype)
-        X, AX = V @ C, AV @ C
-        P, AP = V[:, m:] @ C[m:], AV[:, m:] @ C[m:]  # the step, without its component in old X
-        scale = P.norm(dim=0).clamp_min(1e-30)
-        P, AP = P / scale, AP / scale
-    return theta, X, P, it
+        del R
+        theta, X, P, AP, _ = lobpcg_step(apply, X, AX, theta, P, AP)
+        it += 1
+    return theta, X, it

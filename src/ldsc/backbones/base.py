@@ -84,6 +84,9 @@ class Backbone(nn.Module):
     name: str = "backbone"
     #: side length images are resized to by the data pipeline
     input_size: int = 224
+    #: backbone passes per image into the feature store (each with its own randomness, e.g. SD's
+    #: timestep and noise; each draw gives its own graphs, averaged by the solver's operator)
+    draws: int = 1
 
     def set_base_size(self, base_size: int) -> None:
         """Told the solver's base grid before the run (the ``pixel`` backbone derives its grids from

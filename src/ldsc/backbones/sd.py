@@ -144,8 +144,10 @@ class StableDiffusionBackbone(Backbone):
         dtype: str = "float32",
         cache_dir: str | None = None,
         capture_attn: bool = False,
+        draws: int = 1,
     ):
         super().__init__()
+        self.draws = int(draws)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         check_capture_options(heads, token_stride)

@@ -62,9 +62,11 @@ class VisionTransformerBackbone(Backbone):
         dtype: str = "float32",
         cache_dir: str | None = None,
         capture_attn: bool = False,
+        draws: int = 1,
     ):
         super().__init__()
         check_capture_options(heads, token_stride)
+        self.draws = int(draws)
         self.model_id = str(model_id)
         self.head_mode = heads
         self.token_stride = int(token_stride)

@@ -28,15 +28,17 @@ class EigenSolver(L.LightningModule):
     #: (then the export keeps that order instead of SVD-ordering)
     eigenvalue_ordered = False
 
-    def uses_whole_graph(self) -> bool:
-        """Whether the solver builds the whole-data-set graph itself, so that the data module need
-        not build the batches' own graphs."""
-        return False
+    #: what a batch's graphs cover: ``dataset`` (the whole data set's graphs, built once by the
+    #: data module) or ``batch`` (the graphs of the batch's images only); ``run.py`` tells the
+    #: data module
+    graph_scope = "dataset"
 
-    def __init__(self, n_images: int, K: int, base_size: int, init_scale: float = 1.0, ema: float | None = None):
+    def __init__(self, n_images: int, K: int, base_size: int, init_scale: float = 1.0, ema: float | None = None,
+                 table: bool = True):
         super().__init__()
         self.n_images, self.K, self.base_size = int(n_images), int(K), int(base_size)
-        self.table = nn.Parameter(init_scale * torch.randn(self.n_images, self.K, self.base_size, self.base_size))
+        if table:  # subclasses with their own layout (the fast solver's flat iterate) pass False
+            self.table = nn.Parameter(init_scale * torch.randn(self.n_images, self.K, self.base_size, self.base_size))
         self.ema_decay = float(ema) if ema else 0.0
         if self.ema_decay:
             self.register_buffer("ema_table", self.table.detach().clone())

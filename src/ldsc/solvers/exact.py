@@ -1,17 +1,15 @@
-"""``solver=exact``: the exact reference of DESIGN §4, for graph sets that fit in memory.
+"""``solver=exact``: the exact reference (``docs/method.md``, "Exact reference").
 
-On the first training step the solver asks the data module for the graphs of *every* image in
-one batch (:meth:`~ldsc.data.ImageDataModule.whole_dataset_graphs`: intra- and inter-image
-neighbours over the whole data set), forms ``M = Σ_l w_l U_lᵀ S_l U_l`` as a scipy sparse matrix
-(:func:`~ldsc.spectral.exact_operator`) and writes its top-``K`` eigenvectors
-(``scipy.sparse.linalg.eigsh``) into the table. Export and figures then work as for any solver.
+The first training step receives the whole data set's graphs from the data module, forms
+``M = Σ_l w_l U_lᵀ S_l U_l`` as a scipy sparse matrix (:func:`~ldsc.spectral.exact_operator`) and
+writes its top-``K`` eigenvectors (``scipy.sparse.linalg.eigsh``) into the table; the run stops
+there. Export and figures then work as for any solver. With ``graph.search=exact`` the graphs
+are those of brute-force neighbour search: the reference other solvers are measured against.
 
-Memory: the kNN search over the whole data set holds one ``chunk × N`` block of similarities and
-the graphs hold ``N·(k_intra + k_inter)`` edges per layer; ``M`` itself has roughly
-``Σ_l N_l·k·(H/h_l)²`` non-zeros (27.6M, ~330 MB, for 101 images at 32×32 with layers 32/16 and
-25 + 25 neighbours; eigsh then takes ~10 s on 2 cores). The build is quadratic in the number of
-tokens, so ``max_tokens`` (base-grid nodes of the whole data set) guards against runs that would
-not finish; past it the run stops with one sentence pointing to ``solver=fast``.
+Memory: ``M`` has roughly ``Σ_l N_l·k·(H/h_l)²`` non-zeros in float64 (27.6M, ~330 MB, for 101
+images at 32×32 with layers 32/16 and 25 + 25 neighbours; eigsh then takes ~10 s on 2 cores), so
+``max_tokens`` (base-grid nodes of the whole data set) guards against runs that would not
+finish; past it the run stops with one sentence pointing to ``solver=fast``.
 """
 
 from __future__ import annotations
@@ -46,14 +44,20 @@ class ExactSolver(EigenSolver):
     def configure_optimizers(self):
         return None
 
-    def uses_whole_graph(self) -> bool:
-        """Always: the data module need not build the batches' own graphs."""
-        return True
+    def on_fit_start(self) -> None:
+        tokens = self.n_images * self.base_size**2
+        if tokens > self.max_tokens:
+            from ldsc.errors import ConfigError
+
+            raise ConfigError(
+                f"solver=exact: {self.n_images} images at {self.base_size}x{self.base_size} have {tokens} base-grid "
+                f"nodes, above solver.max_tokens={self.max_tokens}: use solver=fast (the default), fewer images "
+                f"(data.limit) or a smaller base_size, or raise the limit.")
 
     @torch.no_grad()
     def training_step(self, batch: dict, batch_idx: int):
         if not bool(self.solved):
-            self.solve(self.trainer.datamodule.whole_dataset_graphs(self.device, max_tokens=self.max_tokens))
+            self.solve(batch["graphs"])
         self.trainer.should_stop = True  # solved once: no further epochs needed
         self.log("train/eigenvalue_K", self.eigenvalues[-1].float(), batch_size=len(batch["index"]))
 

@@ -21,7 +21,9 @@ from ldsc.spectral import paper_objective
 
 
 class PaperSolver(EigenSolver):
-    """Args (besides :class:`EigenSolver`'s):
+    """Gradient steps on the paper's objective, batch by batch.
+
+    Args (besides :class:`EigenSolver`'s):
         optimizer: a partial optimiser constructor taking the parameters (Hydra ``_partial_``).
         steps_per_batch: optimiser steps on each batch's graphs before the next batch.
         parametrization: ``softmax`` (the paper's table), ``convnet`` (softmax of a 3-layer conv
@@ -58,6 +60,9 @@ class PaperSolver(EigenSolver):
         self.eig_weight, self.orth_weight = eig_weight, orth_weight
         self.automatic_optimization = False
         self._micro = 0
+
+    #: the paper's recipe: each batch's own graphs (its images only), reshuffled every epoch
+    graph_scope = "batch"
 
     def pseudo_eigenvectors(self, rows: Tensor) -> Tensor:
         return rows if self.parametrization == "identity" else rows.softmax(1)

@@ -1,0 +1,53 @@
+"""Wall time and peak memory of the stages of a run (features, search, symmetrise, solve, ...).
+
+``with stage("search", record): ...`` adds ``{"seconds", "peak_rss_mb"}`` under ``record["search"]``.
+On Linux the process's peak resident memory (``VmHWM``) is reset at the start of each stage by
+writing ``5`` to ``/proc/self/clear_refs``, so each stage reports its own peak; elsewhere the
+peak is the process's peak so far.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float | None:
+    """The peak resident memory since the last :func:`reset_peak` (MB), if the OS tells."""
+    kb = _status_kb("VmHWM")
+    if kb is None:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return kb / 1024
+
+
+@contextmanager
+def stage(name: str, record: dict):
+    reset_peak()
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        entry = record.setdefault(name, {"seconds": 0.0, "peak_rss_mb": 0.0})
+        entry["seconds"] = round(entry["seconds"] + time.perf_counter() - t, 3)
+        entry["peak_rss_mb"] = round(max(entry["peak_rss_mb"], peak_rss_mb() or 0.0), 1)

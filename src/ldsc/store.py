@@ -1,0 +1,207 @@
+"""The feature store: the frozen backbone's token vectors of every image, on disk.
+
+The backbone runs once over the images, in batches, on the run's device; the vectors the graph
+type needs (``q``/``k``/``v`` of each captured layer) are written as memory-mapped ``.npy`` files,
+one per ``(layer, kind)``, of shape ``(draws, n_images, heads, h, w, d)`` (float16 by default).
+Graphs are then built from the store, never from a backbone pass over all images at once.
+
+A store lives in ``<dir>/<key>/``. The key is a hash of everything the vectors depend on: the
+backbone's settings, the base grid, the kinds, the number of draws, the seed, the dtype and the
+image files themselves (absolute path, size and modification time), so a second run over the same
+files with the same backbone reuses it, and any change builds a new one. ``meta.json`` is written
+last (atomically): a folder without it is an interrupted build and is rebuilt.
+
+Backbones with randomness (Stable Diffusion's timestep and noise) are run ``draws`` times per
+image; draw ``r`` of a batch uses a generator seeded by ``(seed, r, the batch's image indices)``,
+so a rebuilt store is bit-identical. Each draw gives its own graphs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ldsc.backbones.base import LayerFeatures
+from ldsc.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: dtypes a store may be written in
+STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+
+
+@dataclass
+class StoreOptions:
+    """Where and how the store is kept (``conf/store/default.yaml``).
+
+    Args:
+        dir: parent folder of all stores (default ``outputs/store``, shared by runs).
+        rebuild: build again even when a matching store exists.
+        dtype: ``float16`` (half the disk and memory) or ``float32``.
+    """
+
+    dir: str = "outputs/store"
+    rebuild: bool = False
+    dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.dtype not in STORE_DTYPES:
+            raise ConfigError(f"store.dtype must be one of {sorted(STORE_DTYPES)}, not {self.dtype!r}.")
+
+
+def file_identity(path: str) -> list:
+    """``[absolute path, size, mtime_ns]`` of an image file: what the store key depends on."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return [str(p), st.st_size, st.st_mtime_ns]
+
+
+def store_key(backbone_config: dict, base_size: int, kinds: Sequence[str], draws: int, seed: int, dtype: str,
+              files: Sequence[str]) -> str:
+    """A hash of everything the stored vectors depend on (see module docstring)."""
+    payload = {"backbone": backbone_config, "base_size": int(base_size), "kinds": sorted(kinds),
+               "draws": int(draws), "seed": int(seed), "dtype": dtype,
+               "files": [file_identity(f) for f in files], "version": 1}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+class FeatureStore:
+    """A finished store, read through memory maps.
+
+    Attributes:
+        path: the store's folder. layers: one dict per layer (``name``, ``grid``, ``heads``,
+        ``dim``). kinds: the stored vector kinds. n_images, draws: array sizes.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = json.loads((self.path / "meta.json").read_text())
+        self.layers: list[dict] = meta["layers"]
+        self.kinds: list[str] = meta["kinds"]
+        self.n_images, self.draws = int(meta["n_images"]), int(meta["draws"])
+        self.files: list[str] = meta["files"]
+        self._maps: dict = {}
+
+    @staticmethod
+    def is_complete(path: str | Path) -> bool:
+        return (Path(path) / "meta.json").is_file()
+
+    def array(self, layer: int, kind: str) -> np.ndarray:
+        """The memory-mapped ``(draws, n_images, heads, h, w, d)`` array of one layer and kind."""
+        if kind not in self.kinds:
+            raise ConfigError(f"the feature store at {self.path} holds {self.kinds}, not {kind!r} vectors.")
+        key = (layer, kind)
+        if key not in self._maps:
+            self._maps[key] = np.load(self.path / f"{layer}_{kind}.npy", mmap_mode="r")
+        return self._maps[key]
+
+    def vectors(self, layer: int, kind: str, draw: int = 0, images: slice | Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, heads, h, w, d)`` float32 vectors of ``images`` (default all) for one draw."""
+        arr = self.array(layer, kind)[draw]
+        arr = arr if images is None else arr[images]
+        return torch.from_numpy(np.asarray(arr, dtype=np.float32))
+
+    def features(self, images: Sequence[int], draw: int = 0) -> list[LayerFeatures]:
+        """The :class:`LayerFeatures` of a subset of images, as a backbone would return them."""
+        idx = np.asarray(images)
+        order = np.argsort(idx)  # memory maps read fastest in index order
+        inverse = np.argsort(order)
+        out = []
+        for li, layer in enumerate(self.layers):
+            tensors = {k: self.vectors(li, k, draw, idx[order])[torch.from_numpy(inverse)] for k in self.kinds}
+            out.append(LayerFeatures(name=layer["name"], **tensors))
+        return out
+
+    def nbytes(self) -> int:
+        return sum(f.stat().st_size for f in self.path.glob("*.npy"))
+
+
+def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequence[str], draws: int = 1,
+                batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0, dtype: str = "float16",
+                num_workers: int = 0, progress: bool = True) -> FeatureStore:
+    """Run ``backbone`` over ``files`` in batches of ``batch_size`` (``draws`` times each) and write
+    the ``kinds`` of every layer to ``path`` (see module docstring); returns the finished store."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from ldsc.data import ImageFiles, batch_seed
+
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    np_dtype = STORE_DTYPES[dtype]
+    loader = DataLoader(ImageFiles(files, backbone.input_size), batch_size=max(1, min(batch_size, len(files))),
+                        shuffle=False, num_workers=num_workers)
+    backbone = backbone.to(device)
+    arrays: dict = {}
+    layers: list[dict] = []
+    bar = tqdm(total=len(files) * draws, desc="features", unit="img", disable=not progress, leave=False)
+    for batch in loader:
+        images, index = batch["image"].to(device), batch["index"]
+        lo, hi = int(index[0]), int(index[-1]) + 1
+        for r in range(draws):
+            gen = torch.Generator(device=images.device).manual_seed(batch_seed(seed, r, index))
+            with torch.no_grad():
+                feats = backbone(images, generator=gen)
+            if not layers:
+                layers = _allocate(path, feats, kinds, draws, len(files), np_dtype, arrays)
+            for li, layer in enumerate(feats):
+                for kind in kinds:
+                    arrays[li, kind][r, lo:hi] = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
+            bar.update(len(index))
+    bar.close()
+    for arr in arrays.values():
+        arr.flush()
+    del arrays
+    meta = {"layers": layers, "kinds": sorted(kinds), "n_images": len(files), "draws": int(draws),
+            "files": list(files), "dtype": dtype}
+    tmp = path / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, path / "meta.json")
+    return FeatureStore(path)
+
+
+def _allocate(path: Path, feats: list[LayerFeatures], kinds: Sequence[str], draws: int, n: int, np_dtype,
+              arrays: dict) -> list[dict]:
+    layers = []
+    for li, layer in enumerate(feats):
+        for kind in kinds:
+            t = layer.vectors(kind)
+            shape = (draws, n, *t.shape[1:])
+            arrays[li, kind] = np.lib.format.open_memmap(path / f"{li}_{kind}.npy", mode="w+", dtype=np_dtype,
+                                                         shape=shape)
+        h, w = layer.grid
+        layers.append({"name": layer.name, "grid": [h, w], "heads": layer.heads,
+                       "dim": max(int(layer.vectors(kind).shape[-1]) for kind in kinds)})
+    return layers
+
+
+def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbone_config: dict, base_size: int,
+                  kinds: Sequence[str], seed: int = 0, batch_size: int = 16, device="cpu",
+                  num_workers: int = 0) -> FeatureStore:
+    """The store of these files and settings: reused when complete (unless ``options.rebuild``),
+    built otherwise."""
+    draws = int(getattr(backbone, "draws", 1))
+    if draws < 1:
+        raise ConfigError(f"backbone.draws must be at least 1, not {draws}.")
+    key = store_key(backbone_config, base_size, kinds, draws, seed, options.dtype, files)
+    path = Path(os.path.expanduser(options.dir)) / key
+    if FeatureStore.is_complete(path) and not options.rebuild:
+        log.info("feature store: reusing %s", path)
+        return FeatureStore(path)
+    log.info("feature store: writing %d image(s) x %d draw(s) to %s", len(files), draws, path)
+    try:
+        return build_store(path, files, backbone, kinds, draws, batch_size, device, seed, options.dtype, num_workers)
+    except OSError as err:
+        raise ConfigError(f"Could not write the feature store to '{path}' ({err.strerror or err}): set store.dir "
+                          f"to a writable folder with enough space.") from err

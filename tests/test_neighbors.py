@@ -1,0 +1,94 @@
+"""Nearest-neighbour search (exact blocks, FAISS indexes) and the CSR graphs built from it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldsc.graphs import head_vectors, knn_affinity, symmetric_normalized_blocks
+from ldsc.neighbors import choose_search, inter_image_knn, intra_image_knn, knn_recall, normalize_rows
+
+
+def brute_force(x, y, tokens, k, same_image: bool):
+    """Dense reference: the k most similar columns of the same (or of the other) images."""
+    S = x @ y.T
+    ids = torch.arange(x.shape[0]) // tokens
+    same = ids[:, None] == ids[None, :]
+    S = S.masked_fill(~same if same_image else same, float("-inf"))
+    if same_image:
+        S.fill_diagonal_(float("-inf"))
+    return S.topk(k, dim=1)
+
+
+def random_tokens(n_images=5, tokens=16, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return normalize_rows(torch.randn(n_images * tokens, d, generator=g))
+
+
+def test_intra_image_search_equals_brute_force():
+    x, y = random_tokens(seed=0), random_tokens(seed=1)
+    idx, sim = intra_image_knn(x, y, 16, 4, max_chunk_elements=16 * 16 * 2)  # two images per block
+    v, j = brute_force(x, y, 16, 4, same_image=True)
+    assert torch.equal(idx, j) and torch.allclose(sim, v)
+
+
+def test_exact_inter_image_search_equals_brute_force_and_never_returns_the_own_image():
+    x, y = random_tokens(seed=2), random_tokens(seed=3)
+    idx, sim = inter_image_knn(x, y, 16, 6, "exact", max_chunk_elements=16 * 80)
+    v, j = brute_force(x, y, 16, 6, same_image=False)
+    assert torch.equal(idx, j) and torch.allclose(sim, v)
+    assert not (idx // 16 == (torch.arange(80) // 16)[:, None]).any()
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+def test_approximate_search_recall_on_real_images(coco_dir, method):
+    """Pixel-backbone value vectors of 12 COCO images (32x32 tokens each): FAISS IVF and HNSW find
+    at least 95 % of the exact inter-image neighbours, and never the query's own image."""
+    from ldsc.backbones.pixel import PixelBackbone
+    from ldsc.data import image_tensor
+
+    files = sorted(coco_dir.iterdir())[:12]
+    bb = PixelBackbone()
+    bb.set_base_size(32)
+    feats = bb(torch.stack([image_tensor(f, bb.input_size) for f in files]))[0]
+    x = normalize_rows(head_vectors(feats.v, "concat")[0])
+    exact, _ = inter_image_knn(x, x, 1024, 25, "exact")
+    approx, _ = inter_image_knn(x, x, 1024, 25, method, nlist=64, nprobe=16)
+    assert knn_recall(approx, exact) >= 0.95
+    assert not (approx // 1024 == (torch.arange(x.shape[0]) // 1024)[:, None]).any()
+
+
+def test_auto_search_is_exact_while_small_then_ivf_then_hnsw():
+    assert choose_search("auto", 1000, 16384, 10**6) == "exact"
+    assert choose_search("auto", 10**5, 16384, 10**6) == "ivf"
+    assert choose_search("auto", 10**7, 16384, 10**6) == "hnsw"
+    assert choose_search("hnsw", 10, 16384, 10**6) == "hnsw"
+    with pytest.raises(ValueError, match="graph.search must be one of"):
+        choose_search("annoy", 10, 1, 2)
+
+
+@pytest.mark.parametrize("block_entries", [2**25, 40])
+def test_csr_blocks_equal_the_symmetric_normalised_reference(block_entries):
+    """Neighbour lists -> S = D^-1/2 (A + Aᵀ)/2 D^-1/2 in row blocks of CSR equals the COO
+    construction of knn_affinity (same neighbours, same threshold), whatever the block size."""
+    x = random_tokens(n_images=4, tokens=9, d=5, seed=4)
+    ids = torch.arange(4).repeat_interleave(9)
+    W = knn_affinity(x, ids, 3, 2, threshold=0.1).to_dense()
+    ia, sa = intra_image_knn(x, x, 9, 3)
+    ie, se = inter_image_knn(x, x, 9, 2, "exact")
+    blocks, degree = symmetric_normalized_blocks(torch.cat([ia, ie], 1), torch.cat([sa, se], 1), 0.1,
+                                                 block_entries=block_entries)
+    assert (len(blocks) == 1) == (block_entries > 1000)
+    S = torch.cat([b.to_dense() for _, b in blocks])
+    d = W.sum(1)
+    dinv = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
+    assert torch.allclose(degree, d, atol=1e-5)
+    assert torch.allclose(S, dinv[:, None] * W * dinv[None, :], atol=1e-5)
+    assert torch.allclose(S, S.T, atol=1e-6)
+
+
+def test_recall_counts_found_neighbours():
+    exact = torch.tensor([[1, 2, 3], [4, 5, -1]])
+    approx = torch.tensor([[3, 1, 9], [5, 4, 0]])
+    assert knn_recall(approx, exact) == pytest.approx(4 / 5)
