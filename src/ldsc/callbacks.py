@@ -15,6 +15,35 @@ from ldsc.export import save_eigenvectors, write_figures
 log = logging.getLogger(__name__)
 
 
+class StageTimer(L.Callback):
+    """Records the ``solve`` stage (training, from its first to its last step) and the ``export``
+    stage (every callback's end-of-training work after it: checkpoint, eigenvectors, figures) in
+    ``stages`` (see :mod:`ldsc.profiling`). ``run.py`` puts it first and last in the callbacks."""
+
+    def __init__(self, stages: dict, name: str):
+        self.stages, self.name = stages, name
+        self._t = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.name == "solve":
+            from ldsc.profiling import reset_peak
+
+            reset_peak()
+            self._t = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from ldsc.profiling import peak_rss_mb, reset_peak
+
+        now = time.perf_counter()
+        if self.name == "solve":
+            self.stages["solve"] = {"seconds": round(now - self._t, 3), "peak_rss_mb": round(peak_rss_mb() or 0, 1)}
+            self.stages["_export_start"] = now
+            reset_peak()
+        else:
+            start = self.stages.pop("_export_start", now)
+            self.stages["export"] = {"seconds": round(now - start, 3), "peak_rss_mb": round(peak_rss_mb() or 0, 1)}
+
+
 class SolverCheckpoint(L.Callback):
     """Writes ``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs and when training ends,
     atomically (a temporary file renamed over the old one, which stays intact until the new one

@@ -277,7 +277,8 @@ class ImageDataModule(L.LightningDataModule):
                 with stage("graphs", self.stages):
                     self.graphs = self.graph_builder.dataset_graphs(store, self.base_size)
                 for name, sec in getattr(self.graph_builder, "timings", {}).items():
-                    self.stages.setdefault("graphs", {})[f"{name}_s"] = round(sec, 3)
+                    self.stages["graphs"][f"{name}_s"] = round(sec, 3)
+                self.stages["graphs"]["layers"] = getattr(self.graph_builder, "layer_timings", [])
             else:  # e.g. attention graphs: dense per image, built like one batch holding every image
                 self.graphs = self.graph_builder(store.features(range(store.n_images)), self.base_size)
             log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))

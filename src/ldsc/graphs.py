@@ -351,7 +351,7 @@ class KnnGraphBuilder:
         max_chunk_elements: size of one block of similarities (memory knob).
         search: inter-image search, ``auto`` | ``exact`` | ``ivf`` | ``hnsw`` (``auto``: exact up
             to ``exact_max_tokens`` tokens in a layer, IVF up to ``hnsw_min_tokens``, HNSW beyond).
-        nlist, nprobe: IVF lists (``null``: ``4·√N``) and lists visited per query.
+        nlist, nprobe: IVF lists (``null``: ``2·√N``) and lists visited per query.
         hnsw_m, ef_search, ef_construction: HNSW links per node and candidate-list sizes.
         dim: reduce every layer's vectors to this many dimensions before the search (``null``: keep).
         reduce: ``pca`` (fitted on a sample of the layer's tokens) or ``random`` (a fixed Gaussian
@@ -362,7 +362,7 @@ class KnnGraphBuilder:
     def __init__(self, pair: str = "qk", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
                  heads: str = "concat", max_chunk_elements: int = 2**24, search: str = "auto",
                  exact_max_tokens: int = 16384, hnsw_min_tokens: int = 2_000_000, nlist: int | None = None,
-                 nprobe: int = 16, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
+                 nprobe: int = 8, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                  dim: int | None = None, reduce: str = "pca", seed: int = 0):
         from ldsc.neighbors import SEARCH_METHODS
 
@@ -378,8 +378,10 @@ class KnnGraphBuilder:
         self.nlist, self.nprobe = nlist, int(nprobe)
         self.hnsw_m, self.ef_search, self.ef_construction = int(hnsw_m), int(ef_search), int(ef_construction)
         self.dim, self.reduce, self.seed = (int(dim) if dim else None), reduce, int(seed)
-        #: seconds per stage of the last :meth:`dataset_graphs` (``index`` + ``search``, ``symmetrize``)
+        #: seconds per stage of the last :meth:`dataset_graphs` (``vectors``, ``search``, ``symmetrize``)
         self.timings: dict[str, float] = {}
+        #: per graph of the last :meth:`dataset_graphs`: tokens, search method, seconds by step, nnz
+        self.layer_timings: list[dict] = []
 
     @property
     def kinds(self) -> list[str]:
@@ -473,6 +475,7 @@ class KnnGraphBuilder:
         from ldsc.neighbors import inter_image_knn, intra_image_knn
 
         graphs, self.timings = [], {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
+        self.layer_timings = []
         n = store.n_images
         for draw in range(store.draws):
             for li, info in enumerate(store.layers):
@@ -482,10 +485,12 @@ class KnnGraphBuilder:
                 pairs = self.layer_vectors(store, li, draw)
                 self.timings["vectors"] += time.perf_counter() - t0
                 method = self.search_method(n * T)
+                dims = int(pairs[0][0].shape[1])
                 for j, (x, y) in enumerate(pairs):
                     t0 = time.perf_counter()
                     idx_a, sim_a = intra_image_knn(x, y, T, self.k_intra, max_chunk_elements=self.max_chunk_elements)
                     parts_i, parts_s = [idx_a], [sim_a]
+                    t_intra = time.perf_counter()
                     if self.k_inter > 0 and n > 1:
                         bar = tqdm(total=n, desc=f"neighbours {info['name']} ({method})", unit="img",
                                    disable=not progress or n * T < 50_000, leave=False)
@@ -509,6 +514,11 @@ class KnnGraphBuilder:
                     if store.draws > 1:
                         name = f"{name}@draw{draw}"
                     graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws))
+                    t2 = time.perf_counter()
+                    self.layer_timings.append({
+                        "name": name, "tokens": n * T, "dim": dims, "search": method,
+                        "intra_s": round(t_intra - t0, 3), "inter_s": round(t1 - t_intra, 3),
+                        "symmetrize_s": round(t2 - t1, 3), "nnz": graphs[-1].nnz})
                 del pairs
         return graphs
 

@@ -82,7 +82,7 @@ def fit(cfg: DictConfig):
     import lightning as L
     from hydra.utils import instantiate
 
-    from ldsc.callbacks import ExportEigenvectors
+    from ldsc.callbacks import ExportEigenvectors, StageTimer
     from ldsc.profiling import stage
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -92,6 +92,7 @@ def fit(cfg: DictConfig):
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks = [StageTimer(datamodule.stages, "solve"), *callbacks, StageTimer(datamodule.stages, "export")]
     for cb in callbacks:
         if isinstance(cb, ExportEigenvectors):
             cb.run_config = resolved
