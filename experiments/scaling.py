@@ -1,93 +1,93 @@
-"""Scaling of graph construction and of one fast-solver epoch with the number of tokens.
+"""Data-set scaling: the whole pipeline (`python -m ldsc.run`) on folders of 10^2..10^4 images,
+wall time and peak memory per stage, and alignment with an exact reference where affordable.
 
-    python experiments/scaling.py                       # 1e4, 1e5, 1e6 tokens; k = 10, 50
-    python experiments/scaling.py --tokens 1e4,1e5 --k 10
+    python experiments/make_images.py --sources ../shared/data/coco_val2017_first100 --n 10000 --out data/crops10k
+    python experiments/scaling.py --source data/crops10k --sizes 300,1000,10000 --reference-sizes 300
 
-Synthetic token sets: images of 32×32 tokens (1,024 each; 10, 100 and 1,000 images ≈ 1e4, 1e5,
-1e6 tokens per layer), 64-dimensional vectors drawn around 20 random "semantic" centres. The
-graph is one layer's intra-image kNN graph over all tokens (``knn_affinity`` with ``k_intra = k``,
-then ``random_walk``: what ``KnnGraphBuilder`` does per layer); inter-image neighbours are a
-per-batch search of fixed size, so they add a constant per token and are left out here. One
-solver epoch is the fast solver's mini-batch step over every image (``K = 15`` + 5 guard vectors,
-3 products with the operator, then the epoch's Rayleigh–Ritz).
-
-Each measurement runs in a fresh subprocess; peak memory is the peak resident memory (sampled
-every 5 ms) above what the process held just before the step. ``graph_mb`` is the memory of the
-sparse graph itself: ``W``'s indices and values (``P`` shares ``W``'s indices, adding its values
-and the degrees: ``layer_graph_mb``). One JSON line per (tokens, k, stage).
+For every size N the first N images of ``--source`` are linked into ``<work>/imagesN`` and one run
+of the default config (``graph=vv``, K = 15, 32x32 base grid, pixel backbone with
+``backbone.n_features=32``: 64-dimensional vectors, so that 10^7 tokens fit in memory) is timed in a
+subprocess; its ``stages.json`` gives seconds and peak resident memory per stage (features,
+graphs: vectors / search / symmetrise and per layer, solve, export) and the whole process's peak
+resident memory is read from ``getrusage``. For sizes in ``--reference-sizes`` the exact
+reference (``solver=exact graph.search=exact``: brute-force neighbours, ``eigsh``) is run too and
+the alignment of the default run's eigenvectors with it is reported. One JSON line per run, also
+appended to ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def measure(n_tokens: int, k: int, threads: int) -> None:
-    import torch
+def link_images(source: Path, n: int, folder: Path) -> Path:
+    files = sorted(p for p in source.iterdir() if p.is_file())[:n]
+    if len(files) < n:
+        raise SystemExit(f"{source} has only {len(files)} images, {n} asked")
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        link = folder / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve())
+    return folder
 
-    from ldsc.bench import PeakRSS
-    from ldsc.graphs import LayerGraph, knn_affinity, random_walk
-    from ldsc.solvers.fast import FastSolver
-    from ldsc.spectral import LayerOperator, flatten_channels
 
-    torch.set_num_threads(threads)
-    side, d = 32, 64
-    n_images = max(1, round(n_tokens / side**2))
-    N = n_images * side * side
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(20, d, generator=g)
-    x = centers[torch.randint(0, 20, (N,), generator=g)] + 0.7 * torch.randn(N, d, generator=g)
-    ids = torch.arange(n_images).repeat_interleave(side * side)
-    random_walk(knn_affinity(x[:2048], ids[:2048], k, 0))  # warm-up: libraries' pages are not the graph's
-    with PeakRSS() as mem:
-        t = time.perf_counter()
-        W = knn_affinity(x, ids, k_intra=k, k_inter=0, threshold=0.1)
-        P, deg = random_walk(W)
-        dt = time.perf_counter() - t
-    graph = LayerGraph("synthetic", (side, side), n_images, W, P, deg, weight=1.0)
-    w_mb = (W.indices().nbytes + W.values().nbytes) / 2**20
-    layer_mb = w_mb + (P.values().nbytes + deg.nbytes) / 2**20
-    print(json.dumps({"stage": "graph", "tokens": N, "k": k, "nnz": W._nnz(), "seconds": round(dt, 2),
-                      "peak_mb": mem.peak_mb, "graph_mb": round(w_mb, 1), "layer_graph_mb": round(layer_mb, 1),
-                      "peak_over_graph": round(mem.peak_mb / w_mb, 2),
-                      "peak_over_layer_graph": round(mem.peak_mb / layer_mb, 2),
-                      "us_per_token_k": round(dt / (N * k) * 1e6, 3)}), flush=True)
-    del x
-    solver = FastSolver(n_images=n_images, K=15, base_size=side)
-    index = torch.arange(n_images)
-    with PeakRSS() as mem:
-        t = time.perf_counter()
-        op = LayerOperator([graph], (side, side))
-        solver._step_minibatch(op, flatten_channels(solver.table[index]), index)
-        dt = time.perf_counter() - t
-    table_mb = solver.table.nbytes / 2**20
-    print(json.dumps({"stage": "solver_epoch", "tokens": N, "k": k, "seconds": round(dt, 2), "peak_mb": mem.peak_mb,
-                      "table_mb": round(table_mb, 1), "us_per_token_k": round(dt / (N * k) * 1e6, 3)}), flush=True)
+def run(args: list[str], out_dir: Path) -> dict:
+    """One `python -m ldsc.run` in a subprocess: wall seconds, peak RSS (MB) and its stages."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ldsc.run", *args, f"hydra.run.dir={out_dir}"],
+                          capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-3000:]}")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    stages = json.loads((out_dir / "stages.json").read_text())
+    return {"wall_s": round(wall, 1), "process_peak_rss_mb": round(max(peak, before) / 1024, 1), "stages": stages}
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", default="1e4,1e5,1e6")
-    p.add_argument("--k", default="10,50")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--one", nargs=2, type=float, help=argparse.SUPPRESS)  # internal: one subprocess
-    args = p.parse_args(argv)
-    if args.one:
-        return measure(int(args.one[0]), int(args.one[1]), args.threads)
-    for n in (int(float(t)) for t in args.tokens.split(",")):
-        for k in (int(v) for v in args.k.split(",")):
-            res = subprocess.run([sys.executable, __file__, "--one", str(n), str(k), "--threads", str(args.threads)],
-                                 capture_output=True, text=True)
-            lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
-            if res.returncode or not lines:
-                print(json.dumps({"tokens": n, "k": k, "error": res.stderr.strip().splitlines()[-1:]}), flush=True)
-            for ln in lines:
-                print(ln, flush=True)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--source", required=True, help="folder of at least max(--sizes) images")
+    ap.add_argument("--sizes", default="300,1000,10000")
+    ap.add_argument("--reference-sizes", default="300")
+    ap.add_argument("--work", default="outputs/scaling")
+    ap.add_argument("--out", default=str(REPO / "notes" / "measurements" / "scaling_cpu.jsonl"))
+    ap.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
+    args = ap.parse_args(argv)
+
+    from ldsc.spectral import subspace_alignment
+    import torch
+
+    work = Path(args.work).resolve()
+    common = ["data=folder", "graph=vv", "K=15", "backbone.n_features=32", f"store.dir={work / 'store'}",
+              "callbacks.alignment.enabled=false", "trainer.max_epochs=50", *args.override]
+    refs = {int(s) for s in args.reference_sizes.split(",") if s}
+    for n in [int(s) for s in args.sizes.split(",")]:
+        images = link_images(Path(args.source), n, work / f"images{n}")
+        line = {"images": n, "tokens_base": n * 1024, "threads": torch.get_num_threads(),
+                "overrides": common[1:]}
+        line.update(run([*common, f"data.root={images}"], work / f"run{n}"))
+        if n in refs:
+            ref = run([*common, f"data.root={images}", "solver=exact", "graph.search=exact",
+                       f"solver.max_tokens={n * 1024}", "callbacks.export.figures=false"], work / f"exact{n}")
+            Z = torch.load(work / f"run{n}" / "eigvecs.pt", weights_only=True)["eigvecs"]
+            R = torch.load(work / f"exact{n}" / "eigvecs.pt", weights_only=True)["eigvecs"]
+            line["alignment_with_exact"] = round(subspace_alignment(Z, R), 5)
+            line["exact_reference"] = {"wall_s": ref["wall_s"], "process_peak_rss_mb": ref["process_peak_rss_mb"]}
+        print(json.dumps(line), flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

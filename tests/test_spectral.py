@@ -1,4 +1,4 @@
-"""The exact reference, the alignment metric, the torch operator and the paper's loss (DESIGN §3–4)."""
+"""The exact reference, the alignment metric, the torch operator and the paper's loss (docs/method.md, Exact reference and The paper's objective)."""
 
 from __future__ import annotations
 

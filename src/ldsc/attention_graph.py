@@ -15,7 +15,7 @@ of the head-averaged vectors, not the network's.
 Attention matrices are dense (``h·w × h·w`` per image), so only layers with few tokens are
 allowed (``max_tokens``). ``P`` is not symmetric: the graph sets ``W = P`` and ``degree = 1``
 (so :meth:`~ldsc.graphs.LayerGraph.sym` returns ``P`` itself); the paper's objective uses ``P``
-only, but the symmetric exact reference of DESIGN §4 does not strictly apply to these graphs.
+only, but the symmetric exact reference of docs/method.md, Exact reference does not strictly apply to these graphs.
 
 Reuse: the paper's single-image runs replace, with probability ``reuse_prob``, a layer's fresh
 attention by one from a FIFO buffer of the last ``buffer_size`` attention graphs (of any layer)

@@ -137,7 +137,7 @@ class EvaluateRun(L.Callback):
 
 
 class AlignmentMonitor(L.Callback):
-    """Logs ``train/alignment``: the subspace alignment (DESIGN §4) of the solver's
+    """Logs ``train/alignment``: the subspace alignment (docs/method.md, Exact reference) of the solver's
     pseudo-eigenvectors with the exact top-``K`` eigenspace of the whole data set's graphs.
 
     The exact reference is computed once, at the start of training, and only for small runs

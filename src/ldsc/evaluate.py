@@ -9,7 +9,7 @@ Reads ``RUN_DIR/eigvecs.pt`` and writes ``RUN_DIR/eval/`` (or ``--out``):
 * ``per_class_iou.csv``, ``confusion.npy`` and ``confusion.png``;
 * ``figures/four_panel_<i>_<name>.png`` — the paper's per-image figure for the first images.
 
-Method (DESIGN §7). The embedding is :func:`ldsc.segment.pixel_embedding` (channel 0 dropped;
+Method (docs/method.md, Evaluation). The embedding is :func:`ldsc.segment.pixel_embedding` (channel 0 dropped;
 rows normalised to unit length unless short, ``--normalize rows``, as for per-image
 segmentation: on the composite benchmark it raised mIoU from 0.28 to 0.35). k-means with ``C`` clusters (default: the number of classes) is
 fitted on *all base-grid pixels of all images* (MiniBatchKMeans above 50k pixels). For scoring,

@@ -1,4 +1,4 @@
-"""Token vectors -> sparse affinity graphs, one per layer (DESIGN §2).
+"""Token vectors -> sparse affinity graphs, one per layer (docs/method.md, Graphs).
 
 Pure tensor code. For every token the top ``k_intra`` most similar tokens of the *same* image and
 the top ``k_inter`` most similar tokens of the *other* images of the batch are kept; self-edges

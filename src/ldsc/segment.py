@@ -1,4 +1,4 @@
-"""Segmentation and evaluation of pseudo-eigenvector embeddings (DESIGN §7).
+"""Segmentation and evaluation of pseudo-eigenvector embeddings (docs/method.md, Evaluation).
 
 Pure functions on arrays/tensors — no Lightning, no Hydra — usable from a notebook:
 

@@ -1,4 +1,4 @@
-"""Pooling, the paper's objective, the exact reference operator and subspace alignment (DESIGN §3–4).
+"""Pooling, the paper's objective, the exact reference operator and subspace alignment (docs/method.md, Exact reference and The paper's objective).
 
 Pure tensor code: nothing here knows about Lightning or Hydra.
 
@@ -125,7 +125,7 @@ def exact_operator(
     n_images: int | None = None,
     scale: float = 1.0,
 ):
-    """The exact reference ``M = Σ_l w_l U_lᵀ S_l U_l`` (DESIGN §4) as a scipy CSR matrix.
+    """The exact reference ``M = Σ_l w_l U_lᵀ S_l U_l`` (docs/method.md, Exact reference) as a scipy CSR matrix.
 
     Args:
         graphs: layer graphs of one batch (nodes ``(b, y, x)`` of that batch's images).
@@ -167,7 +167,7 @@ def exact_eigenvectors(
     n_images: int | None = None,
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """The exact reference (DESIGN §4): the ``K`` largest eigenpairs of :func:`exact_operator`.
+    """The exact reference (docs/method.md, Exact reference): the ``K`` largest eigenpairs of :func:`exact_operator`.
 
     Returns ``(values (K,), Z (n_images, K, H, W))``, float64, by decreasing eigenvalue; ``Z`` has
     orthonormal columns over all pixels of all images.
@@ -246,7 +246,7 @@ def fix_signs(E: Tensor) -> Tensor:
 
 
 class LayerOperator:
-    """``M = Σ_l w_l U_lᵀ S_l U_l`` of one batch's graphs (DESIGN §4), applied as sparse products.
+    """``M = Σ_l w_l U_lᵀ S_l U_l`` of one batch's graphs (docs/method.md, Exact reference), applied as sparse products.
 
     The torch twin of :func:`exact_operator` (same matrix; never formed): ``S_l`` are kept as CSR,
     and ``U_l`` is a reshape-and-mean when ``h_l, w_l`` divide ``H, W`` (then

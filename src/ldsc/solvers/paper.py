@@ -1,4 +1,4 @@
-"""The paper's solver: gradient descent on the paper's objective (DESIGN §3).
+"""The paper's solver: gradient descent on the paper's objective (docs/method.md, The paper's objective).
 
 ``Z = softmax_K(X)`` of a learnable logit table ``X`` (data-set recipe) or of logits produced by a
 small 3-layer conv net from a learnable ``(n_images, 128, H, W)`` input (``parametrization:

@@ -1,0 +1,61 @@
+"""Reading images: any file PIL opens, as 8-bit RGB tensors at the backbone's input size.
+
+The first stage of the data flow (images -> backbone -> feature store -> graphs -> solver ->
+export); deliberately light (PIL, numpy, torch only) so that scripts can read images the way
+ldsc does without importing Lightning.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+from ldsc.errors import DataError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
+
+#: the colour photographs scikit-image ships (files in ``skimage/data``)
+SAMPLE_FILES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+                "retina.jpg", "ihc.png", "hubble_deep_field.jpg")
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open any image as 8-bit RGB.
+
+    Grayscale, palette, 16-bit, CMYK and images with alpha (composited on white) are converted.
+    Raises :class:`DataError` with one sentence if the file is missing or cannot be decoded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Image file '{path}' does not exist.")
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(im, dtype=np.float64)
+                arr = 255 * (arr - arr.min()) / max(arr.max() - arr.min(), 1)
+                im = Image.fromarray(arr.astype(np.uint8), "L")
+            if im.mode == "P":
+                im = im.convert("RGBA")
+            if im.mode in ("RGBA", "LA", "PA"):
+                rgba = im.convert("RGBA")
+                canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                return Image.alpha_composite(canvas, rgba).convert("RGB")
+            return im.convert("RGB")
+    except DataError:
+        raise
+    except Exception as err:  # PIL raises many types for corrupt files
+        raise DataError(f"Image file '{path}' cannot be read as an image ({type(err).__name__}: {err}).") from err
+
+
+def image_tensor(path: str | os.PathLike, size: int) -> torch.Tensor:
+    """``(3, size, size)`` float in [0, 1]."""
+    im = load_image(path).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
