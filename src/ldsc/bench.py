@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,14 +48,14 @@ def compose(overrides: list[str]):
         return hydra_compose("config", overrides=overrides)
 
 
-def timed(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess]:
-    """Run ``cmd``; returns (wall seconds, the child's peak resident memory in MB, the process)."""
+def timed(cmd: list[str]) -> tuple[float, subprocess.CompletedProcess]:
+    """Run ``cmd``; returns (wall seconds, the finished process)."""
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-3000:]}")
-    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, proc
+    return wall, proc
 
 
 def ncut_process(args) -> None:
@@ -119,20 +118,20 @@ def main(argv=None) -> None:
             tmp = Path(tmp)
             cache = Path(args.reference_cache) / case if args.reference_cache else tmp / "exact"
             if not (cache / "eigvecs.pt").is_file():
-                wall, _, _ = timed([py, "-m", "ldsc.run", *over, "solver=exact", "graph.search=exact",
+                wall, _ = timed([py, "-m", "ldsc.run", *over, "solver=exact", "graph.search=exact",
                                     "callbacks.export.figures=false", "callbacks.alignment.enabled=false",
                                     f"store.dir={tmp / 'store_exact'}", f"hydra.run.dir={cache}"])
                 stages = json.loads((cache / "stages.json").read_text())
                 print(json.dumps({"case": case, "method": "exact", "wall_s": round(wall, 2), "stages": stages}),
                       flush=True)
-            wall, peak, _ = timed([py, "-m", "ldsc.run", *over, f"store.dir={tmp / 'store'}",
+            wall, _ = timed([py, "-m", "ldsc.run", *over, f"store.dir={tmp / 'store'}",
                                    f"hydra.run.dir={tmp / 'ldsc'}"])
             stages = json.loads((tmp / "ldsc" / "stages.json").read_text())
             print(json.dumps({"case": case, "method": "ldsc", "wall_s": round(wall, 2),
                               "alignment": align(tmp / "ldsc" / "eigvecs.pt", cache / "eigvecs.pt"),
                               "stages": stages}), flush=True)
             try:
-                wall, _, _ = timed([py, "-m", "ldsc.bench", "--ncut-process", f"--root={src}", f"--base={base}",
+                wall, _ = timed([py, "-m", "ldsc.bench", "--ncut-process", f"--root={src}", f"--base={base}",
                                     f"--K={args.K}", f"--out={tmp / 'ncut.pt'}"])
                 print(json.dumps({"case": case, "method": "ncut-pytorch", "wall_s": round(wall, 2),
                                   "alignment": align(tmp / "ncut.pt", cache / "eigvecs.pt"),

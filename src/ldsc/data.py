@@ -212,13 +212,13 @@ class ImageDataModule(L.LightningDataModule):
         k = getattr(b, "k_intra", 0) + (getattr(b, "k_inter", 0) if store.n_images > 1 else 0)
         est = estimate_dataset_graph_bytes(store.n_images, store.layers, max(k, 1), store.draws,
                                            getattr(b, "dim", None), getattr(b, "heads", "concat"),
-                                           base_size=self.base_size)
+                                           base_size=self.base_size, vectors=len(getattr(b, "kinds", [0])))
         limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
         if limit and est["peak"] > limit:
             gb = 2**30
             raise ConfigError(
-                f"This run needs about {est['peak'] / gb:.1f} GB (graphs {est['graphs'] / gb:.1f} GB, building "
-                f"{est['build'] / gb:.1f} GB, solver {est['solver'] / gb:.1f} GB) but {limit / gb:.1f} GB are available: "
+                f"This run needs about {est['peak'] / gb:.1f} GB (graphs {est['graphs'] / gb:.1f} GB, solver "
+                f"{est['solver'] / gb:.1f} GB, building {est['build'] / gb:.1f} GB at its peak) but {limit / gb:.1f} GB are available: "
                 f"lower graph.k_intra/graph.k_inter, set graph.dim (e.g. 64), use fewer images (data.limit) or a "
                 f"smaller base_size, or raise data.memory_limit_gb.")
         return est

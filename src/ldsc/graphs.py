@@ -486,31 +486,36 @@ class KnnGraphBuilder:
                 self.timings["vectors"] += time.perf_counter() - t0
                 method = self.search_method(n * T)
                 dims = int(pairs[0][0].shape[1])
-                for j, (x, y) in enumerate(pairs):
+                n_graphs = len(pairs)
+                for j in range(len(pairs)):
+                    x, y = pairs[j]
+                    pairs[j] = None  # freed after the search, before the symmetrisation
                     t0 = time.perf_counter()
                     idx_a, sim_a = intra_image_knn(x, y, T, self.k_intra, max_chunk_elements=self.max_chunk_elements)
-                    parts_i, parts_s = [idx_a], [sim_a]
+                    k_a = idx_a.shape[1]
+                    k_e = min(self.k_inter, n * T - T) if n > 1 else 0
+                    idx = torch.empty(n * T, k_a + k_e, dtype=torch.int32)  # both searches' lists, int32
+                    sim = torch.empty(n * T, k_a + k_e, dtype=torch.float32)
+                    idx[:, :k_a], sim[:, :k_a] = idx_a, sim_a
+                    del idx_a, sim_a
                     t_intra = time.perf_counter()
-                    if self.k_inter > 0 and n > 1:
+                    if k_e > 0:
                         bar = tqdm(total=n, desc=f"neighbours {info['name']} ({method})", unit="img",
                                    disable=not progress or n * T < 50_000, leave=False)
                         idx_e, sim_e = inter_image_knn(
-                            x, y, T, self.k_inter, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
+                            x, y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
                             ef_search=self.ef_search, ef_construction=self.ef_construction,
                             max_chunk_elements=self.max_chunk_elements, seed=self.seed, progress=bar.update)
                         bar.close()
-                        parts_i.append(idx_e)
-                        parts_s.append(sim_e)
+                        idx[:, k_a:], sim[:, k_a:] = idx_e, sim_e
+                        del idx_e, sim_e
                     del x, y
-                    idx = torch.cat(parts_i, 1) if len(parts_i) > 1 else parts_i[0]
-                    sim = torch.cat(parts_s, 1) if len(parts_s) > 1 else parts_s[0]
-                    del parts_i, parts_s
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
                     blocks, degree = symmetric_normalized_blocks(idx, sim, self.threshold)
                     del idx, sim
                     self.timings["symmetrize"] += time.perf_counter() - t1
-                    name = info["name"] if len(pairs) == 1 else f"{info['name']}/head{j}"
+                    name = info["name"] if n_graphs == 1 else f"{info['name']}/head{j}"
                     if store.draws > 1:
                         name = f"{name}@draw{draw}"
                     graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws))
@@ -524,19 +529,30 @@ class KnnGraphBuilder:
 
 
 def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1, dim: int | None = None,
-                                 heads: str = "concat", solver_columns: int = 20, base_size: int = 32) -> dict:
-    """Bytes a whole-data-set run needs at its peak, by part: ``graphs`` (every layer's ``S``: at
-    most ``2·N·k`` entries of 8 bytes), ``build`` (the largest layer's vectors, neighbour lists and
-    the block being symmetrised, on top of the graphs built before it) and ``solver`` (six
-    ``N_base × columns`` float32 blocks of the eigen-iteration)."""
-    graphs, build = 0, 0
+                                 heads: str = "concat", solver_columns: int = 20, base_size: int = 32,
+                                 vectors: int = 1) -> dict:
+    """Bytes a whole-data-set run needs at its peak, by part.
+
+    ``graphs``: every layer's ``S`` (``W`` has about ``1.3·N·k`` entries of 8 bytes: 1.5 is
+    assumed); ``build``: the largest transient of building one layer on top of the graphs built
+    before it (its unit vectors, ``vectors`` kinds of ``N × dim`` float32; the neighbour lists,
+    ``N × k`` int32 + float32 and a copy of the ids; its own graph); ``solver``: six
+    ``N_base × columns`` float32 blocks of LOBPCG. ``peak`` = the larger of the build peak and
+    graphs + solver. Layers are built largest first.
+    """
+    sizes = []
     for info in layers:
         h, w = info["grid"]
         N = n_images * h * w
         per_graph = info["heads"] if heads == "separate" else 1
         D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
-        g = 2 * N * k * 8
-        graphs += g * per_graph * draws
-        build = max(build, N * D * 4 * 2 + N * k * 16 + g)
+        g = int(1.5 * N * k * 8)
+        for _ in range(per_graph * draws):
+            sizes.append((g, N * D * 4 * vectors + N * k * 12))
+    sizes.sort(reverse=True)
+    graphs, build, before = sum(g for g, _ in sizes), 0, 0
+    for g, transient in sizes:
+        build = max(build, before + transient + g)
+        before += g
     solver = 6 * n_images * base_size * base_size * solver_columns * 4
-    return {"graphs": graphs, "build": build, "solver": solver, "peak": graphs + max(build, solver)}
+    return {"graphs": graphs, "build": build, "solver": solver, "peak": max(build, graphs + solver)}

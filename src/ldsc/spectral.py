@@ -359,15 +359,12 @@ def _chunks(n: int, size: int = 2**18):
 def _grams(basis: list[Tensor], images: list[Tensor]) -> tuple[Tensor, Tensor]:
     """``G = Vᵀ V`` and ``T = Vᵀ A V`` (float64, symmetrised) for ``V = [basis...]`` and
     ``A V = [images...]``, accumulated a chunk of rows at a time (no concatenated copy of ``V``)."""
-    m = [b.shape[1] for b in basis]
-    p = sum(m)
-    G = torch.zeros(p, p, dtype=torch.float64, device=basis[0].device)
-    T = torch.zeros_like(G)
-    for rows in _chunks(basis[0].shape[0]):
-        V = torch.cat([b[rows] for b in basis], 1).double()
-        AV = torch.cat([a[rows] for a in images], 1).double()
-        G += V.T @ V
-        T += V.T @ AV
+    p = sum(b.shape[1] for b in basis)
+    GT = torch.zeros(p, 2 * p, dtype=torch.float64, device=basis[0].device)
+    for rows in _chunks(basis[0].shape[0]):  # one product per chunk in the data's dtype, summed in float64
+        V = torch.cat([b[rows] for b in basis], 1)
+        GT += (V.T @ torch.cat([V, *(a[rows] for a in images)], 1)).double()
+    G, T = GT[:, :p], GT[:, p:]
     return (G + G.T) / 2, (T + T.T) / 2
 
 
