@@ -23,11 +23,12 @@ test:               ## the fast test suite (slow and GPU tests are skipped)
 test-all:           ## every test, slow ones included
 	$(PY) -m pytest -q -m "slow or not slow"
 
-bench:              ## solver accuracy/speed benchmark (JSON lines)
+bench:              ## ldsc vs ncut-pytorch vs the exact reference (JSON lines; pip install ncut-pytorch)
 	$(PY) -m ldsc.bench
 
-scaling:            ## graph construction and solver epoch at 1e4..1e6 tokens
-	$(PY) experiments/scaling.py
+scaling:            ## whole runs on 300 / 1,000 / 10,000 crops of the COCO images (needs ../shared/data)
+	$(PY) experiments/make_images.py --sources ../shared/data/coco_val2017_first100 --n 10000 --out data/crops10k
+	$(PY) experiments/scaling.py --source data/crops10k --sizes 300,1000,10000 --reference-sizes 300
 
 data:               ## COCO val2017 + COCO-Stuff labels into data/coco (needs internet)
 	bash experiments/download_coco.sh data/coco

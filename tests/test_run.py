@@ -36,8 +36,8 @@ def test_run_writes_eigenvectors_figures_checkpoint_and_metrics(compose, tmp_pat
     out = Path(cfg.paths.output_dir)
     res = torch.load(out / "eigvecs.pt", weights_only=False)
     assert res["eigvecs"].shape == (2, 4, 16, 16)
-    s = res["singular_values"]
-    assert (s[:-1] >= s[1:]).all(), "channels must be ordered by singular value"
+    s = res["singular_values"]  # the default solver exports orthonormal eigenvectors (by eigenvalue)
+    assert torch.allclose(s, torch.ones_like(s), atol=1e-4), "eigenvectors must be orthonormal over all pixels"
     assert [Path(f).name for f in res["files"]] == ["astronaut.png", "coffee.png"]
     assert res["config"]["K"] == 4
     assert json.loads((out / "files.json").read_text()) == res["files"]

@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 
 class StageTimer(L.Callback):
-    """Records the ``solve`` stage (training, from its first to its last step) and the ``export``
+    """Records the ``solve`` stage (training, from its first step to its end; the alignment
+    monitor's exact reference, computed before the first step, is not counted) and the ``export``
     stage (every callback's end-of-training work after it: checkpoint, eigenvectors, figures) in
     ``stages`` (see :mod:`ldsc.profiling`). ``run.py`` puts it first and last in the callbacks."""
 
@@ -24,8 +25,8 @@ class StageTimer(L.Callback):
         self.stages, self.name = stages, name
         self._t = None
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        if self.name == "solve":
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.name == "solve" and self._t is None:  # after on_train_start (the alignment reference)
             from ldsc.profiling import reset_peak
 
             reset_peak()
@@ -36,6 +37,7 @@ class StageTimer(L.Callback):
 
         now = time.perf_counter()
         if self.name == "solve":
+            self._t = self._t if self._t is not None else now
             self.stages["solve"] = {"seconds": round(now - self._t, 3), "peak_rss_mb": round(peak_rss_mb() or 0, 1)}
             self.stages["_export_start"] = now
             reset_peak()
