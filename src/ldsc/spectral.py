@@ -418,8 +418,12 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
     R = AX - X * theta.to(X.dtype)
     rn = R.norm(dim=0)
     # what is left of R along X is rounding: remove it (X is orthonormal), then normalise
-    G, _ = _grams([X, R], [X, R])
-    R -= X @ G[:m, m:].to(X.dtype)
+    XR = torch.zeros(m, m, dtype=torch.float64, device=X.device)
+    for rows in _chunks(X.shape[0]):
+        XR += (X[rows].T @ R[rows]).double()
+    XR = XR.to(X.dtype)
+    for rows in _chunks(X.shape[0]):
+        R[rows] -= X[rows] @ XR
     R /= R.norm(dim=0).clamp_min(1e-30)
     AR = apply(R)
     if use_directions is None:
