@@ -89,16 +89,8 @@ class DatasetGraph:
         self.blocks, self.degree = blocks, degree
 
     @property
-    def num_nodes(self) -> int:
-        return self.n_images * self.grid[0] * self.grid[1]
-
-    @property
     def nnz(self) -> int:
         return sum(int(b._nnz()) for _, b in self.blocks)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for _, b in self.blocks
-                   for t in (b.crow_indices(), b.col_indices(), b.values()))
 
     def sym_blocks(self) -> list[tuple[int, Tensor]]:
         return self.blocks

@@ -171,7 +171,7 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
     index = _faiss_index(ya, method, nlist, hnsw_m, ef_construction, seed)
     idx = np.empty((n, k), dtype=np.int64)
     sim = np.empty((n, k), dtype=np.float32)
-    # several images' queries per call keeps FAISS's threads busy; each image still gets its own selector
+    # one call per image: its queries share the selector that excludes its own tokens
     for i in range(n_images):
         sel = faiss.IDSelectorNot(faiss.IDSelectorRange(i * tokens, (i + 1) * tokens))
         if method == "ivf":
@@ -195,16 +195,3 @@ def knn_recall(approx: Tensor, exact: Tensor) -> float:
     hit = (e.unsqueeze(2) == a.unsqueeze(1)).any(2) & valid
     return float(hit.sum()) / max(int(valid.sum()), 1)
 
-
-def sampled_recall(x: Tensor, y: Tensor, tokens: int, approx: Tensor, n_queries: int = 2000, seed: int = 0) -> float:
-    """:func:`knn_recall` of ``approx`` ``(N, k)`` against exact inter-image search, on a random
-    sample of ``n_queries`` query tokens (exact search for a sample is affordable at any size)."""
-    n, k = approx.shape
-    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: min(n, n_queries)]
-    exact = torch.empty(len(rows), k, dtype=torch.long)
-    for s in range(0, len(rows), 256):
-        r = rows[s:s + 256]
-        S = x[r] @ y.T
-        own = (torch.arange(n)[None, :] // tokens) == (r[:, None] // tokens)
-        exact[s:s + 256] = S.masked_fill_(own, float("-inf")).topk(k, dim=1).indices
-    return knn_recall(approx[rows], exact)

@@ -328,29 +328,6 @@ def orthonormalize(X: Tensor, eps: float = 1e-6) -> Tensor:
     return X @ C
 
 
-def rayleigh_ritz(V: Tensor, AV: Tensor, m: int, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
-    """Rayleigh–Ritz of a symmetric operator on ``span(V)`` (``V`` need not be orthonormal).
-
-    Args:
-        V: ``(n, p)`` basis; AV: ``(n, p)`` the operator applied to it; m: Ritz pairs wanted.
-        eps: basis directions with relative squared norm below this are dropped.
-
-    Returns:
-        ``(theta (m,), C (p, m))``: the ``m`` largest Ritz values and coefficients, so that the Ritz
-        vectors are ``V C`` (orthonormal) and their images ``AV C``.
-    """
-    Vd, AVd = V.double(), AV.double()
-    G = Vd.T @ Vd
-    T = Vd.T @ AVd
-    T = (T + T.T) / 2
-    g, Q = torch.linalg.eigh(G)
-    keep = g > eps * g.max().clamp_min(1e-300)
-    Wn = Q[:, keep] / g[keep].sqrt()  # G-orthonormal coordinates
-    theta, E = torch.linalg.eigh(Wn.T @ T @ Wn)
-    top = torch.argsort(theta, descending=True)[:m]
-    return theta[top], (Wn @ E[:, top])
-
-
 def _chunks(n: int, size: int = 2**18):
     for s in range(0, n, size):
         yield slice(s, min(n, s + size))

@@ -121,9 +121,6 @@ class FeatureStore:
             out.append(LayerFeatures(name=layer["name"], **tensors))
         return out
 
-    def nbytes(self) -> int:
-        return sum(f.stat().st_size for f in self.path.glob("*.npy"))
-
 
 def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequence[str], draws: int = 1,
                 batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0, dtype: str = "float16",
