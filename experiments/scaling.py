@@ -61,6 +61,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="outputs/scaling")
     ap.add_argument("--out", default=str(REPO / "notes" / "measurements" / "scaling_cpu.jsonl"))
     ap.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
+    ap.add_argument("--reuse-reference", action="store_true",
+                    help="keep an exact reference already in <work>/exactN (its graphs do not depend on the search)")
     args = ap.parse_args(argv)
 
     from ldsc.spectral import subspace_alignment
@@ -76,7 +78,8 @@ def main(argv=None) -> None:
                 "overrides": common[1:]}
         line.update(run([*common, f"data.root={images}"], work / f"run{n}"))
         if n in refs:
-            ref = run([*common, f"data.root={images}", "solver=exact", "graph.search=exact",
+            done = work / f"exact{n}" / "eigvecs.pt"
+            ref = {"wall_s": None, "peak_rss_mb": None, "reused": True} if args.reuse_reference and done.exists() else run([*common, f"data.root={images}", "solver=exact", "graph.search=exact",
                        f"solver.max_tokens={n * 1024}", "callbacks.export.figures=false"], work / f"exact{n}")
             Z = torch.load(work / f"run{n}" / "eigvecs.pt", weights_only=True)["eigvecs"]
             R = torch.load(work / f"exact{n}" / "eigvecs.pt", weights_only=True)["eigvecs"]

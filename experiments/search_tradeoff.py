@@ -1,7 +1,7 @@
 """Neighbour-search settings vs time, recall and eigenvector alignment on a real folder.
 
     python experiments/search_tradeoff.py --root ../shared/data/coco_val2017_first100 \
-        --reference outputs/ref101 --settings "search=ivf" "search=ivf,dim=64" "search=hnsw"
+        --reference outputs/ref101 --settings "search=cluster" "search=cluster,nprobe=32" "search=ivf"
 
 Builds the pixel backbone's feature store for the folder (reused when present), then for each
 setting (comma-separated ``graph.*`` overrides) the whole-data-set graphs and their top-K
@@ -26,7 +26,8 @@ def main() -> None:
     ap.add_argument("--graph", default="vv")
     ap.add_argument("--K", type=int, default=15)
     ap.add_argument("--recall", action="store_true", help="also measure recall against exact search (slow)")
-    ap.add_argument("--settings", nargs="+", default=["search=ivf"])
+    ap.add_argument("--settings", nargs="+", default=["search=cluster"])
+    ap.add_argument("--override", nargs="*", default=[], help="extra overrides (e.g. backbone.n_features=32 store.dir=...)")
     args = ap.parse_args()
 
     from ldsc.bench import compose
@@ -38,7 +39,7 @@ def main() -> None:
     exact_cache = {}
     for setting in args.settings:
         over = [f"graph.{kv}" for kv in setting.split(",") if kv]
-        cfg = compose(["data=folder", f"data.root={args.root}", f"graph={args.graph}", f"K={args.K}", *over])
+        cfg = compose(["data=folder", f"data.root={args.root}", f"graph={args.graph}", f"K={args.K}", *args.override, *over])
         dm, base = build_datamodule(cfg)
         store = dm.feature_store()
         builder = dm.graph_builder
@@ -63,7 +64,7 @@ def main() -> None:
                 exact_cache[key] = inter_image_knn(x, y, T, builder.k_inter, "exact")[0]
             method = builder.search_method(x.shape[0])
             approx = inter_image_knn(x, y, T, builder.k_inter, method, nlist=builder.nlist, nprobe=builder.nprobe,
-                                     hnsw_m=builder.hnsw_m, ef_search=builder.ef_search,
+                                     list_size=builder.list_size, hnsw_m=builder.hnsw_m, ef_search=builder.ef_search,
                                      ef_construction=builder.ef_construction)[0]
             line["recall"] = round(knn_recall(approx, exact_cache[key]), 4)
         print(json.dumps(line), flush=True)

@@ -41,10 +41,11 @@ def test_exact_inter_image_search_equals_brute_force_and_never_returns_the_own_i
     assert not (idx // 16 == (torch.arange(80) // 16)[:, None]).any()
 
 
-@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+@pytest.mark.parametrize("method", ["cluster", "ivf", "hnsw"])
 def test_approximate_search_recall_on_real_images(coco_dir, method):
-    """Pixel-backbone value vectors of 12 COCO images (32x32 tokens each): FAISS IVF and HNSW find
-    at least 95 % of the exact inter-image neighbours, and never the query's own image."""
+    """Pixel-backbone value vectors of 12 COCO images (32x32 tokens each): the clustered search,
+    FAISS IVF and HNSW find at least 95 % of the exact inter-image neighbours, and never the
+    query's own image."""
     from ldsc.backbones.pixel import PixelBackbone
     from ldsc.data import image_tensor
 
@@ -59,13 +60,26 @@ def test_approximate_search_recall_on_real_images(coco_dir, method):
     assert not (approx // 1024 == (torch.arange(x.shape[0]) // 1024)[:, None]).any()
 
 
-def test_auto_search_is_exact_while_small_then_ivf_then_hnsw():
-    assert choose_search("auto", 1000, 16384, 10**6) == "exact"
-    assert choose_search("auto", 10**5, 16384, 10**6) == "ivf"
-    assert choose_search("auto", 10**7, 16384, 10**6) == "hnsw"
-    assert choose_search("hnsw", 10, 16384, 10**6) == "hnsw"
+def test_auto_search_is_exact_while_small_then_clustered():
+    assert choose_search("auto", 1000, 16384) == "exact"
+    assert choose_search("auto", 10**5, 16384) == "cluster"
+    assert choose_search("auto", 10**7, 16384) == "cluster"
+    assert choose_search("hnsw", 10, 16384) == "hnsw"
     with pytest.raises(ValueError, match="graph.search must be one of"):
-        choose_search("annoy", 10, 1, 2)
+        choose_search("annoy", 10, 1)
+
+
+def test_clustered_search_with_many_leaves_is_exact_when_it_visits_every_leaf():
+    """With nprobe >= the number of leaves every key is scored: the result equals brute force,
+    also for queries different from the keys (qk graphs) and through the two-level tree."""
+    x, y = random_tokens(n_images=40, tokens=16, d=8, seed=5), random_tokens(n_images=40, tokens=16, d=8, seed=6)
+    idx, sim = inter_image_knn(x, y, 16, 5, "cluster", list_size=16, nprobe=1000)
+    v, j = brute_force(x, y, 16, 5, same_image=False)
+    assert torch.allclose(sim, v) and (idx == j).float().mean() > 0.99  # ties aside
+    from ldsc.neighbors import ClusterTree
+
+    tree = ClusterTree(y, 16)
+    assert tree.top.shape[0] > 1 and tree.nlist > tree.top.shape[0]  # two levels were built
 
 
 @pytest.mark.parametrize("block_entries", [2**25, 40])
@@ -92,3 +106,23 @@ def test_recall_counts_found_neighbours():
     exact = torch.tensor([[1, 2, 3], [4, 5, -1]])
     approx = torch.tensor([[3, 1, 9], [5, 4, 0]])
     assert knn_recall(approx, exact) == pytest.approx(4 / 5)
+
+
+def test_relabelled_graph_applies_the_same_operator_in_token_order():
+    """Storing the nodes in a locality order (as the clustered search does) changes only how S is
+    kept: S Y, the scipy export and the degrees are those of the graph stored in token order."""
+    from ldsc.graphs import DatasetGraph, relabel_lists
+
+    x = random_tokens(n_images=6, tokens=16, d=6, seed=7)
+    ia, sa = intra_image_knn(x, x, 16, 4)
+    ie, se, order = inter_image_knn(x, x, 16, 3, "cluster", list_size=8, nprobe=4, return_order=True)
+    assert order is not None and torch.equal(order.sort().values, torch.arange(96))
+    idx, sim = torch.cat([ia, ie], 1).int(), torch.cat([sa, se], 1)
+    plain = DatasetGraph("l", (4, 4), 6, *symmetric_normalized_blocks(idx.clone(), sim.clone(), 0.1, block_entries=200))
+    blocks, degree = symmetric_normalized_blocks(*relabel_lists(idx, sim, order), 0.1, block_entries=200)
+    moved = DatasetGraph("l", (4, 4), 6, blocks, degree[DatasetGraph.inverse(order)], order=order)
+    assert not torch.equal(order, torch.arange(96))  # the relabelling is not the identity
+    Y = torch.randn(96, 5)
+    assert torch.allclose(moved.apply(Y), plain.apply(Y), atol=1e-5)
+    assert abs(moved.sym_scipy() - plain.sym_scipy()).max() < 1e-6
+    assert torch.allclose(moved.degree, plain.degree)

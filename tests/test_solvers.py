@@ -135,7 +135,7 @@ def test_default_solver_is_fast_converges_and_logs_its_alignment(compose):
     assert logged(rows, "train/residual")[-1] <= cfg.solver.tol
 
 
-@pytest.mark.parametrize("search", ["exact", "ivf", "hnsw"])
+@pytest.mark.parametrize("search", ["exact", "cluster", "ivf", "hnsw"])
 def test_default_solver_agrees_with_the_exact_solver_on_a_small_folder(compose, tmp_path, search):
     """Three photographs: the default solver's eigenvectors (on graphs from exact or approximate
     neighbour search) span the exact solver's eigenspace of the brute-force graphs."""

@@ -277,19 +277,9 @@ class LayerOperator:
                 with warnings.catch_warnings():  # "sparse CSR support is in beta"
                     warnings.simplefilter("ignore", UserWarning)
                     U = pool_operator(self.base, g.grid).to(device=blocks[0][1].device, dtype=dtype).to_sparse_csr()
-            self.terms.append((blocks, (h, w), float(g.weight), U))
-        self.shift = float(sum(t[2] for t in self.terms))
+            self.terms.append((g, blocks, (h, w), float(g.weight), U))
+        self.shift = float(sum(t[3] for t in self.terms))
         self.size = self.n_images * self.base[0] * self.base[1]
-
-    @staticmethod
-    def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor) -> Tensor:
-        """``S Y`` for ``S`` in row blocks of CSR."""
-        if len(blocks) == 1:
-            return blocks[0][1] @ Y
-        out = torch.empty_like(Y)
-        for s, B in blocks:
-            out[s:s + B.shape[0]] = B @ Y
-        return out
 
     def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
         """``U_l X``: ``(B·H·W, m)`` -> ``(B·h·w, m)``, up to the factor ``√area`` that
@@ -311,8 +301,10 @@ class LayerOperator:
 
     def __call__(self, X: Tensor) -> Tensor:
         out = None
-        for blocks, grid, weight, U in self.terms:
-            Y = self.unpool(self.sym_apply(blocks, self.pool(X, grid, U)), grid, U)
+        for g, blocks, grid, weight, U in self.terms:
+            Z = self.pool(X, grid, U)
+            Z = g.apply(Z, blocks)
+            Y = self.unpool(Z, grid, U)
             out = Y.mul_(weight) if out is None else out.add_(Y, alpha=weight)
         return out
 
