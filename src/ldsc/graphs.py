@@ -533,6 +533,8 @@ class KnnGraphBuilder:
                 T = h * w
                 t0 = time.perf_counter()
                 pairs = self.layer_vectors(store, li, draw)
+                if hasattr(store, "release"):
+                    store.release()  # the vectors are in memory now: unmap the store's pages
                 self.timings["vectors"] += time.perf_counter() - t0
                 method = self.search_method(n * T)
                 dims = int(pairs[0][0].shape[1])
@@ -586,28 +588,39 @@ class KnnGraphBuilder:
 def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1, dim: int | None = None,
                                  heads: str = "concat", solver_columns: int = 20, base_size: int = 32,
                                  vectors: int = 1) -> dict:
-    """Bytes a whole-data-set run needs at its peak, by part.
+    """Bytes a whole-data-set run needs at its peak, by part (``N`` tokens of a layer, ``k``
+    neighbours per token, lists of ``N·k`` int32 ids + float32 similarities = ``8·N·k`` bytes).
 
     ``graphs``: every layer's ``S`` (``W`` has about ``1.3·N·k`` entries of 8 bytes: 1.5 is
-    assumed); ``build``: the largest transient of building one layer on top of the graphs built
-    before it (its unit vectors, ``vectors`` kinds of ``N × dim`` float32; the neighbour lists,
-    ``N × k`` int32 + float32 and a copy of the ids; its own graph); ``solver``: six
-    ``N_base × columns`` float32 blocks of LOBPCG. ``peak`` = the larger of the build peak and
-    graphs + solver. Layers are built largest first.
+    assumed) and its node order; ``build``: the largest of building one layer on top of the graphs
+    built before it — while searching, its unit vectors (``vectors`` kinds of ``N × dim`` float32),
+    its lists and the intra-image lists in int64; while relabelling, two copies of the lists; while
+    symmetrising, the lists, their transpose and ``W``; ``solver``: six ``N_base × columns``
+    float32 blocks of LOBPCG plus three of the largest layer for a product. ``peak`` = the larger
+    of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
+    Lightning. Layers are built largest first.
     """
-    sizes = []
+    sizes, largest = [], 0
     for info in layers:
         h, w = info["grid"]
         N = n_images * h * w
+        largest = max(largest, N)
         per_graph = info["heads"] if heads == "separate" else 1
         D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
-        g = int(1.5 * N * k * 8)
+        lists = 8 * N * k
+        g = int(1.5 * lists) + 16 * N
+        transient = max(N * D * 4 * vectors + lists + 6 * N * k, 2 * lists, 2 * lists + g)
         for _ in range(per_graph * draws):
-            sizes.append((g, N * D * 4 * vectors + N * k * 12))
+            sizes.append((g, transient))
     sizes.sort(reverse=True)
     graphs, build, before = sum(g for g, _ in sizes), 0, 0
     for g, transient in sizes:
-        build = max(build, before + transient + g)
+        build = max(build, before + transient)
         before += g
-    solver = 6 * n_images * base_size * base_size * solver_columns * 4
-    return {"graphs": graphs, "build": build, "solver": solver, "peak": max(build, graphs + solver)}
+    solver = (6 * n_images * base_size * base_size + 3 * largest) * solver_columns * 4
+    return {"graphs": graphs, "build": build, "solver": solver,
+            "peak": PROCESS_BYTES + max(build, graphs + solver)}
+
+
+#: resident memory of a run before any data (interpreter, torch, Lightning, Hydra), measured ~0.7 GB
+PROCESS_BYTES = 2**30

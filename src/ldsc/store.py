@@ -104,6 +104,11 @@ class FeatureStore:
             self._maps[key] = np.load(self.path / f"{layer}_{kind}.npy", mmap_mode="r")
         return self._maps[key]
 
+    def release(self) -> None:
+        """Unmap the arrays read so far (their pages leave the resident memory; later reads map
+        them again)."""
+        self._maps = {}
+
     def vectors(self, layer: int, kind: str, draw: int = 0, images: slice | Sequence[int] | None = None) -> torch.Tensor:
         """``(B, heads, h, w, d)`` float32 vectors of ``images`` (default all) for one draw."""
         arr = self.array(layer, kind)[draw]
