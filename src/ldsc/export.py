@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ldsc import viz
+from ldsc.atomic import atomic_torch_save, atomic_write_text
 from ldsc.data import load_image
 from ldsc.spectral import svd_order
 
@@ -28,19 +29,32 @@ def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], co
     E, s = svd_order(Z, keep_order=keep_order)
     payload = {"eigvecs": E, "singular_values": s, "files": list(files), "K": E.shape[1],
                "base_size": E.shape[-1], "config": config or {}}
-    torch.save(payload, out / "eigvecs.pt")
-    (out / "files.json").write_text(json.dumps(list(files), indent=0))
+    atomic_torch_save(payload, out / "eigvecs.pt")
+    atomic_write_text(out / "files.json", json.dumps(list(files), indent=0))
     return E
 
 
 def load_eigenvectors(run_dir: str | Path) -> dict:
-    """Read a run's ``eigvecs.pt`` (see module docstring)."""
+    """Read a run's ``eigvecs.pt`` (see module docstring) with ``weights_only=True``: tensors and
+    plain containers only, so a file received from someone else cannot run code when loaded."""
+    import pickle
+
     from ldsc.errors import DataError
 
     path = Path(run_dir) / "eigvecs.pt"
     if not path.is_file():
         raise DataError(f"'{path}' does not exist: is '{run_dir}' the output folder of a finished `python -m ldsc.run`?")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        run = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise DataError(f"'{path}' holds objects other than tensors and plain containers, so it was not loaded "
+                        f"(loading it could run code): {str(e).splitlines()[0][:200]}") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise DataError(f"'{path}' is not a readable eigvecs.pt (truncated or corrupt: {str(e).splitlines()[0][:200]}); "
+                        f"re-run the export or ask for the file again.") from None
+    if not isinstance(run, dict) or "eigvecs" not in run:
+        raise DataError(f"'{path}' is not an ldsc eigvecs.pt (no 'eigvecs' entry).")
+    return run
 
 
 def write_figures(out_dir: str | Path, eigvecs: torch.Tensor, files: list[str], max_images: int = 4,

@@ -162,7 +162,7 @@ def relabel_lists(idx: Tensor, sim: Tensor, order: Tensor, rows_per_chunk: int =
 
 
 def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1,
-                                block_entries: int = 2**25) -> tuple[list[tuple[int, Tensor]], Tensor]:
+                                block_entries: int = 2**23) -> tuple[list[tuple[int, Tensor]], Tensor]:
     """Neighbour lists -> ``S = D^{-1/2} W D^{-1/2}`` in row blocks of CSR.
 
     ``A`` holds each row's kept similarities (``idx ≥ 0`` and ``sim > threshold``), as a CSR
@@ -555,11 +555,11 @@ class KnnGraphBuilder:
                     if k_e > 0:
                         bar = tqdm(total=n * T, desc=f"neighbours {info['name']} ({method})", unit="tok",
                                    unit_scale=True, disable=not progress or n * T < 50_000, leave=False)
-                        _, _, order = inter_image_knn(
+                        order = inter_image_knn(
                             x, y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
                             ef_search=self.ef_search, ef_construction=self.ef_construction, list_size=self.list_size,
                             max_chunk_elements=self.max_chunk_elements, seed=self.seed, progress=bar.update,
-                            out=(idx[:, k_a:], sim[:, k_a:]), return_order=True)
+                            out=(idx[:, k_a:], sim[:, k_a:]), return_order=True)[2]  # (keeping no view of the lists)
                         bar.close()
                     del x, y
                     t1 = time.perf_counter()

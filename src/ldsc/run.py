@@ -117,8 +117,10 @@ def write_stages(out_dir: str, stages: dict) -> None:
     """``<out_dir>/stages.json``: seconds and peak memory of each stage (features, graphs, fit)."""
     import json
 
+    from ldsc.atomic import atomic_write_text
+
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    (Path(out_dir) / "stages.json").write_text(json.dumps(stages, indent=1))
+    atomic_write_text(Path(out_dir) / "stages.json", json.dumps(stages, indent=1))
     log.info("stages: %s", ", ".join(f"{k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB" for k, v in stages.items()))
 
 
