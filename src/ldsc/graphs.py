@@ -161,21 +161,23 @@ def relabel_lists(idx: Tensor, sim: Tensor, order: Tensor, rows_per_chunk: int =
     return new_idx, new_sim
 
 
-def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1,
-                                block_entries: int = 2**23) -> tuple[list[tuple[int, Tensor]], Tensor]:
+def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1, block_entries: int = 2**23,
+                                free: list | None = None) -> tuple[list[tuple[int, Tensor]], Tensor]:
     """Neighbour lists -> ``S = D^{-1/2} W D^{-1/2}`` in row blocks of CSR.
 
-    ``A`` holds each row's kept similarities (``idx ≥ 0`` and ``sim > threshold``), as a CSR
-    matrix made from the lists themselves (dropped entries become explicit zeros, so every row keeps
-    its ``k`` slots and nothing is copied); ``Aᵀ`` is one CSR transposition (``O(nnz)``);
-    ``W = (A + Aᵀ)/2`` and its degrees are formed one block of rows at a time. Memory: the lists,
-    ``Aᵀ`` and ``W`` (each ``O(N·k)``). The lists are overwritten in place (their int32/float32
-    arrays are ``A``'s).
+    ``A`` holds each row's kept similarities (``idx ≥ 0`` and ``sim > threshold``);
+    ``W = (A + Aᵀ)/2``. In ``O(nnz)`` time and ``O(N·k)`` memory, one block of rows at a time:
+    the lists become compact CSR blocks of ``A``; ``Aᵀ`` is formed directly in the same row blocks
+    (entries counted per column, then placed after one sort per block); block ``b`` of ``W`` is
+    ``A_b + (Aᵀ)_b``, after which both are freed, so ``A``, ``Aᵀ`` and ``W`` are never all held
+    whole at once.
 
     Args:
         idx: ``(N, k)`` neighbour ids (``-1``: none), any integer dtype; sim: ``(N, k)`` similarities.
         threshold: similarities at or below are dropped.
-        block_entries: about this many entries of ``W`` per block.
+        block_entries: about this many list entries per block.
+        free: a list holding the caller's only references to ``idx`` and ``sim``; it is cleared
+            once they are read, so their memory is released before ``Aᵀ`` and ``W`` are formed.
 
     Returns:
         ``(blocks, degree)`` with ``blocks = [(first_row, torch CSR (rows, N) float32)]``.
@@ -183,29 +185,56 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
     import scipy.sparse as sp
 
     n, k = idx.shape
-    cols = idx.numpy()
-    if cols.dtype != np.int32:
-        cols = cols.astype(np.int32)
-    vals = sim.numpy()
-    if vals.dtype != np.float32:
-        vals = vals.astype(np.float32)
-    drop = (cols < 0) | ~(vals > threshold)
-    np.copyto(cols, np.arange(n, dtype=np.int32)[:, None], where=drop)  # a zero on the diagonal
-    np.copyto(vals, np.float32(0.0), where=drop)
-    del drop
-    indptr = np.arange(0, n * k + 1, k, dtype=np.int64 if n * k >= 2**31 else np.int32)
-    A = sp.csr_matrix((vals.reshape(-1), cols.reshape(-1), indptr), shape=(n, n), copy=False)
-    AT = A.T.tocsr()  # rows of Aᵀ, one O(nnz) pass
-    rows_per_block = max(1, block_entries // max(2 * k, 1))
+    rows_per_block = max(1, block_entries // max(k, 1))
+    starts = list(range(0, n, rows_per_block))
+    ends = starts[1:] + [n]
+    # 1. A in compact CSR blocks (kept entries only, columns sorted within a row)
+    A, colcount = [], np.zeros(n, dtype=np.int64)
+    for r0, r1 in zip(starts, ends):
+        cols = idx[r0:r1].numpy().astype(np.int32)
+        vals = sim[r0:r1].numpy().astype(np.float32)
+        keep = (cols >= 0) & (vals > threshold)
+        indptr = np.zeros(r1 - r0 + 1, dtype=np.int64)
+        np.cumsum(keep.sum(1), out=indptr[1:])
+        Ab = sp.csr_matrix((vals[keep], cols[keep], indptr), shape=(r1 - r0, n))
+        Ab.sort_indices()
+        colcount += np.bincount(Ab.indices, minlength=n)
+        A.append(Ab)
+        del cols, vals, keep
+    if free is not None:
+        free.clear()
+    del idx, sim
+    # 2. Aᵀ in the same row blocks: entry (r, c, v) of A goes to row c of Aᵀ, after the entries
+    #    of earlier blocks of A (so every row of Aᵀ comes out with sorted columns)
+    T_ptr = [np.concatenate([[0], np.cumsum(colcount[r0:r1])]) for r0, r1 in zip(starts, ends)]
+    T_ind = [np.empty(int(p[-1]), dtype=np.int32) for p in T_ptr]
+    T_val = [np.empty(int(p[-1]), dtype=np.float32) for p in T_ptr]
+    filled = np.zeros(n, dtype=np.int64)
+    bounds = np.asarray(starts + [n])
+    for r0, Ab in zip(starts, A):
+        rows = (np.repeat(np.arange(Ab.shape[0], dtype=np.int64), np.diff(Ab.indptr)) + r0).astype(np.int32)
+        perm = np.argsort(Ab.indices, kind="stable")
+        c = Ab.indices[perm]
+        within = np.arange(c.size) - np.searchsorted(c, c, side="left")  # rank among this block's entries of column c
+        offset = filled[c] + within
+        filled += np.bincount(c, minlength=n)
+        cut = np.searchsorted(c, bounds)
+        for b in range(len(starts)):
+            lo, hi = cut[b], cut[b + 1]
+            if lo < hi:
+                pos = T_ptr[b][c[lo:hi] - starts[b]] + offset[lo:hi]
+                T_ind[b][pos] = rows[perm[lo:hi]]
+                T_val[b][pos] = Ab.data[perm[lo:hi]]
+        del rows, perm, c, within, offset, cut
+    # 3. W = (A + Aᵀ)/2 block by block, freeing each block of A and Aᵀ once used
     pieces, degree = [], np.zeros(n, dtype=np.float64)
-    for r0 in range(0, n, rows_per_block):
-        r1 = min(n, r0 + rows_per_block)
-        B = (A[r0:r1] + AT[r0:r1]) * np.float32(0.5)  # sums mutual neighbours; zeros are not stored
-        B.eliminate_zeros()
-        B.sort_indices()
+    for b, (r0, r1) in enumerate(zip(starts, ends)):
+        ATb = sp.csr_matrix((T_val[b], T_ind[b], T_ptr[b]), shape=(r1 - r0, n))
+        B = (A[b] + ATb) * np.float32(0.5)  # sums mutual neighbours
+        A[b] = T_val[b] = T_ind[b] = T_ptr[b] = ATb = None
         degree[r0:r1] = np.asarray(B.sum(1)).ravel()
         pieces.append((r0, B))
-    del A, AT
+    del A, T_val, T_ind, T_ptr
     dinv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
     blocks = []
     with warnings.catch_warnings():
@@ -543,13 +572,13 @@ class KnnGraphBuilder:
                     x, y = pairs[j]
                     pairs[j] = None  # freed after the search, before the symmetrisation
                     t0 = time.perf_counter()
-                    idx_a, sim_a = intra_image_knn(x, y, T, self.k_intra, max_chunk_elements=self.max_chunk_elements)
-                    k_a = idx_a.shape[1]
+                    k_a = min(self.k_intra, T - 1)
                     k_e = min(self.k_inter, n * T - T) if n > 1 else 0
                     idx = torch.empty(n * T, k_a + k_e, dtype=torch.int32)  # both searches' lists, int32
                     sim = torch.empty(n * T, k_a + k_e, dtype=torch.float32)
-                    idx[:, :k_a], sim[:, :k_a] = idx_a, sim_a
-                    del idx_a, sim_a
+                    if k_a > 0:
+                        intra_image_knn(x, y, T, k_a, max_chunk_elements=self.max_chunk_elements,
+                                        out=(idx[:, :k_a], sim[:, :k_a]))
                     t_intra = time.perf_counter()
                     order = None
                     if k_e > 0:
@@ -566,8 +595,9 @@ class KnnGraphBuilder:
                     self.timings["search"] += t1 - t0
                     if order is not None:  # store similar tokens next to each other (cache-local products)
                         idx, sim = relabel_lists(idx, sim, order)
-                    blocks, degree = symmetric_normalized_blocks(idx, sim, self.threshold)
+                    lists = [idx, sim]
                     del idx, sim
+                    blocks, degree = symmetric_normalized_blocks(*lists, self.threshold, free=lists)
                     if order is not None:
                         degree = degree[DatasetGraph.inverse(order)]
                     self.timings["symmetrize"] += time.perf_counter() - t1

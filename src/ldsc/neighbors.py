@@ -52,7 +52,7 @@ def _empty(n: int, k: int) -> tuple[Tensor, Tensor]:
 
 
 def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: bool = True,
-                    max_chunk_elements: int = 2**24) -> tuple[Tensor, Tensor]:
+                    max_chunk_elements: int = 2**24, out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Exact ``k`` nearest tokens of the same image.
 
     Args:
@@ -61,6 +61,7 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
         k: neighbours per token (at most ``T - 1``).
         exclude_self: drop the token itself (the diagonal).
         max_chunk_elements: similarities held at once (``images_per_block × T²``).
+        out: ``(idx, sim)`` ``(N, k)`` tensors (or views) to write into (any integer dtype for ``idx``).
 
     Returns:
         ``(idx (N, k), sim (N, k))`` with global token ids.
@@ -72,8 +73,9 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
         return _empty(n, max(k, 0))
     xb, yb = x.view(n_images, tokens, -1), y.view(n_images, tokens, -1)
     per = max(1, max_chunk_elements // (tokens * tokens))
-    idx = torch.empty(n_images, tokens, k, dtype=torch.long)
-    sim = torch.empty(n_images, tokens, k, dtype=torch.float32)
+    if out is None:
+        out = (torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32))
+    idx, sim = out
     diag = torch.arange(tokens)
     for s in range(0, n_images, per):
         e = min(n_images, s + per)
@@ -81,9 +83,10 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
         if exclude_self:
             S[:, diag, diag] = float("-inf")
         v, j = S.topk(k, dim=2)
-        sim[s:e] = v.cpu()
-        idx[s:e] = (j + (torch.arange(s, e, device=j.device) * tokens).view(-1, 1, 1)).cpu()
-    return idx.view(n, k), sim.view(n, k)
+        rows = slice(s * tokens, e * tokens)
+        sim[rows] = v.reshape(-1, k).cpu()
+        idx[rows] = (j + (torch.arange(s, e, device=j.device) * tokens).view(-1, 1, 1)).reshape(-1, k).cpu().to(idx.dtype)
+    return idx, sim
 
 
 def _exact_inter(x: Tensor, y: Tensor, tokens: int, k: int, max_chunk_elements: int,
