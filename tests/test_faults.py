@@ -55,3 +55,94 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path):
         atomic_torch_save({"eigvecs": Unpicklable()}, target)
     assert torch.equal(torch.load(target, weights_only=True)["eigvecs"], torch.ones(1))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _start(args, tmp_path):
+    """``python -m ldsc.run ARGS`` started in the background (a real process that can be signalled)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+    return subprocess.Popen([sys.executable, "-m", "ldsc.run", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=180):
+    import time
+
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, f"the run ended before {path} was written: {proc.communicate()[1][-2000:]}"
+        assert time.time() - t < timeout, f"{path} was not written within {timeout} s"
+        time.sleep(0.2)
+
+
+def _long_run(tmp_path, name, epochs, tol=0):
+    """A tiny data-set run that keeps iterating (tolerance 0) for ``epochs`` epochs of one LOBPCG
+    iteration, checkpointing every epoch."""
+    from conftest import TINY
+
+    return [*TINY, f"solver.tol={tol}", "solver.iters_per_step=1", f"trainer.max_epochs={epochs}",
+            f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / name}"]
+
+
+def test_sigterm_saves_a_checkpoint_exits_nonzero_and_the_run_resumes(tmp_path):
+    import signal
+
+    from conftest import run_cli
+
+    args = _long_run(tmp_path, "run", 100000)
+    proc = _start(args, tmp_path)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    _wait_for(ckpt, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ldsc: error: Stopped by SIGTERM") and "resume=true" in last, err[-2000:]
+    assert "Traceback" not in err
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert int(state["state_dict"]["iterations"]) >= 1
+    # resuming (now with the default tolerance) finishes the run
+    res = run_cli([*_long_run(tmp_path, "run", 100000, tol=1e-3), "resume=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert load_eigenvectors(tmp_path / "run")["eigvecs"].shape == (2, 4, 16, 16)
+
+
+def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
+    import signal
+    import time
+
+    from conftest import run_cli
+
+    epochs = 150
+    full = run_cli(_long_run(tmp_path, "full", epochs))
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = _start(_long_run(tmp_path, "split", epochs), tmp_path)
+    ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
+    _wait_for(ckpt, proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
+    assert done < epochs - 1, "the run finished before it was killed: the test would not test resuming"
+    res = run_cli([*_long_run(tmp_path, "split", epochs), "resume=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = load_eigenvectors(tmp_path / "full")["eigvecs"]
+    b = load_eigenvectors(tmp_path / "split")["eigvecs"]
+    torch.testing.assert_close(a, b)
+
+
+def test_a_second_run_in_a_busy_folder_is_refused(compose, tmp_path):
+    from conftest import TINY
+
+    from ldsc.atomic import folder_lock
+    from ldsc.errors import ConfigError
+    from ldsc.run import fit
+
+    cfg = compose(TINY, out=tmp_path / "busy")
+    with folder_lock(tmp_path / "busy"):  # another run holds the folder
+        with pytest.raises(ConfigError, match="is in use by another run"):
+            fit(cfg)
+    fit(cfg)  # free again: the run goes ahead
+    assert (tmp_path / "busy" / "eigvecs.pt").is_file()

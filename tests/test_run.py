@@ -87,6 +87,17 @@ def test_single_image_mode_uses_64_grid_and_no_inter_edges(compose, single_image
     (["data=folder", "data.root=/nonexistent/dir"], DataError, "does not exist"),
     (["data=single", "data.path=/nonexistent.jpg"], DataError, "does not exist"),
     (["K=256"], ConfigError, "must be smaller than the 16x16=256 pixels"),
+    (["K=2.5"], ConfigError, r"K must be a whole number, not 2\.5"),
+    (["K=abc"], ConfigError, "K must be a whole number, not 'abc'"),
+    (["K=0"], ConfigError, "K=0 must be at least 1"),
+    (["graph.k_intra=-3"], ConfigError, "graph.k_intra=-3 must be at least 0"),
+    (["graph.k_intra=0", "graph.k_inter=0"], ConfigError, "both 0: the graphs would have no edges"),
+    (["graph.threshold=2"], ConfigError, r"graph.threshold=2 must be in \[-1.0, 1.0\)"),
+    (["graph.heads=bogus"], ConfigError, "graph.heads must be one of"),
+    (["data.batch_size=0"], ConfigError, "data.batch_size=0 must be at least 1"),
+    (["trainer.max_epochs=0"], ConfigError, "trainer.max_epochs=0 must be at least 1"),
+    (["solver.tol=-1"], ConfigError, "solver.tol=-1 must be at least 0.0"),
+    (["graph.threshold=0.999"], ConfigError, "has no edges with graph.threshold=0.999"),
 ])
 def test_bad_inputs_give_one_sentence(compose, overrides, error, pattern):
     cfg = compose([*SMALL, *overrides])

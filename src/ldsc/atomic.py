@@ -1,12 +1,12 @@
-"""Atomic file writes: write to a temporary file next to the target, then rename over it.
-
-A reader never sees a half-written file, and a failed write (full disk, killed process) leaves
-the previous file, if any, untouched.
+"""Safe outputs: atomic file writes (a temporary file next to the target, renamed over it: a
+reader never sees a half-written file, and a failed write leaves the previous file untouched) and
+a lock that keeps two runs out of one output folder.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -35,3 +35,34 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
     import torch
 
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+@contextmanager
+def folder_lock(folder: str | Path):
+    """Hold ``<folder>/.ldsc.lock`` (an exclusive ``flock``) for the duration of a run; a second run
+    in the same folder is refused with one sentence. The lock dies with its process, so a killed
+    run never leaves a stale lock behind."""
+    import fcntl
+
+    from ldsc.errors import ConfigError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fh = open(folder / ".ldsc.lock", "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        owner = fh.read().strip() or "another process"
+        fh.close()
+        raise ConfigError(f"The output folder '{folder}' is in use by another run ({owner}): wait for it to end or "
+                          f"choose another hydra.run.dir.") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()}")
+    fh.flush()
+    try:
+        yield
+    finally:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()

@@ -10,6 +10,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ldsc import interrupt
+
 from ldsc.export import save_eigenvectors, write_figures
 
 log = logging.getLogger(__name__)
@@ -65,11 +67,30 @@ class SolverCheckpoint(L.Callback):
         if trainer.is_global_zero:
             os.replace(tmp, self.last_path)
 
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        interrupt.training = True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if interrupt.requested:  # a signal arrived: the solver stopped at an iteration boundary
+            self.save(trainer)
+            out = self.dirpath.parent
+            raise interrupt.RunInterrupted(
+                f"Stopped by {interrupt.requested}; the solver's state is saved in {self.last_path}: continue with "
+                f"the same command plus `resume=true hydra.run.dir={out}`.",
+                interrupt.signal_number(interrupt.requested))
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):  # raised by Lightning at a batch boundary: state is whole
+            self.save(trainer)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0 or trainer.should_stop:
             self.save(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        interrupt.training = False
         if not self.last_path.exists():
             self.save(trainer)
 

@@ -238,6 +238,7 @@ class ImageDataModule(L.LightningDataModule):
                 self.stages["graphs"]["layers"] = getattr(self.graph_builder, "layer_timings", [])
             else:  # e.g. attention graphs: dense per image, built like one batch holding every image
                 self.graphs = self.graph_builder(store.features(range(store.n_images)), self.base_size)
+            check_edges(self.graphs, self.graph_builder)
             log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
         return self.graphs
 
@@ -278,6 +279,19 @@ class ImageDataModule(L.LightningDataModule):
                     setattr(layer, name, getattr(layer, name).to(device))
         with torch.no_grad():
             return {"index": batch, "graphs": self.graph_builder(features, self.base_size)}
+
+
+def check_edges(graphs: list, builder) -> None:
+    """Refuse graphs without a single edge (the solver would return its random start)."""
+    from ldsc.errors import ConfigError
+
+    for g in graphs:
+        nnz = g.nnz if hasattr(g, "nnz") else int(g.W._nnz())
+        if nnz == 0:
+            raise ConfigError(
+                f"The graph of layer {g.name} ({g.grid[0]}x{g.grid[1]} tokens per image) has no edges with "
+                f"graph.threshold={getattr(builder, 'threshold', None)}, graph.k_intra={getattr(builder, 'k_intra', None)}, "
+                f"graph.k_inter={getattr(builder, 'k_inter', None)}: lower the threshold, raise the k's or base_size.")
 
 
 def available_memory() -> int | None:

@@ -189,26 +189,26 @@ class ClusterTree:
         C = self.centroids = torch.cat(self.leaves)
         m = min(neighbours, count)
         #: ``(nlist, neighbours)`` each leaf's nearest leaves by centroid, itself first
-        self.near = torch.cat([(C[s:s + 4096] @ C.T).topk(m, 1).indices for s in range(0, count, 4096)])
+        self.near = torch.cat([(C[s:s + 1024] @ C.T).topk(m, 1).indices for s in range(0, count, 1024)])
 
-    def assign(self, v: Tensor, tops: int = 8, chunk: int = 1 << 14) -> Tensor:
-        """Leaf id of every row of ``v`` (see the class docstring)."""
+    def assign(self, v: Tensor, tops: int = 8, chunk: int = 1 << 20) -> Tensor:
+        """Leaf id of every row of ``v`` (see the class docstring), a chunk of rows at a time (the
+        transient memory is a few times ``chunk × tops``, whatever the number of rows)."""
         tops = min(tops, self.top.shape[0])
-        near = torch.empty(v.shape[0], tops, dtype=torch.long)
+        leaf = torch.empty(v.shape[0], dtype=torch.long)
         for s in range(0, v.shape[0], chunk):
-            near[s:s + chunk] = (v[s:s + chunk] @ self.top.T).topk(tops, 1).indices
-        rows_by_top, offsets = _by_list(near.view(-1), self.top.shape[0])  # (row, top) pairs grouped by top
-        del near
-        rows_by_top //= tops
-        leaf = torch.zeros(v.shape[0], dtype=torch.long)
-        best = torch.full((v.shape[0],), float("-inf"))
-        for t, (c, first) in enumerate(zip(self.leaves, self.first)):
-            rows = rows_by_top[offsets[t]:offsets[t + 1]]
-            for s in range(0, rows.numel(), chunk):
-                r = rows[s:s + chunk]
-                val, j = (v[r] @ c.T).max(1)
+            vc = v[s:s + chunk]
+            near = (vc @ self.top.T).topk(tops, 1).indices
+            rows_by_top, offsets = _by_list(near.view(-1), self.top.shape[0])  # (row, top) pairs by top
+            rows_by_top //= tops
+            best = torch.full((vc.shape[0],), float("-inf"))
+            lc = torch.zeros(vc.shape[0], dtype=torch.long)
+            for t in torch.nonzero(offsets[1:] > offsets[:-1]).squeeze(1).tolist():
+                r = rows_by_top[offsets[t]:offsets[t + 1]]
+                val, j = (vc[r] @ self.leaves[t].T).max(1)
                 better = val > best[r]
-                best[r[better]], leaf[r[better]] = val[better], j[better] + first
+                best[r[better]], lc[r[better]] = val[better], j[better] + self.first[t]
+            leaf[s:s + chunk] = lc
         return leaf
 
 

@@ -17,7 +17,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ldsc.atomic import folder_lock
 from ldsc.errors import ConfigError, LdscError
+from ldsc.interrupt import graceful_signals
+from ldsc.validate import validate
 
 log = logging.getLogger("ldsc")
 
@@ -78,7 +81,13 @@ def build_datamodule(cfg: DictConfig):
 
 
 def fit(cfg: DictConfig):
-    """Build everything from ``cfg`` and fit; returns the trained solver."""
+    """Check ``cfg``, take the output folder's lock, build everything and fit; returns the trained solver."""
+    validate(cfg)
+    with folder_lock(cfg.paths.output_dir):
+        return _fit(cfg)
+
+
+def _fit(cfg: DictConfig):
     import lightning as L
     from hydra.utils import instantiate
 
@@ -101,7 +110,7 @@ def fit(cfg: DictConfig):
     for lg in loggers:
         lg.log_hyperparams(resolved)
     try:
-        with stage("fit", datamodule.stages):
+        with stage("fit", datamodule.stages), graceful_signals():
             trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg))
         write_stages(cfg.paths.output_dir, datamodule.stages)
     finally:
@@ -140,13 +149,22 @@ def user_error(err: BaseException) -> LdscError | None:
 def main(cfg: DictConfig) -> None:
     try:
         fit(cfg)
+    except SystemExit as exc:  # Lightning's SIGTERMException when a signal beat the solver's own stop
+        from ldsc import interrupt
+
+        if interrupt.requested is None or exc.code not in (None, 0):
+            raise
+        print(f"ldsc: error: Stopped by {interrupt.requested}; the last checkpoint is in "
+              f"{Path(cfg.paths.output_dir) / 'checkpoints'}: continue with the same command plus `resume=true "
+              f"hydra.run.dir={cfg.paths.output_dir}`.", file=sys.stderr)
+        sys.exit(128 + interrupt.signal_number(interrupt.requested))
     except Exception as exc:
         err = user_error(exc)
         if err is None:
             raise
         log.error("%s", err)
         print(f"ldsc: error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(getattr(err, "exit_code", 1))
 
 
 if __name__ == "__main__":

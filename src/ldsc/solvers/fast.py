@@ -25,6 +25,7 @@ import logging
 import torch
 from torch import Tensor
 
+from ldsc import interrupt
 from ldsc.solvers.base import EigenSolver
 from ldsc.spectral import LayerOperator, lobpcg_start, lobpcg_step, orthonormalize, unflatten_channels
 
@@ -106,7 +107,7 @@ class FastSolver(EigenSolver):
             self.theta.copy_(theta)
             self.started.fill_(True)
         for _ in range(self.iters_per_step):
-            if self.converged():
+            if self.converged() or interrupt.requested:  # a signal: stop at this iteration boundary
                 break
             theta, _, _, _, rn = lobpcg_step(op, X, self.MX, self.theta, self.P, self.MP,
                                              use_directions=bool(self.has_directions))

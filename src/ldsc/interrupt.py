@@ -1,0 +1,60 @@
+"""Graceful stops: SIGINT (Ctrl-C) and SIGTERM (``timeout``, a cluster's pre-emption) end a run
+with a checkpoint and a non-zero exit instead of a lost run or a silent exit 0.
+
+While the solver trains, the first signal only sets :data:`requested`; the solver stops at its next
+iteration, :class:`~ldsc.callbacks.SolverCheckpoint` saves ``last.ckpt`` and raises
+:class:`RunInterrupted`, and the entry point prints one sentence (how to resume) and exits with
+``128 + signal number``. A second Ctrl-C stops at once. Before training has started there is no
+state worth saving, so a signal stops the run immediately.
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+
+from ldsc.errors import LdscError
+
+#: name of the signal received during this run ("SIGINT" / "SIGTERM"), or None
+requested: str | None = None
+#: whether the solver is training (set by SolverCheckpoint): a signal then waits for a checkpoint
+training: bool = False
+
+
+class RunInterrupted(LdscError):
+    """The run was stopped by a signal (its message says whether and where a checkpoint was saved)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + int(signum)
+
+
+def _handler(signum, frame) -> None:
+    global requested
+    name = signal.Signals(signum).name
+    if requested is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    requested = name
+    if not training:
+        raise RunInterrupted(f"Stopped by {name} before the solver started; nothing to resume from "
+                             f"(a finished feature store is kept and reused).", signum)
+
+
+@contextmanager
+def graceful_signals():
+    """Install the handlers for the duration of a run (previous handlers restored after)."""
+    global requested, training
+    requested, training = None, False
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in previous:
+        signal.signal(s, _handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        training = False
+
+
+def signal_number(name: str) -> int:
+    return int(getattr(signal, name))

@@ -1,0 +1,81 @@
+"""Startup checks of the numeric knobs: one sentence per bad value, before any image is read.
+
+Hydra gives every override as the type it parses (``K=2.5`` a float, ``K=abc`` a string), so each
+knob's type and range are checked here rather than discovered later as a traceback or, worse, a
+silently different run (``int(2.5) == 2``).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from ldsc.errors import ConfigError
+
+GRAPH_HEADS = ("concat", "mean", "separate")
+
+
+def _get(cfg: DictConfig, key: str):
+    node = cfg
+    for part in key.split("."):
+        if node is None or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _integer(cfg, key: str, minimum: int, optional: bool = False, hint: str = "") -> None:
+    v = _get(cfg, key)
+    if v is None:
+        if optional:
+            return
+        raise ConfigError(f"{key} must be set to a whole number{hint}.")
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(f"{key} must be a whole number, not {v!r}{hint}.")
+    if v < minimum:
+        raise ConfigError(f"{key}={v} must be at least {minimum}{hint}.")
+
+
+def _number(cfg, key: str, low: float | None = None, high: float | None = None, hint: str = "") -> None:
+    v = _get(cfg, key)
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(f"{key} must be a number, not {v!r}{hint}.")
+    if (low is not None and v < low) or (high is not None and v >= high):
+        rng = f"in [{low}, {high})" if low is not None and high is not None else (f"at least {low}" if low is not None else f"below {high}")
+        raise ConfigError(f"{key}={v} must be {rng}{hint}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`~ldsc.errors.ConfigError` (one sentence) for the first bad knob of ``cfg``."""
+    _integer(cfg, "K", 1)
+    _integer(cfg, "seed", 0)
+    _integer(cfg, "base_size", 2, optional=True)
+    _integer(cfg, "trainer.max_epochs", 1, hint=" (the solver's steps)")
+    _integer(cfg, "data.batch_size", 1, optional=True)
+    _integer(cfg, "data.limit", 1, optional=True)
+    _integer(cfg, "data.num_workers", 0, optional=True)
+    _integer(cfg, "backbone.draws", 1, optional=True)
+    graph = _get(cfg, "graph")
+    if graph is not None and "k_intra" in graph:
+        _integer(cfg, "graph.k_intra", 0)
+        _integer(cfg, "graph.k_inter", 0)
+        if graph.k_intra == 0 and graph.k_inter == 0:
+            raise ConfigError("graph.k_intra and graph.k_inter are both 0: the graphs would have no edges.")
+        _number(cfg, "graph.threshold", -1.0, 1.0, hint=" (similarities are cosines; at or below it edges are dropped)")
+        if graph.get("heads") not in GRAPH_HEADS:
+            raise ConfigError(f"graph.heads must be one of {list(GRAPH_HEADS)}, not {graph.get('heads')!r}.")
+        for key in ("list_size", "nprobe", "max_chunk_elements"):
+            if key in graph:
+                _integer(cfg, f"graph.{key}", 1)
+        _integer(cfg, "graph.exact_max_tokens", 0, optional=True)
+        if graph.get("dim") is not None:
+            _integer(cfg, "graph.dim", 1)
+    solver = _get(cfg, "solver")
+    if solver is not None:
+        if "tol" in solver:
+            _number(cfg, "solver.tol", 0.0)
+        if "iters_per_step" in solver:
+            _integer(cfg, "solver.iters_per_step", 1)
+        if "oversample" in solver:
+            _integer(cfg, "solver.oversample", 0)
