@@ -146,3 +146,22 @@ def test_a_second_run_in_a_busy_folder_is_refused(compose, tmp_path):
             fit(cfg)
     fit(cfg)  # free again: the run goes ahead
     assert (tmp_path / "busy" / "eigvecs.pt").is_file()
+
+
+def test_exif_orientation_is_applied_when_images_are_read(tmp_path):
+    """A phone photo stores its pixels sideways plus an orientation tag: ldsc reads it upright,
+    and reports the upright size to the evaluation's label-map check."""
+    import numpy as np
+    from PIL import Image
+
+    from ldsc.images import image_size, load_image
+
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # stored 40 wide, 20 high
+    pixels[:, :20] = 255  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    Image.fromarray(pixels).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    im = load_image(tmp_path / "phone.jpg")
+    assert im.size == (20, 40) and image_size(tmp_path / "phone.jpg") == (20, 40)
+    up = np.asarray(im).mean(2)
+    assert up[:15].mean() > 200 and up[25:].mean() < 50  # the white half is now on top

@@ -173,9 +173,7 @@ class CocoStuff:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
-        from PIL import Image
+        from ldsc.images import load_image
 
         image_path, label_path = self.pairs[i]
-        with Image.open(image_path) as im:
-            image = im.convert("RGB")
-        return image, read_label_map(label_path, self.label_map)
+        return load_image(image_path), read_label_map(label_path, self.label_map)

@@ -86,16 +86,14 @@ def label_files(files: list[str], labels_dir: str | Path) -> list[Path]:
 def load_labels(files: list[str], label_paths: list[Path], size: int, label_map: str | None) -> np.ndarray:
     """``(n, size, size)`` uint8 label maps, each checked against its image's size and resized
     (nearest) the way the data pipeline resized the image."""
-    from PIL import Image
-
     from ldsc.cocostuff import read_label_map
+    from ldsc.images import image_size
     from ldsc.segment_viz import resize_nearest
 
     out = np.empty((len(files), size, size), dtype=np.uint8)
     for i, (f, lp) in enumerate(zip(files, label_paths)):
         lab = read_label_map(lp, label_map)
-        with Image.open(f) as im:
-            w, h = im.size
+        w, h = image_size(f)  # upright, as the run saw it
         if lab.shape != (h, w):
             raise DataError(f"Label map '{lp}' is {lab.shape[1]}x{lab.shape[0]} but its image '{f}' is "
                             f"{w}x{h}: label maps must have their image's size.")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from ldsc.errors import DataError
 
@@ -24,7 +24,7 @@ SAMPLE_FILES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "mot
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open any image as 8-bit RGB.
+    """Open any image as 8-bit RGB, turned upright by its EXIF orientation tag.
 
     Grayscale, palette, 16-bit, CMYK and images with alpha (composited on white) are converted.
     Raises :class:`DataError` with one sentence if the file is missing or cannot be decoded.
@@ -34,8 +34,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise DataError(f"Image file '{path}' does not exist.")
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
-        with Image.open(path) as im:
-            im.load()
+        with Image.open(path) as raw:
+            raw.load()
+            im = ImageOps.exif_transpose(raw)  # as photo viewers show it (phones store rotated pixels)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 arr = np.asarray(im, dtype=np.float64)
                 arr = 255 * (arr - arr.min()) / max(arr.max() - arr.min(), 1)
@@ -51,6 +52,16 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise
     except Exception as err:  # PIL raises many types for corrupt files
         raise DataError(f"Image file '{path}' cannot be read as an image ({type(err).__name__}: {err}).") from err
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """``(width, height)`` of an image as :func:`load_image` returns it (EXIF orientation applied),
+    read from the header only."""
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # orientations that swap the sides
+            w, h = h, w
+    return w, h
 
 
 def image_tensor(path: str | os.PathLike, size: int) -> torch.Tensor:
