@@ -175,3 +175,24 @@ def test_composite_labels_are_source_ids(tmp_path):
             block = img[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16].reshape(-1, 3)
             assert (lab[r * 16, c * 16] == cell["source"])
             assert np.abs(block.mean(0) - colours[cell["source"]]).max() < 2
+
+
+def test_label_maps_are_matched_by_relative_path_not_by_stem(tmp_path):
+    """Two images named x.jpg in different subfolders get their own label maps; a flat label
+    folder still works for unique names; shared names without mirrored labels are refused."""
+    from ldsc.errors import DataError
+    from ldsc.evaluate import label_files
+
+    imgs, labels = tmp_path / "imgs", tmp_path / "labels"
+    for sub in ("a", "b"):
+        (imgs / sub).mkdir(parents=True)
+        (imgs / sub / "x.jpg").write_bytes(b"")
+        (labels / sub).mkdir(parents=True)
+        (labels / sub / "x.png").write_bytes(b"")
+    (imgs / "a" / "y.jpg").write_bytes(b"")
+    (labels / "y.png").write_bytes(b"")  # unique stem: found in the flat folder
+    files = [str(imgs / "a" / "x.jpg"), str(imgs / "b" / "x.jpg"), str(imgs / "a" / "y.jpg")]
+    assert label_files(files, labels) == [labels / "a" / "x.png", labels / "b" / "x.png", labels / "y.png"]
+    (labels / "b" / "x.png").unlink()
+    with pytest.raises(DataError, match="2 images are named 'x'"):
+        label_files(files, labels)

@@ -22,7 +22,7 @@ pixel accuracy come from the confusion matrix. What/where is measured on the bas
 labels resized to it (nearest), on the eigenvectors as exported (no row normalisation).
 
 Labels: ``--labels DIR`` is a folder of single-channel PNGs named like the images
-(``<image stem>.png``), values = class ids, 255 = unlabelled, each the size of its image.
+(``<image path relative to the images' folder>.png``, or ``<stem>.png`` in one flat folder), values = class ids, 255 = unlabelled, each the size of its image.
 ``--label-map cocostuff27`` converts official COCO-Stuff stuff+things maps to the 27 coarse
 classes. Class names come from the label map or from ``DIR/classes.json`` (a list) if present.
 Without ``--labels`` only the label-free parts (positions, figures) are computed.
@@ -68,18 +68,31 @@ def load_run(run_dir: str | Path) -> dict:
 
 
 def label_files(files: list[str], labels_dir: str | Path) -> list[Path]:
-    """The label PNG of every image, matched by file stem; one sentence when any is missing."""
+    """The label PNG of every image: ``<labels_dir>/<its path relative to the images' common
+    folder>.png`` (so label folders can mirror image subfolders), else ``<labels_dir>/<stem>.png``
+    when no other image has that stem; one sentence when any is missing or ambiguous."""
+    from collections import Counter
+
     labels_dir = Path(labels_dir)
     if not labels_dir.is_dir():
         raise DataError(f"Label folder '{labels_dir}' does not exist.")
-    found = {p.stem: p for p in labels_dir.glob("*.png")}
+    root = Path(os.path.commonpath([str(Path(f).parent) for f in files])) if files else Path(".")
+    stems = Counter(Path(f).stem for f in files)
     paths, missing = [], []
     for f in files:
-        p = found.get(Path(f).stem)
+        rel = Path(f).relative_to(root).with_suffix(".png")
+        p = labels_dir / rel
+        if not p.is_file():
+            flat = labels_dir / f"{Path(f).stem}.png"
+            if stems[Path(f).stem] > 1:
+                raise DataError(f"{stems[Path(f).stem]} images are named '{Path(f).stem}' (e.g. '{f}'): put their "
+                                f"label maps at the images' relative paths under '{labels_dir}' (e.g. '{p}').")
+            p = flat if flat.is_file() else None
         (paths if p is not None else missing).append(p if p is not None else f)
     if missing:
+        rel = Path(missing[0]).relative_to(root).with_suffix(".png")
         raise DataError(f"{len(missing)} of {len(files)} images have no label map in '{labels_dir}' "
-                        f"(e.g. '{Path(missing[0]).stem}.png' for image '{missing[0]}').")
+                        f"(e.g. '{rel}' for image '{missing[0]}').")
     return paths
 
 
