@@ -165,3 +165,27 @@ def test_exif_orientation_is_applied_when_images_are_read(tmp_path):
     assert im.size == (20, 40) and image_size(tmp_path / "phone.jpg") == (20, 40)
     up = np.asarray(im).mean(2)
     assert up[:15].mean() > 200 and up[25:].mean() < 50  # the white half is now on top
+
+
+def test_a_failed_export_names_the_folder_and_keeps_the_checkpoint(compose, tmp_path, monkeypatch):
+    """A full disk at export time (simulated: the write raises ENOSPC): one sentence, the
+    checkpoint written before the export survives, and resuming then exports."""
+    import errno
+
+    from conftest import TINY
+
+    import ldsc.export
+    from ldsc.run import fit
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cfg = compose(TINY, out=tmp_path / "run")
+    monkeypatch.setattr(ldsc.export, "atomic_torch_save", full_disk)
+    with pytest.raises(DataError, match="No space left on device.*resume=true"):
+        fit(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "run" / "eigvecs.pt").exists()
+    monkeypatch.undo()
+    fit(compose([*TINY, "resume=true"], out=tmp_path / "run"))
+    assert load_eigenvectors(tmp_path / "run")["eigvecs"].shape == (2, 4, 16, 16)

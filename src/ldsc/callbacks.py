@@ -110,12 +110,20 @@ class ExportEigenvectors(L.Callback):
         if not trainer.is_global_zero:
             return
         files = trainer.datamodule.prepare_files()
-        E = save_eigenvectors(self.output_dir, pl_module.eigenvectors(), files, self.run_config,
-                              keep_order=pl_module.eigenvalue_ordered)
-        log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
+        try:
+            E = save_eigenvectors(self.output_dir, pl_module.eigenvectors(), files, self.run_config,
+                                  keep_order=pl_module.eigenvalue_ordered)
+            log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
+            if self.figures:
+                self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)
+                log.info("figures written to %s", self.output_dir / "figures")
+        except OSError as err:  # full disk, read-only or vanished folder: the checkpoint is already written
+            from ldsc.errors import DataError
+
+            raise DataError(f"Could not write the outputs to '{self.output_dir}' ({err.strerror or err}); the solver's "
+                            f"state is in its checkpoints/last.ckpt: free space or fix the folder, then run the same "
+                            f"command with `resume=true hydra.run.dir={self.output_dir}` to export.") from None
         if self.figures:
-            self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)
-            log.info("figures written to %s", self.output_dir / "figures")
             self._log_images(trainer)
 
     def _log_images(self, trainer: L.Trainer) -> None:
