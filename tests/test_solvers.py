@@ -154,6 +154,14 @@ def test_alignment_monitor_can_be_switched_off_and_skips_large_runs(compose, tmp
                   out=tmp_path / "big")
     run_fit(cfg)
     assert not logged(metrics(cfg), "train/alignment")
+    # K so large for the nodes that the reference would outlast the solve (K² x nodes > max_work)
+    cfg = compose([*TINY, "logger=csv", "trainer.max_epochs=1", "callbacks.alignment.max_work=1000"],
+                  out=tmp_path / "costly")
+    run_fit(cfg)
+    assert not logged(metrics(cfg), "train/alignment")
+    cfg = compose([*TINY, "logger=csv", "trainer.max_epochs=1"], out=tmp_path / "affordable")
+    run_fit(cfg)
+    assert logged(metrics(cfg), "train/alignment")  # the same run within budget is monitored
 
 
 def test_exact_solver_refuses_a_graph_set_too_large(compose):

@@ -180,10 +180,14 @@ class AlignmentMonitor(L.Callback):
         enabled: switch the monitor off without removing it from the config.
         max_tokens: largest ``n_images · H · W`` for which the reference is computed.
         every_n_epochs: log every this many epochs (and always after the last).
+        max_work: largest ``K² · n_images · H · W`` for which the reference is computed (an ``eigsh``
+            of ``K`` vectors costs about that; e.g. ``K=1500`` on one 64×64 image is skipped).
     """
 
-    def __init__(self, enabled: bool = True, max_tokens: int = 50_000, every_n_epochs: int = 1):
+    def __init__(self, enabled: bool = True, max_tokens: int = 50_000, every_n_epochs: int = 1,
+                 max_work: float = 2e9):
         self.enabled, self.max_tokens, self.every_n_epochs = enabled, int(max_tokens), max(1, int(every_n_epochs))
+        self.max_work = float(max_work)
         self.reference: torch.Tensor | None = None
         self.history: list[tuple[int, float, float]] = []
         self.overhead = 0.0
@@ -200,6 +204,11 @@ class AlignmentMonitor(L.Callback):
         if tokens > self.max_tokens:
             log.info("alignment monitor off: %d base-grid nodes > max_tokens=%d (the exact reference is an eigsh "
                      "of the whole-data-set operator)", tokens, self.max_tokens)
+            return
+        K = int(pl_module.K)
+        if K * K * tokens > self.max_work:
+            log.info("alignment monitor off: K=%d on %d nodes would make its exact reference (eigsh, ~K²·N work) "
+                     "slower than the solve itself; compare with a run of solver=exact instead", K, tokens)
             return
         if not dm.graphs_are_exact():
             log.info("alignment monitor off: the graphs were built by approximate search (graph.search); "
