@@ -189,3 +189,34 @@ def test_a_failed_export_names_the_folder_and_keeps_the_checkpoint(compose, tmp_
     monkeypatch.undo()
     fit(compose([*TINY, "resume=true"], out=tmp_path / "run"))
     assert load_eigenvectors(tmp_path / "run")["eigvecs"].shape == (2, 4, 16, 16)
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    ("truncate", "is not a readable ldsc checkpoint"),
+    ("pickle", "holds objects other than tensors"),
+    ("other_run", "was written by a different run"),
+])
+def test_bad_checkpoints_are_named_and_earlier_outputs_kept(compose, tmp_path, damage, pattern, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were the payload ever run, it would only write here
+    from conftest import TINY
+
+    from ldsc.errors import ConfigError
+    from ldsc.run import fit
+
+    out = tmp_path / "run"
+    fit(compose(TINY, out=out))
+    ckpt = out / "checkpoints" / "last.ckpt"
+    before = (out / "eigvecs.pt").read_bytes()
+    if damage == "truncate":
+        data = ckpt.read_bytes()
+        ckpt.write_bytes(data[: len(data) // 3])
+    elif damage == "pickle":
+        state = torch.load(ckpt, weights_only=False)
+        state["evil"] = _Payload()
+        torch.save(state, ckpt)
+    else:  # a checkpoint of a run with another K
+        fit(compose([*TINY, "K=3"], out=tmp_path / "k3"))
+        ckpt.write_bytes((tmp_path / "k3" / "checkpoints" / "last.ckpt").read_bytes())
+    with pytest.raises(ConfigError, match=pattern):
+        fit(compose([*TINY, "resume=true"], out=out))
+    assert (out / "eigvecs.pt").read_bytes() == before  # the earlier run's outputs are untouched

@@ -59,6 +59,33 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return None
 
 
+def check_checkpoint(path: str, solver) -> None:
+    """Refuse, in one sentence, a checkpoint that cannot be read safely (``weights_only``), is
+    corrupt, or was written by a run with other images, K or base grid than ``solver``."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"Checkpoint '{path}' holds objects other than tensors and plain containers, so it was "
+                          f"not loaded (loading it could run code): {str(e).splitlines()[0][:160]}") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise ConfigError(f"Checkpoint '{path}' is not a readable ldsc checkpoint (truncated or corrupt: "
+                          f"{str(e).splitlines()[0][:160]}); delete it to start over, or pass another ckpt_path.") from None
+    own = solver.state_dict()
+    for name, t in own.items():
+        if name in state and tuple(state[name].shape) != tuple(t.shape):
+            raise ConfigError(f"Checkpoint '{path}' was written by a different run ({name} is "
+                              f"{tuple(state[name].shape)}, this run's is {tuple(t.shape)}: other images, K, base_size "
+                              f"or solver settings): resume with the same settings, or use a fresh hydra.run.dir.")
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise ConfigError(f"Checkpoint '{path}' was written by another solver (it lacks {', '.join(missing[:3])}): "
+                          f"resume with the same solver=, or use a fresh hydra.run.dir.")
+
+
 def solver_class(cfg: DictConfig):
     """The solver class named by ``cfg.solver._target_`` (not instantiated)."""
     from hydra.utils import get_class
@@ -110,8 +137,11 @@ def _fit(cfg: DictConfig):
     for lg in loggers:
         lg.log_hyperparams(resolved)
     try:
+        ckpt = checkpoint_to_resume(cfg)
+        if ckpt:
+            check_checkpoint(ckpt, solver)
         with stage("fit", datamodule.stages), graceful_signals():
-            trainer.fit(solver, datamodule=datamodule, ckpt_path=checkpoint_to_resume(cfg))
+            trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         write_stages(cfg.paths.output_dir, datamodule.stages)
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
