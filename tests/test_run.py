@@ -86,6 +86,8 @@ def test_single_image_mode_uses_64_grid_and_no_inter_edges(compose, single_image
 @pytest.mark.parametrize("overrides,error,pattern", [
     (["data=folder", "data.root=/nonexistent/dir"], DataError, "does not exist"),
     (["data=single", "data.path=/nonexistent.jpg"], DataError, "does not exist"),
+    (["data=single", "data.path=/tmp"], DataError, "is a folder, not an image: use data=folder"),
+    (["data=folder", "data.root=/tmp", "data.limit=0"], ConfigError, "data.limit=0 must be at least 1"),
     (["K=256"], ConfigError, "must be smaller than the 16x16=256 pixels"),
     (["K=2.5"], ConfigError, r"K must be a whole number, not 2\.5"),
     (["K=abc"], ConfigError, "K must be a whole number, not 'abc'"),

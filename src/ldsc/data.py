@@ -335,6 +335,8 @@ class SingleImageDataModule(ImageDataModule):
 
     def find_images(self) -> list[str]:
         path = Path(os.path.expanduser(str(self.path)))
+        if path.is_dir():
+            raise DataError(f"'{path}' is a folder, not an image: use data=folder data.root={path} for all its images.")
         if not path.is_file():
             raise DataError(f"Image file '{path}' does not exist.")
         load_image(path)  # one sentence if it cannot be read
