@@ -94,10 +94,12 @@ class DatasetGraph:
     """
 
     def __init__(self, name: str, grid: tuple[int, int], n_images: int, blocks: list[tuple[int, Tensor]],
-                 degree: Tensor, weight: float = 1.0, order: Tensor | None = None):
+                 degree: Tensor, weight: float = 1.0, order: Tensor | None = None, rank: Tensor | None = None):
         self.name, self.grid, self.n_images, self.weight = name, tuple(grid), int(n_images), float(weight)
         self.blocks, self.degree, self.order = blocks, degree, order
-        self.rank = None if order is None else self.inverse(order)  # rank[token] = its stored node
+        if order is not None and rank is None:
+            rank = self.inverse(order)
+        self.rank = rank  # rank[token] = its stored node
 
     @staticmethod
     def inverse(order: Tensor) -> Tensor:
@@ -134,7 +136,8 @@ class DatasetGraph:
 
     def to(self, device) -> "DatasetGraph":
         return DatasetGraph(self.name, self.grid, self.n_images, [(s, b.to(device)) for s, b in self.blocks],
-                            self.degree.to(device), self.weight, None if self.order is None else self.order.to(device))
+                            self.degree.to(device), self.weight, None if self.order is None else self.order.to(device),
+                            None if self.rank is None else self.rank.to(device))
 
 
 def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor) -> Tensor:
@@ -147,11 +150,13 @@ def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor) -> Tensor:
     return out
 
 
-def relabel_lists(idx: Tensor, sim: Tensor, order: Tensor, rows_per_chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+def relabel_lists(idx: Tensor, sim: Tensor, order: Tensor, rank: Tensor | None = None,
+                  rows_per_chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
     """Neighbour lists of tokens -> the same lists with nodes relabelled by ``order`` (node ``r``
-    is token ``order[r]``): rows permuted, ids mapped through the inverse (``-1`` kept)."""
+    is token ``order[r]``; ``rank`` its inverse, computed when not given): rows permuted, ids
+    mapped through the inverse (``-1`` kept)."""
     n = idx.shape[0]
-    rank = DatasetGraph.inverse(order)
+    rank = DatasetGraph.inverse(order) if rank is None else rank
     new_idx, new_sim = torch.empty_like(idx), torch.empty_like(sim)
     for s in range(0, n, rows_per_chunk):
         rows = order[s:s + rows_per_chunk]
@@ -198,7 +203,8 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
         np.cumsum(keep.sum(1), out=indptr[1:])
         Ab = sp.csr_matrix((vals[keep], cols[keep], indptr), shape=(r1 - r0, n))
         Ab.sort_indices()
-        colcount += np.bincount(Ab.indices, minlength=n)
+        cols_used, counts = np.unique(Ab.indices, return_counts=True)  # O(block), not O(N), per block
+        colcount[cols_used] += counts
         A.append(Ab)
         del cols, vals, keep
     if free is not None:
@@ -215,9 +221,11 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
         rows = (np.repeat(np.arange(Ab.shape[0], dtype=np.int64), np.diff(Ab.indptr)) + r0).astype(np.int32)
         perm = np.argsort(Ab.indices, kind="stable")
         c = Ab.indices[perm]
-        within = np.arange(c.size) - np.searchsorted(c, c, side="left")  # rank among this block's entries of column c
+        first = np.searchsorted(c, c, side="left")
+        within = np.arange(c.size) - first  # rank among this block's entries of column c
         offset = filled[c] + within
-        filled += np.bincount(c, minlength=n)
+        heads = np.flatnonzero(first == np.arange(c.size))  # first entry of each column present
+        filled[c[heads]] += np.diff(np.append(heads, c.size))
         cut = np.searchsorted(c, bounds)
         for b in range(len(starts)):
             lo, hi = cut[b], cut[b + 1]
@@ -225,7 +233,7 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
                 pos = T_ptr[b][c[lo:hi] - starts[b]] + offset[lo:hi]
                 T_ind[b][pos] = rows[perm[lo:hi]]
                 T_val[b][pos] = Ab.data[perm[lo:hi]]
-        del rows, perm, c, within, offset, cut
+        del rows, perm, c, first, within, offset, heads, cut
     # 3. W = (A + Aᵀ)/2 block by block, freeing each block of A and Aᵀ once used
     pieces, degree = [], np.zeros(n, dtype=np.float64)
     for b, (r0, r1) in enumerate(zip(starts, ends)):
@@ -593,19 +601,21 @@ class KnnGraphBuilder:
                     del x, y
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
+                    rank = None
                     if order is not None:  # store similar tokens next to each other (cache-local products)
-                        idx, sim = relabel_lists(idx, sim, order)
+                        rank = DatasetGraph.inverse(order)
+                        idx, sim = relabel_lists(idx, sim, order, rank)
                     lists = [idx, sim]
                     del idx, sim
                     blocks, degree = symmetric_normalized_blocks(*lists, self.threshold, free=lists)
                     if order is not None:
-                        degree = degree[DatasetGraph.inverse(order)]
+                        degree = degree[rank]
                     self.timings["symmetrize"] += time.perf_counter() - t1
                     name = info["name"] if n_graphs == 1 else f"{info['name']}/head{j}"
                     if store.draws > 1:
                         name = f"{name}@draw{draw}"
                     graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws,
-                                               order=order))
+                                               order=order, rank=rank))
                     t2 = time.perf_counter()
                     self.layer_timings.append({
                         "name": name, "tokens": n * T, "dim": dims, "search": method,

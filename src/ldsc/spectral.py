@@ -283,7 +283,7 @@ class LayerOperator:
 
     def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
         """``U_l X``: ``(B·H·W, m)`` -> ``(B·h·w, m)``, up to the factor ``√area`` that
-        :meth:`unpool` divides back out for divisible grids."""
+        :meth:`add_unpooled` divides back out for divisible grids."""
         (H, W), (h, w), B, m = self.base, grid, self.n_images, X.shape[1]
         if U is None:
             fy, fx = H // h, W // w
@@ -299,24 +299,21 @@ class LayerOperator:
         Xi = X.reshape(B, H * W, m).permute(1, 0, 2).reshape(H * W, B * m)
         return (U @ Xi).reshape(h * w, B, m).permute(1, 0, 2).reshape(B * h * w, m)
 
-    def unpool(self, Y: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
-        """``U_lᵀ Y``: ``(B·h·w, m)`` -> ``(B·H·W, m)`` (see :meth:`pool`)."""
+    def add_unpooled(self, out: Tensor, Y: Tensor, grid: tuple[int, int], U: Tensor | None, weight: float) -> None:
+        """``out += weight · U_lᵀ Y`` (``Y`` ``(B·h·w, m)``, ``out`` ``(B·H·W, m)``; see :meth:`pool`):
+        for divisible grids a broadcast add of each layer value onto its pixels (no upsampled copy)."""
         (H, W), (h, w), B, m = self.base, grid, self.n_images, Y.shape[1]
         if U is None:
-            fy, fx = H // h, W // w
-            return Y.reshape(B, h, 1, w, 1, m).expand(B, h, fy, w, fx, m).reshape(B * H * W, m)
+            out.view(B, h, H // h, w, W // w, m).add_(Y.view(B, h, 1, w, 1, m), alpha=weight)
+            return
         Yi = Y.reshape(B, h * w, m).permute(1, 0, 2).reshape(h * w, B * m)
-        return (U.transpose(0, 1) @ Yi).reshape(H * W, B, m).permute(1, 0, 2).reshape(B * H * W, m)
+        up = (U.transpose(0, 1) @ Yi).reshape(H * W, B, m).permute(1, 0, 2).reshape(B * H * W, m)
+        out.add_(up, alpha=weight)
 
     def __call__(self, X: Tensor) -> Tensor:
         out = torch.zeros_like(X)
-        (H, W), B, m = self.base, self.n_images, X.shape[1]
-        for g, blocks, (h, w), weight, U in self.terms:
-            Z = g.apply(self.pool(X, (h, w), U), blocks)
-            if U is None:  # broadcast-add the layer's values onto its pixels, no upsampled copy
-                out.view(B, h, H // h, w, W // w, m).add_(Z.view(B, h, 1, w, 1, m), alpha=weight)
-            else:
-                out.add_(self.unpool(Z, (h, w), U), alpha=weight)
+        for g, blocks, grid, weight, U in self.terms:
+            self.add_unpooled(out, g.apply(self.pool(X, grid, U), blocks), grid, U, weight)
         return out
 
 
