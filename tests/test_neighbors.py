@@ -71,15 +71,27 @@ def test_auto_search_is_exact_while_small_then_clustered():
 
 def test_clustered_search_with_many_leaves_is_exact_when_it_visits_every_leaf():
     """With nprobe >= the number of leaves every key is scored: the result equals brute force,
-    also for queries different from the keys (qk graphs) and through the two-level tree."""
+    also for queries different from the keys (qk graphs)."""
     x, y = random_tokens(n_images=40, tokens=16, d=8, seed=5), random_tokens(n_images=40, tokens=16, d=8, seed=6)
     idx, sim = inter_image_knn(x, y, 16, 5, "cluster", list_size=16, nprobe=1000)
     v, j = brute_force(x, y, 16, 5, same_image=False)
     assert torch.allclose(sim, v) and (idx == j).float().mean() > 0.99  # ties aside
+
+
+@pytest.mark.parametrize("branching,depth", [(512, 1), (16, 2), (4, 4)])
+def test_cluster_tree_beam_search_finds_the_nearest_leaf(branching, depth):
+    """A vector's leaf (beam search down the tree) is its most similar leaf centroid for nearly
+    every vector, flat (up to `branching` leaves), with two levels (the default from ~6·10⁴ to
+    ~3·10⁷ tokens) and deeper; each
+    leaf's `near` list starts with itself."""
     from ldsc.neighbors import ClusterTree
 
-    tree = ClusterTree(y, 16)
-    assert tree.top.shape[0] > 1 and tree.nlist > tree.top.shape[0]  # two levels were built
+    y = random_tokens(n_images=40, tokens=64, d=8, seed=7)
+    tree = ClusterTree(y, 16, branching=branching)
+    assert len(tree.levels) == depth
+    truth = (y @ tree.centroids.T).argmax(1)
+    assert (tree.assign(y, chunk=1000) == truth).float().mean() > 0.97
+    assert (tree.near[:, 0] == torch.arange(tree.nlist)).all()
 
 
 @pytest.mark.parametrize("block_entries", [2**25, 40])

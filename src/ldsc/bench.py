@@ -99,6 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--base", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--K", type=int, default=15)
+    p.add_argument("--override", action="append", default=[],
+                   help="an extra Hydra override for the ldsc run (not the reference), repeatable")
+    p.add_argument("--methods", default="ldsc,ncut-pytorch", help="which of ldsc, ncut-pytorch to run")
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ncut_process:
@@ -124,12 +127,17 @@ def main(argv=None) -> None:
                 stages = json.loads((cache / "stages.json").read_text())
                 print(json.dumps({"case": case, "method": "exact", "wall_s": round(wall, 2), "stages": stages}),
                       flush=True)
-            wall, _ = timed([py, "-m", "ldsc.run", *over, f"store.dir={tmp / 'store'}",
-                                   f"hydra.run.dir={tmp / 'ldsc'}"])
-            stages = json.loads((tmp / "ldsc" / "stages.json").read_text())
-            print(json.dumps({"case": case, "method": "ldsc", "wall_s": round(wall, 2),
-                              "alignment": align(tmp / "ldsc" / "eigvecs.pt", cache / "eigvecs.pt"),
-                              "stages": stages}), flush=True)
+            methods = args.methods.split(",")
+            if "ldsc" in methods:
+                wall, _ = timed([py, "-m", "ldsc.run", *over, *args.override, f"store.dir={tmp / 'store'}",
+                                 f"hydra.run.dir={tmp / 'ldsc'}"])
+                stages = json.loads((tmp / "ldsc" / "stages.json").read_text())
+                print(json.dumps({"case": case, "method": "ldsc", "overrides": args.override,
+                                  "wall_s": round(wall, 2),
+                                  "alignment": align(tmp / "ldsc" / "eigvecs.pt", cache / "eigvecs.pt"),
+                                  "stages": stages}), flush=True)
+            if "ncut-pytorch" not in methods:
+                continue
             try:
                 wall, _ = timed([py, "-m", "ldsc.bench", "--ncut-process", f"--root={src}", f"--base={base}",
                                     f"--K={args.K}", f"--out={tmp / 'ncut.pt'}"])

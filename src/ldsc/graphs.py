@@ -633,8 +633,8 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
 
     ``graphs``: every layer's ``S`` (``W`` has about ``1.3·N·k`` entries of 8 bytes: 1.5 is
     assumed) and its node order; ``build``: the largest of building one layer on top of the graphs
-    built before it — while searching, its unit vectors (``vectors`` kinds of ``N × dim`` float32),
-    its lists and the intra-image lists in int64; while relabelling, two copies of the lists; while
+    built before it — while searching, its unit vectors (``vectors`` kinds of ``N × dim`` float32, and
+    the keys once more in leaf order for the clustered search), its lists and the intra-image lists in int64; while relabelling, two copies of the lists; while
     symmetrising, the lists, their transpose and ``W``; ``solver``: six ``N_base × columns``
     float32 blocks of LOBPCG plus three of the largest layer for a product. ``peak`` = the larger
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
@@ -649,7 +649,7 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
         D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
         lists = 8 * N * k
         g = int(1.5 * lists) + 16 * N
-        transient = max(N * D * 4 * vectors + lists + 6 * N * k, 2 * lists, 2 * lists + g)
+        transient = max(N * D * 4 * (vectors + 1) + lists + 6 * N * k, 2 * lists, 2 * lists + g)
         for _ in range(per_graph * draws):
             sizes.append((g, transient))
     sizes.sort(reverse=True)

@@ -7,7 +7,7 @@ owns rows ``[i·T, (i+1)·T)``. Two searches per layer (see ``docs/method.md``, 
   images at a time (a batched ``T × T`` product each): linear in the number of images.
 * :func:`inter_image_knn` — the ``k`` most similar tokens of *all other* images. ``exact`` is
   brute force (FAISS flat inner-product search, quadratic in tokens); ``cluster`` groups the
-  tokens into the leaves of a two-level k-means and scores each leaf's queries against the keys of
+  tokens into the leaves of a hierarchical k-means and scores each leaf's queries against the keys of
   its ``nprobe`` nearest leaves in one dense product (constant work per token); ``ivf`` and
   ``hnsw`` are FAISS indexes over all tokens, searched one image's queries at a time with that
   image's own id range excluded (``IDSelectorNot(IDSelectorRange)``). No method ever returns a
@@ -164,52 +164,117 @@ def _nearest(v: Tensor, centroids: Tensor, chunk: int = 1 << 16) -> Tensor:
 
 
 class ClusterTree:
-    """Two-level spherical k-means over unit vectors: ``≈ √nlist`` top clusters, each split into
-    leaves of about ``list_size`` vectors (``nlist ≈ N / list_size`` leaves in all), plus each
-    leaf's ``neighbours`` nearest leaves (by centroid). A vector's leaf is its most similar leaf
-    among those of its ``tops`` nearest top clusters (one top cluster alone misplaces the vectors
-    near a top-level boundary): about ``(1 + tops)·√nlist`` inner products, so leaves stay cheap
-    to find at any size."""
+    """Hierarchical spherical k-means over unit vectors: ``depth`` levels of centroids, each node
+    split into about ``B = nlist^(1/depth)`` children (``depth = ⌈log_branching nlist⌉``), the last
+    level's nodes being the ``nlist ≈ N / list_size`` leaves; plus each leaf's ``neighbours``
+    nearest leaves by centroid (``near``, itself first), looked for among the children of the
+    ``tops`` parents nearest to its own.
 
-    def __init__(self, y: Tensor, list_size: int, seed: int = 0, neighbours: int = 32):
+    A vector's leaf (:meth:`assign`) is found by a beam search: the ``tops`` most similar nodes of
+    each level are expanded into their children, and the most similar leaf among them is kept
+    (a greedy descent misplaces the vectors near a boundary). Finding a leaf costs about
+    ``B + (depth - 1)·tops·B`` inner products and building the tree ``O(N·B·depth)``: both grow
+    with the data set only through ``depth``, i.e. logarithmically."""
+
+    def __init__(self, y: Tensor, list_size: int, seed: int = 0, neighbours: int = 32, tops: int = 8,
+                 branching: int = 512, top_scale: float = 2.0):
         n = y.shape[0]
+        self.tops = tops
         nlist = max(1, round(n / max(1, list_size)))
-        self.top = _kmeans(y, round(math.sqrt(nlist)), seed)
-        top_of = _nearest(y, self.top)
-        self.leaves, self.first = [], []  # per top cluster: leaf centroids, id of its first leaf
-        count = 0
-        for t in range(self.top.shape[0]):
-            members = (top_of == t).nonzero().squeeze(1)
-            n_sub = max(1, round(members.numel() / max(1, list_size)))
-            c = _kmeans(y[members], n_sub, seed + 1 + t) if members.numel() else self.top[t:t + 1]
-            self.leaves.append(c)
-            self.first.append(count)
-            count += c.shape[0]
-        self.nlist = count
-        C = self.centroids = torch.cat(self.leaves)
-        m = min(neighbours, count)
+        depth = max(1, math.ceil(math.log(nlist) / math.log(max(2, branching)) - 1e-9))
+        B = max(2, round(nlist ** (1 / depth)))
+        B0 = max(2, round(top_scale * B)) if depth > 1 else B
+        #: per level: centroids ``(nodes, d)``; per level below the first: the first child and the
+        #: number of children of each node of the level above
+        self.levels: list[Tensor] = []
+        self.child_first: list[Tensor] = []
+        self.child_count: list[Tensor] = []
+        node_of = torch.zeros(n, dtype=torch.long)  # greedy descent: the node each vector trains
+        n_parents = 1
+        for level in range(depth):
+            last = level == depth - 1
+            rows, offsets = _by_list(node_of, n_parents)
+            cents, first, count = [], [], []
+            total = 0
+            new_node_of = torch.empty(n, dtype=torch.long)
+            for p in range(n_parents):
+                members = rows[offsets[p]:offsets[p + 1]]
+                m = members.numel()
+                n_sub = max(1, round(m / max(1, list_size)) if last else
+                            min(B0 if level == 0 else B, max(1, round(m / max(1, list_size)))))
+                if m == 0:
+                    c = self.levels[-1][p:p + 1] if self.levels else F.normalize(y.mean(0, keepdim=True), dim=-1)
+                else:
+                    c = _kmeans(y[members], n_sub, seed + 1 + total)
+                    if not last:
+                        new_node_of[members] = _nearest(y[members], c) + total
+                cents.append(c)
+                first.append(total)
+                count.append(c.shape[0])
+                total += c.shape[0]
+            self.levels.append(torch.cat(cents))
+            if level > 0:
+                self.child_first.append(torch.tensor(first))
+                self.child_count.append(torch.tensor(count))
+            node_of, n_parents = new_node_of, total
+        self.nlist = n_parents
+        C = self.centroids = self.levels[-1]
+        m = min(neighbours, self.nlist)
         #: ``(nlist, neighbours)`` each leaf's nearest leaves by centroid, itself first
-        self.near = torch.cat([(C[s:s + 1024] @ C.T).topk(m, 1).indices for s in range(0, count, 1024)])
+        self.near = torch.empty(self.nlist, m, dtype=torch.long)
+        if depth == 1:
+            for s0 in range(0, self.nlist, 1024):
+                self.near[s0:s0 + 1024] = (C[s0:s0 + 1024] @ C.T).topk(m, 1).indices
+            return
+        P, first, count = self.levels[-2], self.child_first[-1], self.child_count[-1]
+        near_parents = torch.cat([(P[s0:s0 + 1024] @ P.T).topk(min(2 * tops, P.shape[0]), 1).indices
+                                  for s0 in range(0, P.shape[0], 1024)])
+        for p in range(P.shape[0]):
+            s0, e0 = int(first[p]), int(first[p] + count[p])
+            cand = torch.cat([torch.arange(int(first[u]), int(first[u] + count[u])) for u in near_parents[p].tolist()])
+            if cand.numel() < m:  # few leaves nearby (small data): all of them
+                cand = torch.arange(self.nlist)
+            self.near[s0:e0] = cand[(C[s0:e0] @ C[cand].T).topk(m, 1).indices]
 
-    def assign(self, v: Tensor, tops: int = 8, chunk: int = 1 << 20) -> Tensor:
-        """Leaf id of every row of ``v`` (see the class docstring), a chunk of rows at a time (the
-        transient memory is a few times ``chunk × tops``, whatever the number of rows)."""
-        tops = min(tops, self.top.shape[0])
+    def assign(self, v: Tensor, chunk: int = 1 << 20) -> Tensor:
+        """Leaf id of every row of ``v`` (beam search, see the class docstring), a chunk of rows at
+        a time (transient memory: a few times ``chunk × tops``)."""
         leaf = torch.empty(v.shape[0], dtype=torch.long)
         for s in range(0, v.shape[0], chunk):
             vc = v[s:s + chunk]
-            near = (vc @ self.top.T).topk(tops, 1).indices
-            rows_by_top, offsets = _by_list(near.view(-1), self.top.shape[0])  # (row, top) pairs by top
-            rows_by_top //= tops
-            best = torch.full((vc.shape[0],), float("-inf"))
-            lc = torch.zeros(vc.shape[0], dtype=torch.long)
-            for t in torch.nonzero(offsets[1:] > offsets[:-1]).squeeze(1).tolist():
-                r = rows_by_top[offsets[t]:offsets[t + 1]]
-                val, j = (vc[r] @ self.leaves[t].T).max(1)
-                better = val > best[r]
-                best[r[better]], lc[r[better]] = val[better], j[better] + self.first[t]
-            leaf[s:s + chunk] = lc
+            beam = (vc @ self.levels[0].T).topk(min(self.tops, self.levels[0].shape[0]), 1).indices
+            for level in range(1, len(self.levels)):
+                beam = self._expand(vc, beam, level, keep=1 if level == len(self.levels) - 1 else self.tops)
+            leaf[s:s + chunk] = beam[:, 0]
         return leaf
+
+    def _expand(self, vc: Tensor, beam: Tensor, level: int, keep: int) -> Tensor:
+        """The ``keep`` most similar children (nodes of ``level``) of each row's ``beam`` nodes."""
+        n_rows, width = beam.shape
+        cents, first, count = self.levels[level], self.child_first[level - 1], self.child_count[level - 1]
+        best_s = torch.full((n_rows, keep), float("-inf"))
+        best_i = torch.zeros(n_rows, keep, dtype=torch.long)
+        flat = beam.reshape(-1)
+        valid = (flat >= 0).nonzero().squeeze(1)  # (-1: a slot left empty above)
+        order, offsets = _by_list(flat[valid], self.levels[level - 1].shape[0])
+        pairs = valid[order]
+        for p in torch.nonzero(offsets[1:] > offsets[:-1]).squeeze(1).tolist():
+            r = pairs[offsets[p]:offsets[p + 1]] // width
+            f, c = int(first[p]), int(count[p])
+            sc = vc[r] @ cents[f:f + c].T
+            if keep == 1:
+                val, j = sc.max(1)
+                better = val > best_s[r, 0]
+                rb = r[better]
+                best_s[rb, 0], best_i[rb, 0] = val[better], j[better] + f
+                continue
+            val, j = sc.topk(min(keep, c), 1)
+            merged_s = torch.cat([best_s[r], val], 1)
+            merged_i = torch.cat([best_i[r], j + f], 1)
+            top = merged_s.topk(keep, 1).indices
+            best_s[r], best_i[r] = merged_s.gather(1, top), merged_i.gather(1, top)
+        best_i[best_s == float("-inf")] = -1
+        return best_i
 
 
 def _by_list(assign: Tensor, nlist: int) -> tuple[Tensor, Tensor]:
@@ -220,37 +285,55 @@ def _by_list(assign: Tensor, nlist: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
+def _same_image_pairs(q_img: Tensor, k_img: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, cols)`` of every pair with ``q_img[row] == k_img[col]``, by sorting the keys'
+    images once (a few pairs among many: cheaper than comparing every query with every key)."""
+    ks, perm = k_img.sort()
+    lo = torch.searchsorted(ks, q_img)
+    count = torch.searchsorted(ks, q_img, right=True) - lo
+    total = int(count.sum())
+    if total == 0:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(q_img.numel()), count)
+    starts = torch.repeat_interleave(lo - (count.cumsum(0) - count), count)
+    return rows, perm[starts + torch.arange(total)]
+
+
 def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, nprobe: int, seed: int,
                    idx: Tensor, sim: Tensor, progress: Callable | None) -> Tensor:
     """Clustered search scored densely: keys and queries fall into the leaves of one
     :class:`ClusterTree`. For the queries of one leaf, each query picks its ``nprobe`` most
     similar leaves among the ``4·nprobe`` leaves nearest to its own; the union of those picks is
     scored in one matrix product, own-image keys masked, top ``k`` kept. Work per query is about
-    ``nprobe·list_size`` inner products whatever the data set's size. Returns the key ids sorted
-    by leaf (similar tokens next to each other: an order that keeps graph products cache-local)."""
+    ``nprobe·list_size`` inner products whatever the data set's size; the keys are copied once in
+    leaf order, so a leaf's keys are read as one contiguous block. Returns the key ids sorted by
+    leaf (similar tokens next to each other: an order that keeps graph products cache-local)."""
     tree = ClusterTree(y, list_size, seed, neighbours=max(32, 4 * nprobe))
     key_leaf = tree.assign(y)
     query_leaf = key_leaf if x is y else tree.assign(x)
     korder, koff = _by_list(key_leaf, tree.nlist)
-    qorder, qoff = _by_list(query_leaf, tree.nlist)
+    qorder, qoff = (korder, koff) if x is y else _by_list(query_leaf, tree.nlist)
     del key_leaf, query_leaf
+    ys = y[korder]  # keys in leaf order
+    k_img = korder // tokens
     C, near = tree.centroids, tree.near[:, :4 * nprobe]
     nprobe = min(nprobe, near.shape[1])
-    sizes = (koff[1:] - koff[:-1]).tolist()
+    kstart = koff.tolist()
     for leaf in range(tree.nlist):
         q = qorder[qoff[leaf]:qoff[leaf + 1]]
         if q.numel() == 0:
             continue
-        xq = x[q]
+        xq = ys[kstart[leaf]:kstart[leaf + 1]] if x is y else x[q]
         cands = near[leaf]
-        picked = (xq @ C[cands].T).topk(nprobe, 1).indices.unique()
-        cand = torch.cat([korder[koff[p]:koff[p + 1]] for p in cands[picked].tolist() if sizes[p]])
-        kk = min(k, cand.numel())
+        picked = cands[(xq @ C[cands].T).topk(nprobe, 1).indices.unique()].tolist()
+        pos = torch.cat([torch.arange(kstart[p], kstart[p + 1]) for p in picked])  # positions in ys
+        kk = min(k, pos.numel())
         if kk:
-            S = xq @ y[cand].T
-            S.masked_fill_((q // tokens)[:, None] == (cand // tokens)[None, :], float("-inf"))
+            S = xq @ torch.cat([ys[kstart[p]:kstart[p + 1]] for p in picked]).T
+            rows, cols = _same_image_pairs(q // tokens, k_img[pos])
+            S[rows, cols] = float("-inf")
             v, j = S.topk(kk, dim=1)
-            hit = cand[j]
+            hit = korder[pos[j]]
             hit[v == float("-inf")] = -1
             idx[q, :kk] = hit.to(idx.dtype)
             sim[q, :kk] = v
@@ -270,7 +353,7 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
 
     Args:
         x: ``(N, d)`` unit query rows; y: ``(N, d)`` unit key rows (image-major, ``tokens`` each).
-        method: ``exact`` (brute force), ``cluster`` (two-level k-means lists of about
+        method: ``exact`` (brute force), ``cluster`` (hierarchical k-means leaves of about
             ``list_size`` tokens; the queries of a list scored densely against the ``nprobe``
             nearest lists), ``ivf`` (FAISS ``IndexIVFFlat``, ``nlist`` lists, default ``2·√N``;
             ``nprobe`` lists visited per query) or ``hnsw`` (FAISS ``IndexHNSWFlat``, ``hnsw_m``
