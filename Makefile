@@ -20,7 +20,7 @@ demo:               ## the main job: scikit-image's photographs, pixel backbone 
 test:               ## the fast test suite (slow and GPU tests are skipped)
 	$(PY) -m pytest -q
 
-test-all:           ## every test, slow ones included
+test-all:           ## every test, slow and GPU ones included (GPU tests skip without CUDA)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 bench:              ## ldsc vs ncut-pytorch vs the exact reference (JSON lines; pip install ncut-pytorch)

@@ -39,14 +39,42 @@ def link_images(source: Path, n: int, folder: Path) -> Path:
     return folder
 
 
-def run(args: list[str], out_dir: Path) -> dict:
+def sample_rss(proc: subprocess.Popen, path: Path, every: float = 1.0) -> None:
+    """Write ``seconds resident_MB user_s system_s`` of ``proc`` to ``path`` every ``every`` seconds
+    until it exits (a memory and CPU timeline, to see which step of a stage holds the peak)."""
+    import os
+
+    tick = os.sysconf("SC_CLK_TCK")
+    t0 = time.perf_counter()
+    with open(path, "w") as f:
+        while proc.poll() is None:
+            try:
+                kb = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmRSS:"))
+                stat = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            except (OSError, StopIteration):
+                break
+            user, system = int(stat[11]) / tick, int(stat[12]) / tick
+            f.write(f"{time.perf_counter() - t0:.1f} {kb / 1024:.0f} {user:.1f} {system:.1f}\n")
+            f.flush()
+            time.sleep(every)
+
+
+def run(args: list[str], out_dir: Path, rss_log: Path | None = None) -> dict:
     """One `python -m ldsc.run` in a subprocess: wall seconds, peak RSS (MB) and its stages."""
+    import threading
+
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "ldsc.run", *args, f"hydra.run.dir={out_dir}"],
-                          capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *args, f"hydra.run.dir={out_dir}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = threading.Thread(target=sample_rss, args=(proc, rss_log), daemon=True) if rss_log else None
+    if sampler:
+        sampler.start()
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t
+    if sampler:
+        sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(args)}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"run failed ({proc.returncode}): {' '.join(args)}\n{stderr[-3000:]}")
     stages = json.loads((out_dir / "stages.json").read_text())
     # each stage resets the kernel's peak-RSS counter, so the process peak is the largest stage peak
     peak = max(v["peak_rss_mb"] for v in stages.values() if isinstance(v, dict) and "peak_rss_mb" in v)
@@ -61,6 +89,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="outputs/scaling")
     ap.add_argument("--out", default=str(REPO / "notes" / "measurements" / "scaling_cpu.jsonl"))
     ap.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
+    ap.add_argument("--rss-log", action="store_true",
+                    help="also write each run's memory timeline (seconds, resident MB) to <work>/runN.rss")
     ap.add_argument("--reuse-reference", action="store_true",
                     help="keep an exact reference already in <work>/exactN (its graphs do not depend on the search)")
     args = ap.parse_args(argv)
@@ -76,7 +106,8 @@ def main(argv=None) -> None:
         images = link_images(Path(args.source), n, work / f"images{n}")
         line = {"images": n, "tokens_base": n * 1024, "threads": torch.get_num_threads(),
                 "overrides": common[1:]}
-        line.update(run([*common, f"data.root={images}"], work / f"run{n}"))
+        line.update(run([*common, f"data.root={images}"], work / f"run{n}",
+                        work / f"run{n}.rss" if args.rss_log else None))
         if n in refs:
             done = work / f"exact{n}" / "eigvecs.pt"
             ref = {"wall_s": None, "peak_rss_mb": None, "reused": True} if args.reuse_reference and done.exists() else run([*common, f"data.root={images}", "solver=exact", "graph.search=exact",

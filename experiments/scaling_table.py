@@ -18,6 +18,7 @@ def main() -> None:
     ap.add_argument("--last", type=int, default=0, help="only the last N lines")
     args = ap.parse_args()
     runs = [json.loads(line) for line in open(args.jsonl) if line.strip()]
+    runs = [r for r in runs if "peak_rss_mb" in r]  # (early lines lack the per-stage figures)
     runs = runs[-args.last:] if args.last else runs
     print("| images | base nodes | features s | graphs s (MB) | solve s (MB) | export s | whole process s | peak MB | alignment with exact |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

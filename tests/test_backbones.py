@@ -109,7 +109,7 @@ def test_grid_features_drops_prefix_strides_and_averages_heads():
     assert full.q.shape == (b, heads, h, w, d)
     q = split_heads(raw["q"], heads)
     assert torch.equal(full.q[1, 2, 3, 5], q[1, 2, prefix + 3 * w + 5])
-    sub = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, head_mode="mean", capture_attn=True)
+    sub = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, head_mode="mean", compute_attn=True)
     assert sub.q.shape == (b, 1, 2, 3, d)
     assert torch.allclose(sub.q[0, 0, 1, 2], q[0, :, prefix + 2 * w + 4].mean(0))
     assert sub.attn.shape == (b, 1, 6, 6)
@@ -128,7 +128,7 @@ def test_captured_attention_is_the_full_attention_restricted_to_the_grid():
     b, heads, h, w, d, prefix = 2, 3, 4, 6, 5, 1
     raw = {r: torch.randn(b, prefix + h * w, heads * d) for r in "qkv"}
     full = attention_probs(split_heads(raw["q"], heads), split_heads(raw["k"], heads))
-    f = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, capture_attn=True)
+    f = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, compute_attn=True)
     index = (torch.arange(0, h, 2)[:, None] * w + torch.arange(0, w, 2)[None, :]).flatten() + prefix
     assert torch.allclose(f.attn, keep_tokens(full, index), atol=1e-6)
 
@@ -152,7 +152,8 @@ def test_select_layers():
 def test_vit_shapes_and_options(tiny_dir, name):
     cls = vit_class(name)
     heads, d, side = TINY_VIT["num_attention_heads"], 16, TINY_VIT_INPUT // TINY_VIT["patch_size"]
-    backbone = cls(tiny_dir(name))
+    # CLIP and MAE default to the model's own size; DINO to the paper's 480 (given explicitly here)
+    backbone = cls(tiny_dir(name), **({"input_size": TINY_VIT_INPUT} if name == "dino" else {}))
     assert backbone.input_size == TINY_VIT_INPUT and backbone.name == name
     features = backbone(images(2, TINY_VIT_INPUT))
     assert [f.name for f in features] == ["layer.0", "layer.1"]
@@ -173,7 +174,7 @@ def test_vit_shapes_and_options(tiny_dir, name):
 def test_vit_hooks_reproduce_the_models_attention(tiny_dir, name):
     """softmax(q kᵀ/√d) of the captured q, k equals the model's own attention probabilities
     (eager attention, ``output_attentions``), and ``attn`` is that attention restricted to the grid."""
-    backbone = vit_class(name)(tiny_dir(name), capture_attn=True)
+    backbone = vit_class(name)(tiny_dir(name), compute_attn=True, input_size=TINY_VIT_INPUT)
     x = images(2, TINY_VIT_INPUT)
     features = backbone(x)
 
@@ -201,7 +202,7 @@ def test_vit_hooks_reproduce_the_models_attention(tiny_dir, name):
 def test_vit_tokens_come_back_in_grid_order(tiny_dir, name):
     """Changing one patch of the image changes layer 0's queries at that grid cell only
     (q is a token-wise function of the patch embedding); for MAE this proves no shuffle."""
-    backbone = vit_class(name)(tiny_dir(name), layers=[0])
+    backbone = vit_class(name)(tiny_dir(name), layers=[0], input_size=TINY_VIT_INPUT)
     x = images(1, TINY_VIT_INPUT)
     y = x.clone()
     y[:, :, 8:16, 16:24] = 1 - y[:, :, 8:16, 16:24]  # patch (row 1, col 2)
@@ -211,7 +212,7 @@ def test_vit_tokens_come_back_in_grid_order(tiny_dir, name):
 
 @pytest.mark.parametrize("name", ["clip", "dino", "mae"])
 def test_vit_frozen_and_not_in_checkpoints(tiny_dir, name):
-    backbone = vit_class(name)(tiny_dir(name))
+    backbone = vit_class(name)(tiny_dir(name), input_size=TINY_VIT_INPUT)
     backbone.train()
     assert_frozen(backbone, backbone(images(1, TINY_VIT_INPUT)))
 
@@ -285,7 +286,7 @@ def test_sd_never_hooks_cross_attention(tiny_dir):
 def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
     """softmax(q kᵀ·scale) v from the captured q, k, v, heads merged and through ``to_out``,
     equals the output of every ``attn1`` module."""
-    backbone = make_sd(tiny_dir, layers=None, max_grid=None, capture_attn=True)
+    backbone = make_sd(tiny_dir, layers=None, max_grid=None, compute_attn=True)
     unet = backbone.unet
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 200])
@@ -373,5 +374,36 @@ def test_missing_weights_fail_fast_with_one_sentence(monkeypatch, tmp_path, name
         else:
             vit_class(name)(model_id, cache_dir=str(tmp_path))
     message = str(info.value)
-    assert f"'{model_id}'" in message and str(tmp_path) in message and "\n" not in message
+    assert f"'{model_id}'" in message and "\n" not in message
+    if model_id.startswith("/"):
+        assert "does not exist" in message
+    else:  # a hub id: where it was looked for and how to get it
+        assert str(tmp_path) in message and "hf download" in message
     assert time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("cause,expected", [
+    ("empty folder", "not a model saved by save_pretrained"),
+    ("corrupt weights", "corrupt or truncated"),
+    ("gated", "gated repository"),
+])
+def test_weight_loading_errors_name_their_cause(tiny_dir, tmp_path, monkeypatch, cause, expected):
+    import shutil
+
+    model_id = tmp_path / "clip"
+    if cause == "empty folder":
+        model_id.mkdir()
+    else:
+        shutil.copytree(tiny_dir("clip"), model_id)
+    if cause == "corrupt weights":
+        weights, = model_id.glob("*.safetensors")
+        weights.write_bytes(weights.read_bytes()[:64])
+    if cause == "gated":
+        from transformers import CLIPVisionModel
+
+        def gated(*args, **kwargs):  # what transformers raises for a gated repository without access
+            raise OSError("You are trying to access a gated repo.\nMake sure to have access to it at "
+                          "https://huggingface.co/openai/x.")
+        monkeypatch.setattr(CLIPVisionModel, "from_pretrained", gated)
+    with pytest.raises(WeightsNotFoundError, match=expected):
+        vit_class("clip")(str(model_id))

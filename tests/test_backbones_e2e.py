@@ -103,6 +103,6 @@ def test_sweep_combinations_compose(compose, name, graph):
     OmegaConf.to_container(cfg, resolve=True)
     assert get_class(cfg.backbone._target_).name == name
     get_class(cfg.graph._target_)
-    defaults = {"sd": ("CompVis/stable-diffusion-v1-4", 512), "clip": ("openai/clip-vit-base-patch16", 224),
-                "dino": ("facebook/dino-vitb8", 480), "mae": ("facebook/vit-mae-base", 224)}
+    defaults = {"sd": ("CompVis/stable-diffusion-v1-4", 512), "clip": ("openai/clip-vit-base-patch16", None),
+                "dino": ("facebook/dino-vitb8", 480), "mae": ("facebook/vit-mae-base", None)}  # None: the model's 224
     assert (cfg.backbone.model_id, cfg.backbone.input_size) == defaults[name]

@@ -81,6 +81,12 @@ def test_evaluate_cli_without_labels(tmp_path, capsys):
     ("missing_label", "have no label map"),
     ("wrong_size", "must have their image's size"),
     ("no_label_dir", "Label folder"),
+    ("rgb_label", "must be single-channel PNGs"),
+    ("above_255", "holds class 300"),
+    ("truncated_label", "cannot be read"),
+    ("all_unlabelled", "is 255 (unlabelled): there is nothing to score"),
+    ("image_moved", "of the run cannot be read"),
+    ("unwritable_out", "cannot be written"),
 ])
 def test_evaluate_errors_are_one_sentence(tmp_path, capsys, case, message):
     run_dir, lab_dir = fake_run(tmp_path, n_images=2)
@@ -95,6 +101,21 @@ def test_evaluate_errors_are_one_sentence(tmp_path, capsys, case, message):
         Image.fromarray(np.zeros((10, 10), dtype=np.uint8)).save(lab_dir / "img1.png")
     elif case == "no_label_dir":
         args[2] = str(tmp_path / "nolabels")
+    elif case == "rgb_label":
+        Image.fromarray(np.zeros((48, 64, 3), dtype=np.uint8)).save(lab_dir / "img1.png")
+    elif case == "above_255":
+        Image.fromarray(np.full((48, 64), 300, dtype=np.uint16)).save(lab_dir / "img1.png")
+    elif case == "truncated_label":
+        data = (lab_dir / "img1.png").read_bytes()
+        (lab_dir / "img1.png").write_bytes(data[: len(data) // 2])
+    elif case == "all_unlabelled":
+        for f in lab_dir.glob("*.png"):
+            Image.fromarray(np.full((48, 64), 255, dtype=np.uint8)).save(f)
+    elif case == "image_moved":
+        (tmp_path / "images").rename(tmp_path / "elsewhere")
+    elif case == "unwritable_out":
+        (tmp_path / "blocker").write_text("a file, not a folder")
+        args += ["--out", str(tmp_path / "blocker" / "eval")]
     assert evaluate.main(args) == 1
     err = capsys.readouterr().err.strip()
     assert message in err and err.count("\n") == 0 and err.startswith("ldsc.evaluate: error:")
@@ -196,3 +217,14 @@ def test_label_maps_are_matched_by_relative_path_not_by_stem(tmp_path):
     (labels / "b" / "x.png").unlink()
     with pytest.raises(DataError, match="2 images are named 'x'"):
         label_files(files, labels)
+
+
+@pytest.mark.parametrize("option,value", [("--clusters", "0"), ("--eval-size", "0"), ("--num-classes", "0"),
+                                          ("--clusters", "abc")])
+def test_evaluate_refuses_bad_numbers_in_one_sentence(tmp_path, capsys, option, value):
+    run_dir, _ = fake_run(tmp_path, n_images=2)
+    with pytest.raises(SystemExit) as info:
+        evaluate.main([str(run_dir), option, value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ldsc.evaluate: error:") and option in err

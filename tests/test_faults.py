@@ -126,8 +126,13 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc.communicate(timeout=60)
     done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]
     assert done < epochs - 1, "the run finished before it was killed: the test would not test resuming"
+    metrics = tmp_path / "split" / "csv" / "metrics.csv"
+    before = metrics.read_text() if metrics.exists() else None
     res = run_cli([*_long_run(tmp_path, "split", epochs), "resume=true"])
     assert res.returncode == 0, res.stderr[-2000:]
+    if before is not None:  # what the killed run logged is kept; the resumed run logs beside it
+        assert metrics.read_text() == before
+        assert (tmp_path / "split" / "csv" / "resume1" / "metrics.csv").is_file()
     a = load_eigenvectors(tmp_path / "full")["eigvecs"]
     b = load_eigenvectors(tmp_path / "split")["eigvecs"]
     torch.testing.assert_close(a, b)

@@ -76,8 +76,19 @@ def test_resumed_run_equals_uninterrupted_run(compose, tmp_path):
 
 
 def test_single_image_mode_uses_64_grid_and_no_inter_edges(compose, single_image):
+    """One image: the 64x64 base grid, and each layer's graph holds only its k_intra nearest
+    tokens per node: about k_intra entries a row once symmetrised (with k_inter lists as well,
+    every row would hold at least k_intra + k_inter)."""
+    from ldsc.run import build_datamodule
+
     cfg = compose([*SMALL, "data=single", f"data.path={single_image}", "K=3", "trainer.max_epochs=1",
                    "base_size=null", "data.batch_size=1"])
+    dm, base = build_datamodule(cfg)
+    assert base == 64
+    k = int(cfg.graph.k_intra)
+    for g in dm.dataset_graphs():
+        rows = torch.cat([(b.crow_indices()[1:] - b.crow_indices()[:-1]) for _, b in g.blocks])
+        assert 0 < rows.float().mean() <= 1.5 * k < k + int(cfg.graph.k_inter), g.name  # (threshold drops some)
     solver = fit(cfg)
     assert solver.eigenvectors().shape == (1, 3, 64, 64)
     assert torch.load(Path(cfg.paths.output_dir) / "eigvecs.pt", weights_only=False)["eigvecs"].shape == (1, 3, 64, 64)
@@ -85,6 +96,9 @@ def test_single_image_mode_uses_64_grid_and_no_inter_edges(compose, single_image
 
 @pytest.mark.parametrize("overrides,error,pattern", [
     (["data=folder", "data.root=/nonexistent/dir"], DataError, "does not exist"),
+    (["data=single"], ConfigError, r"data.path is not set: pass data.path=/path/to/image.jpg"),
+    (["graph.search=bogus"], ConfigError, "graph.search must be one of"),
+    (["graph.reduce=bogus", "graph.dim=8"], ConfigError, "graph.reduce must be one of"),
     (["data=single", "data.path=/nonexistent.jpg"], DataError, "does not exist"),
     (["data=single", "data.path=/tmp"], DataError, "is a folder, not an image: use data=folder"),
     (["data=folder", "data.root=/tmp", "data.limit=0"], ConfigError, "data.limit=0 must be at least 1"),
@@ -136,6 +150,19 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path):
     assert "Traceback" not in res.stderr
 
 
+def test_an_output_folder_that_cannot_be_created_is_one_sentence(tmp_path):
+    """Checked before Hydra creates the folder (it would otherwise end in Hydra's traceback)."""
+    from ldsc.run import unwritable_output
+
+    (tmp_path / "blocker").write_text("a file where a folder should be")
+    res = run_cli([f"hydra.run.dir={tmp_path / 'blocker' / 'run'}"])
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == (f"ldsc: error: The output folder '{tmp_path / 'blocker' / 'run'}' cannot be "
+                                  f"created: '{tmp_path / 'blocker'}' is a file, not a folder.")
+    assert unwritable_output([f"hydra.run.dir={tmp_path / 'new' / 'run'}"]) is None
+    assert unwritable_output([f"paths.log_dir={tmp_path / 'blocker'}"]) is not None
+
+
 def test_cli_unknown_choice_lists_valid_ones(tmp_path):
     res = run_cli(["backbone=nonexistent", f"hydra.run.dir={tmp_path}"])
     assert res.returncode != 0
@@ -174,3 +201,31 @@ def test_wandb_logger_runs_offline(compose, tmp_path):
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert len(list(runs[0].glob("files/media/images/*.png"))) == 2  # one per-image panel + the grid
+
+
+def test_a_run_prints_each_message_once_and_no_noise(tmp_path):
+    """Lightning's lines are not doubled by Hydra's handler; no cloud-logging tip, no
+    "GPU available: False", no warning about the solver having no optimiser."""
+    res = run_cli([*TINY, f"hydra.run.dir={tmp_path / 'run'}", f"paths.log_dir={tmp_path / 'logs'}"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = res.stdout + res.stderr
+    messages = [ln.split("] - ", 1)[-1].removeprefix("INFO: ") for ln in out.splitlines() if ln.strip()]
+    doubled = {m for m in messages if messages.count(m) > 1}
+    assert not doubled, doubled
+    for noise in ("litlogger", "configure_optimizers", "GPU available", "LeafSpec", "faiss.loader"):
+        assert noise not in out, noise
+    assert "eigenvectors written to" in out
+
+
+def test_hydra_full_error_shows_the_traceback_behind_the_sentence(tmp_path):
+    args = ["data=folder", f"data.root={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'out'}", "logger=none"]
+    assert "Traceback" not in run_cli(args).stderr
+    full = run_cli(args, env_extra={"HYDRA_FULL_ERROR": "1"})
+    assert full.returncode != 0 and "Traceback" in full.stderr and "DataError" in full.stderr
+
+
+def test_a_gpu_trainer_without_a_gpu_is_one_sentence(compose):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    with pytest.raises(ConfigError, match="trainer.accelerator=gpu but torch sees no CUDA GPU"):
+        fit(compose([*SMALL, "trainer=gpu"]))

@@ -168,3 +168,26 @@ def test_exact_solver_refuses_a_graph_set_too_large(compose):
     cfg = compose([*TINY, "solver=exact", "solver.max_tokens=100"])
     with pytest.raises(ConfigError, match="above solver.max_tokens=100: use solver=fast"):
         run_fit(cfg)
+
+
+@pytest.mark.slow
+def test_default_run_on_101_coco_images_aligns_with_the_exact_reference(compose, tmp_path, coco_dir):
+    """The issue's benchmark case as a test (`make test-all`): the 101 COCO images, graph=vv, K=15,
+    default config, against brute-force graphs + eigsh: alignment >= 0.99."""
+    over = ["data=folder", f"data.root={coco_dir}", "graph=vv", "K=15", "logger=none",
+            "callbacks.export.figures=false", "callbacks.alignment.enabled=false"]
+    ref = run_fit(compose([*over, "solver=exact", "graph.search=exact"], out=tmp_path / "exact")).eigenvectors()
+    fast = run_fit(compose(over, out=tmp_path / "default")).eigenvectors()
+    assert subspace_alignment(fast, ref) >= 0.99
+
+
+@pytest.mark.gpu
+def test_the_pipeline_on_a_gpu_matches_the_cpu(compose, tmp_path):
+    """trainer=gpu: store, graphs and solver on CUDA tensors give the CPU run's eigenspace."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    cpu = run_fit(compose(TINY, out=tmp_path / "cpu")).eigenvectors()
+    gpu = run_fit(compose([*TINY, "trainer=gpu"], out=tmp_path / "gpu")).eigenvectors()
+    assert subspace_alignment(gpu.cpu(), cpu) >= 0.999

@@ -6,16 +6,18 @@ averages the attention over heads (or keeps one graph per head) and lays the ima
 the diagonal: tokens of different images are not connected (attention never crosses images).
 
 Where the attention comes from: ``LayerFeatures.attn`` when the backbone captured it
-(``backbone.capture_attn=true``); otherwise it is recomputed here as ``softmax(q kᵀ / √d)``
+(``backbone.compute_attn=true``: computed from the captured q and k at capture time); otherwise it is computed here as ``softmax(q kᵀ / √d)``
 over the layer's grid tokens. For backbones that keep heads (the default) the two are the
 same: dropping the class token's column from a softmax and renormalising the row gives the
 softmax over the remaining keys. With ``backbone.heads=mean`` the recomputed attention is that
 of the head-averaged vectors, not the network's.
 
 Attention matrices are dense (``h·w × h·w`` per image), so only layers with few tokens are
-allowed (``max_tokens``). ``P`` is not symmetric: the graph sets ``W = P`` and ``degree = 1``
-(so :meth:`~ldsc.graphs.LayerGraph.sym` returns ``P`` itself); the paper's objective uses ``P``
-only, but the symmetric exact reference of docs/method.md, Exact reference does not strictly apply to these graphs.
+allowed (``max_tokens``). ``P`` is not symmetric, so the graph keeps two things: ``P`` itself
+(the paper's objective uses ``P``) and the symmetric affinity ``W = (P + Pᵀ)/2`` with its degrees,
+from which :meth:`~ldsc.graphs.LayerGraph.sym` forms ``D^{-1/2} W D^{-1/2}`` for the eigen-solvers
+(default, exact) and the alignment monitor, which need a symmetric operator. ``P`` of these
+graphs is the network's attention, not ``D⁻¹W``.
 
 Reuse: the paper's single-image runs replace, with probability ``reuse_prob``, a layer's fresh
 attention by one from a FIFO buffer of the last ``buffer_size`` attention graphs (of any layer)
@@ -76,7 +78,7 @@ class AttentionGraphBuilder:
         self,
         heads: str = "mean",
         buffer_size: int = 7,
-        reuse_prob: float = 0.0,
+        reuse_prob: float = 0.75,
         max_tokens: int = 1024,
         seed: int = 0,
     ):
@@ -108,8 +110,9 @@ class AttentionGraphBuilder:
         for j, p in enumerate(per_head):
             P = block_diagonal(p)
             name = layer.name if len(per_head) == 1 else f"{layer.name}/head{j}"
-            ones = torch.ones(P.shape[0], device=P.device)
-            graphs.append(LayerGraph(name, (h, w), layer.batch_size, W=P, P=P, degree=ones, weight=base_size / h))
+            W = ((P + P.t()) * 0.5).coalesce()  # symmetric part: what the eigen-solvers' operator needs
+            degree = torch.sparse.sum(W, dim=1).to_dense()
+            graphs.append(LayerGraph(name, (h, w), layer.batch_size, W=W, P=P, degree=degree, weight=base_size / h))
         return graphs
 
     def __call__(self, features: list[LayerFeatures], base_size: int) -> list[LayerGraph]:

@@ -63,7 +63,7 @@ class SolverCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer) -> None:
         tmp = self.dirpath / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the whole state (loops, callbacks): exact resume
         if trainer.is_global_zero:
             os.replace(tmp, self.last_path)
 

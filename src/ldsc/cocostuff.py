@@ -128,19 +128,28 @@ LABEL_NAMES = {"cocostuff27": COARSE_NAMES}
 
 def read_label_map(path: str | Path, label_map: str | None = None) -> np.ndarray:
     """Read a PNG label map as ``(H, W)`` uint8, optionally converted by a named
-    :data:`LABEL_MAPS` table (e.g. ``"cocostuff27"`` for the official stuff+things PNGs)."""
+    :data:`LABEL_MAPS` table (e.g. ``"cocostuff27"`` for the official stuff+things PNGs).
+    A file that cannot be decoded, has colour channels or holds values above 255 raises
+    :class:`~ldsc.errors.DataError` naming the file."""
     from PIL import Image
 
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"label map {path} has mode {im.mode}; expected a single-channel PNG")
-        labels = np.asarray(im)
+    from ldsc.errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("L", "P", "I", "I;16"):
+                raise DataError(f"Label map '{path}' has mode {im.mode} ({len(im.getbands())} channels); label maps "
+                                f"must be single-channel PNGs holding one class id per pixel (255 = unlabelled).")
+            labels = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or not an image (PIL's errors)
+        raise DataError(f"Label map '{path}' cannot be read ({err}); is the file complete?") from err
     if labels.max(initial=0) > 255:
-        raise ValueError(f"label map {path} has values above 255")
+        raise DataError(f"Label map '{path}' holds class {int(labels.max())}; class ids must be 0-254 "
+                        f"(255 = unlabelled).")
     labels = labels.astype(np.uint8)
     if label_map is not None:
         if label_map not in LABEL_MAPS:
-            raise ValueError(f"unknown label map {label_map!r}; known: {sorted(LABEL_MAPS)}")
+            raise DataError(f"Unknown label map {label_map!r}; known: {sorted(LABEL_MAPS)}.")
         labels = LABEL_MAPS[label_map][labels]
     return labels
 

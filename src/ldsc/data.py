@@ -274,7 +274,7 @@ class ImageDataModule(L.LightningDataModule):
         store = self.feature_store()
         features = store.features(batch.tolist(), draw=epoch % store.draws)
         for layer in features:
-            for name in ("q", "k", "v", "hidden"):
+            for name in ("q", "k", "v"):
                 if getattr(layer, name) is not None:
                     setattr(layer, name, getattr(layer, name).to(device))
         with torch.no_grad():
@@ -311,7 +311,7 @@ class FolderDataModule(ImageDataModule):
 
     def __init__(self, root: str, recursive: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self.root = root
+        self.root, self.recursive = root, bool(recursive)
 
     def find_images(self) -> list[str]:
         root = Path(os.path.expanduser(str(self.root)))
@@ -319,7 +319,8 @@ class FolderDataModule(ImageDataModule):
             raise DataError(f"Image folder '{root}' does not exist.")
         if not root.is_dir():
             raise DataError(f"'{root}' is a file, not a folder: use data=single data.path={root} for one image.")
-        files = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found = root.rglob("*") if self.recursive else root.glob("*")
+        files = sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not files:
             raise DataError(f"Image folder '{root}' contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
         return files
@@ -328,9 +329,8 @@ class FolderDataModule(ImageDataModule):
 class SingleImageDataModule(ImageDataModule):
     """One image file."""
 
-    def __init__(self, path: str, **kwargs):
-        kwargs.setdefault("batch_size", 1)
-        super().__init__(**kwargs)
+    def __init__(self, path: str, batch_size: int = 1, shuffle: bool = False, **kwargs):
+        super().__init__(batch_size=batch_size, shuffle=shuffle, **kwargs)
         self.path = path
 
     def find_images(self) -> list[str]:
@@ -346,8 +346,8 @@ class SingleImageDataModule(ImageDataModule):
 class SamplesDataModule(ImageDataModule):
     """The colour photographs bundled with scikit-image: runs with nothing downloaded."""
 
-    def __init__(self, names: Sequence[str] = SAMPLE_FILES, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, names: Sequence[str] = SAMPLE_FILES, batch_size: int = 4, **kwargs):
+        super().__init__(batch_size=batch_size, **kwargs)
         self.names = list(names)
 
     def find_images(self) -> list[str]:
@@ -363,6 +363,9 @@ class SamplesDataModule(ImageDataModule):
 
 class CocoDataModule(FolderDataModule):
     """A folder of COCO images (``val2017`` by default; ``make data`` downloads it)."""
+
+    def __init__(self, root: str, num_workers: int = 2, **kwargs):
+        super().__init__(root, num_workers=num_workers, **kwargs)
 
     def find_images(self) -> list[str]:
         root = Path(os.path.expanduser(str(self.root)))

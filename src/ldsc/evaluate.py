@@ -106,7 +106,11 @@ def load_labels(files: list[str], label_paths: list[Path], size: int, label_map:
     out = np.empty((len(files), size, size), dtype=np.uint8)
     for i, (f, lp) in enumerate(zip(files, label_paths)):
         lab = read_label_map(lp, label_map)
-        w, h = image_size(f)  # upright, as the run saw it
+        try:
+            w, h = image_size(f)  # upright, as the run saw it
+        except OSError as err:
+            raise DataError(f"Image '{f}' of the run cannot be read ({err.strerror or err}); label maps are checked "
+                            f"against the images' sizes, so evaluate where the run's images are.") from err
         if lab.shape != (h, w):
             raise DataError(f"Label map '{lp}' is {lab.shape[1]}x{lab.shape[0]} but its image '{f}' is "
                             f"{w}x{h}: label maps must have their image's size.")
@@ -166,7 +170,11 @@ def evaluate_run(
     run = load_run(run_dir)
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"The evaluation folder '{out}' cannot be written ({err.strerror or err}); "
+                        f"choose another with --out.") from err
     E = torch.as_tensor(run["eigvecs"]).float()
     files = [str(f) for f in run["files"]]
     n, K, H, W = E.shape
@@ -176,6 +184,9 @@ def evaluate_run(
     if labels is not None:
         Y = load_labels(files, label_files(files, labels), size, label_map)
         present = np.unique(Y[Y != segment.IGNORE_INDEX])
+        if present.size == 0:
+            raise DataError(f"Every pixel of the label maps in '{labels}' is {segment.IGNORE_INDEX} (unlabelled): "
+                            f"there is nothing to score.")
         inferred = int(present.max()) + 1 if present.size else 1
         if label_map is not None:
             from ldsc.cocostuff import LABEL_NAMES
@@ -344,7 +355,7 @@ def metrics_table(paths, digits: int = 3) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ldsc.evaluate", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="ldsc.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", help="output folder of a finished `python -m ldsc.run` (holds eigvecs.pt)")
     p.add_argument("--labels", help="folder of PNG label maps named like the images (<stem>.png)")
     p.add_argument("--label-map", choices=["cocostuff27"], help="convert labels (official COCO-Stuff "
@@ -360,7 +371,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb", dest="wandb", action="store_true", default=None,
                    help="log to W&B (default: only if RUN_DIR/wandb exists)")
     p.add_argument("--no-wandb", dest="wandb", action="store_false")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, low in (("clusters", 2), ("num_classes", 1), ("eval_size", 8), ("figures", 0)):
+        value = getattr(args, name)
+        if value is not None and value < low:
+            p.error(f"--{name.replace('_', '-')}={value} must be at least {low}")
+    return args
 
 
 def main(argv=None) -> int:

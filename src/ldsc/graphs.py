@@ -24,7 +24,7 @@ from torch import Tensor
 from ldsc.backbones.base import LayerFeatures
 
 #: graph types built from token vectors: (row vectors, column vectors)
-PAIRS = {"qk": ("q", "k"), "vv": ("v", "v"), "kk": ("k", "k"), "qq": ("q", "q"), "hidden": ("hidden", "hidden")}
+PAIRS = {"qk": ("q", "k"), "vv": ("v", "v"), "kk": ("k", "k"), "qq": ("q", "q")}
 
 
 @dataclass
@@ -430,7 +430,7 @@ class KnnGraphBuilder:
     (:mod:`ldsc.neighbors`): intra-image neighbours exact, inter-image neighbours by ``search``.
 
     Args:
-        pair: which vectors to compare: ``qk``, ``vv``, ``kk``, ``qq`` or ``hidden``.
+        pair: which vectors to compare: ``qk``, ``vv``, ``kk`` or ``qq``.
         k_intra, k_inter, threshold: see :func:`knn_affinity`. ``k_inter`` is ignored for one image.
         heads: ``concat`` | ``mean`` | ``separate`` (see :func:`head_vectors`).
         max_chunk_elements: size of one block of similarities (memory knob).
@@ -560,6 +560,7 @@ class KnnGraphBuilder:
         from tqdm.auto import tqdm
 
         from ldsc.neighbors import inter_image_knn, intra_image_knn
+        from ldsc.profiling import release_free_memory
 
         graphs, self.timings = [], {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
         self.layer_timings = []
@@ -599,6 +600,7 @@ class KnnGraphBuilder:
                             out=(idx[:, k_a:], sim[:, k_a:]), return_order=True)[2]  # (keeping no view of the lists)
                         bar.close()
                     del x, y
+                    release_free_memory()  # the search's temporaries, before the lists are copied
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
                     rank = None
@@ -608,6 +610,7 @@ class KnnGraphBuilder:
                     lists = [idx, sim]
                     del idx, sim
                     blocks, degree = symmetric_normalized_blocks(*lists, self.threshold, free=lists)
+                    release_free_memory()
                     if order is not None:
                         degree = degree[rank]
                     self.timings["symmetrize"] += time.perf_counter() - t1

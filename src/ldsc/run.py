@@ -23,13 +23,20 @@ from ldsc.interrupt import graceful_signals
 from ldsc.validate import validate
 
 log = logging.getLogger("ldsc")
+# FAISS reports at INFO which CPU build it loaded (and a failed AVX2 probe) on every import
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 def config_dir() -> str:
-    """Absolute path of the config folder: ``$LDSC_CONF_DIR`` or ``<repo>/conf``."""
+    """Absolute path of the config folder: ``$LDSC_CONF_DIR``, else the package's own ``conf``
+    (an installed wheel: pyproject.toml ships the repository's ``conf/`` as ``ldsc/conf``), else
+    ``<repo>/conf`` (a source checkout or an editable install)."""
     env = os.environ.get("LDSC_CONF_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "conf"
-    return str(path)
+    if env:
+        return str(Path(env))
+    here = Path(__file__).resolve().parent
+    packaged = here / "conf"
+    return str(packaged if (packaged / "config.yaml").is_file() else here.parents[1] / "conf")
 
 
 def base_grid(cfg: DictConfig, n_images: int) -> int:
@@ -114,10 +121,28 @@ def fit(cfg: DictConfig):
         return _fit(cfg)
 
 
+def quiet_lightning() -> None:
+    """One line per message, and only messages that mean something: Lightning's loggers print
+    through their own handler *and* Hydra's (every line twice), announce "GPU available: False"
+    and a cloud-logging tip on every run, and warn that a solver without an optimiser has none."""
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logger = logging.getLogger(name)
+        if logging.getLogger().handlers:  # Hydra's (or the user's) root handler prints them once
+            logger.handlers.clear()
+            logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning.fabric.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*configure_optimizers` returned `None`")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning vs newer torch
+
+
 def _fit(cfg: DictConfig):
     import lightning as L
     from hydra.utils import instantiate
 
+    quiet_lightning()
     from ldsc.callbacks import ExportEigenvectors, StageTimer
     from ldsc.profiling import stage
 
@@ -132,7 +157,7 @@ def _fit(cfg: DictConfig):
     for cb in callbacks:
         if isinstance(cb, ExportEigenvectors):
             cb.run_config = resolved
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg is not None]
+    loggers = [instantiate(lg, **keep_earlier_logs(lg)) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(resolved)
@@ -150,6 +175,24 @@ def _fit(cfg: DictConfig):
             wandb.finish()
     log.info("outputs in %s", cfg.paths.output_dir)
     return solver
+
+
+def keep_earlier_logs(logger_cfg) -> dict:
+    """Overrides for a CSV logger whose folder already holds a ``metrics.csv`` (a resumed run, or a
+    second run in the folder): Lightning would delete that file, so the new metrics go to the first
+    free ``resume<i>`` subfolder instead and the earlier run's stay as they were."""
+    if not str(logger_cfg.get("_target_", "")).endswith("CSVLogger"):
+        return {}
+    base = Path(str(logger_cfg.get("save_dir", "."))) / str(logger_cfg.get("name") or "")
+    version = logger_cfg.get("version")
+    if version is None or not (base / str(version) / "metrics.csv").exists():
+        return {}
+    i = 1
+    while (base / f"resume{i}").exists():
+        i += 1
+    log.info("keeping the earlier %s; this run's metrics go to %s", base / str(version) / "metrics.csv",
+             base / f"resume{i}")
+    return {"version": f"resume{i}"}
 
 
 def write_stages(out_dir: str, stages: dict) -> None:
@@ -175,8 +218,39 @@ def user_error(err: BaseException) -> LdscError | None:
     return None
 
 
+def unwritable_output(argv: list[str]) -> str | None:
+    """A sentence when the folder a run would write to (``hydra.run.dir`` / ``hydra.sweep.dir``
+    or ``paths.log_dir`` / ``paths.root_dir`` from the command line, else ``./outputs``) cannot be
+    created or written, checked before Hydra creates it; ``None`` when it can."""
+    import os
+
+    given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    root = given.get("paths.root_dir", os.environ.get("LDSC_ROOT", "."))
+    folder = (given.get("hydra.run.dir") or given.get("hydra.sweep.dir") or given.get("paths.log_dir")
+              or str(Path(root) / "outputs"))
+    if "${" in folder:  # an interpolation: resolved by Hydra, not checked here
+        return None
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"The output folder '{folder}' cannot be created: '{p}' is a file, not a folder."
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"The output folder '{folder}' cannot be written: '{p}' is not writable; choose another with hydra.run.dir=..."
+    return None
+
+
+def main() -> None:
+    """``python -m ldsc.run [overrides]``: check the output folder, then run (see :func:`run_main`)."""
+    problem = unwritable_output(sys.argv[1:])
+    if problem:
+        print(f"ldsc: error: {problem}", file=sys.stderr)
+        sys.exit(1)
+    run_main()
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
-def main(cfg: DictConfig) -> None:
+def run_main(cfg: DictConfig) -> None:
     try:
         fit(cfg)
     except SystemExit as exc:  # Lightning's SIGTERMException when a signal beat the solver's own stop
@@ -190,7 +264,7 @@ def main(cfg: DictConfig) -> None:
         sys.exit(128 + interrupt.signal_number(interrupt.requested))
     except Exception as exc:
         err = user_error(exc)
-        if err is None:
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # the whole traceback when asked for
             raise
         log.error("%s", err)
         print(f"ldsc: error: {err}", file=sys.stderr)

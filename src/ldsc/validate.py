@@ -46,8 +46,27 @@ def _number(cfg, key: str, low: float | None = None, high: float | None = None, 
         raise ConfigError(f"{key}={v} must be {rng}{hint}.")
 
 
+#: how to fill the values a config leaves mandatory (``???``)
+MISSING_HINTS = {"data.path": "data.path=/path/to/image.jpg (data=single: one image)",
+                 "data.root": "data.root=/path/to/folder (data=folder: every image in it)"}
+REDUCTIONS = ("pca", "random")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`~ldsc.errors.ConfigError` (one sentence) for the first bad knob of ``cfg``."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        key = missing[0]
+        raise ConfigError(f"{key} is not set: pass {MISSING_HINTS.get(key, key + '=...')}.")
+    accelerator = str(_get(cfg, "trainer.accelerator") or "")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"trainer.accelerator={accelerator} but torch sees no CUDA GPU here: use trainer=cpu, "
+                              f"or a CUDA build of torch on a GPU machine.")
     _integer(cfg, "K", 1)
     _integer(cfg, "seed", 0)
     _integer(cfg, "base_size", 2, optional=True)
@@ -71,6 +90,12 @@ def validate(cfg: DictConfig) -> None:
         _integer(cfg, "graph.exact_max_tokens", 0, optional=True)
         if graph.get("dim") is not None:
             _integer(cfg, "graph.dim", 1)
+        from ldsc.neighbors import SEARCH_METHODS
+
+        if "search" in graph and graph.search not in SEARCH_METHODS:
+            raise ConfigError(f"graph.search must be one of {list(SEARCH_METHODS)}, not {graph.search!r}.")
+        if "reduce" in graph and graph.reduce not in REDUCTIONS:
+            raise ConfigError(f"graph.reduce must be one of {list(REDUCTIONS)}, not {graph.reduce!r}.")
     solver = _get(cfg, "solver")
     if solver is not None:
         if "tol" in solver:

@@ -11,7 +11,7 @@ require gradients, and they are never part of the solver (so never in a checkpoi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,6 @@ class LayerFeatures:
             ``"up_blocks.1.attentions.0.transformer_blocks.0.attn1"``).
         q, k, v: ``(B, heads, h, w, d)`` tensors (any may be ``None`` if not captured).
         attn: optional ``(B, heads, h*w, h*w)`` softmax attention probabilities (``graph=attn``).
-        hidden: optional ``(B, 1, h, w, d)`` block output (``graph=hidden``).
         timestep: optional ``(B,)`` diffusion timestep the features were computed at.
     """
 
@@ -37,15 +36,13 @@ class LayerFeatures:
     k: Tensor | None = None
     v: Tensor | None = None
     attn: Tensor | None = None
-    hidden: Tensor | None = None
     timestep: Tensor | None = None
-    meta: dict = field(default_factory=dict)
 
     def _any(self) -> Tensor:
-        for t in (self.q, self.k, self.v, self.hidden):
+        for t in (self.q, self.k, self.v):
             if t is not None:
                 return t
-        raise ValueError(f"layer {self.name} carries no q/k/v/hidden tensor")
+        raise ValueError(f"layer {self.name} carries no q/k/v tensor")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -62,12 +59,12 @@ class LayerFeatures:
         return int(self._any().shape[1])
 
     def vectors(self, which: str) -> Tensor:
-        """The ``(B, heads, h, w, d)`` tensor named ``which`` (``q``, ``k``, ``v`` or ``hidden``)."""
+        """The ``(B, heads, h, w, d)`` tensor named ``which`` (``q``, ``k`` or ``v``)."""
         t = getattr(self, which, None)
         if t is None:
             raise ValueError(
                 f"layer {self.name} has no {which!r} vectors; this backbone captured "
-                f"{[n for n in ('q', 'k', 'v', 'hidden', 'attn') if getattr(self, n) is not None]}"
+                f"{[n for n in ('q', 'k', 'v', 'attn') if getattr(self, n) is not None]}"
             )
         return t
 
@@ -133,10 +130,36 @@ def weights_error(model_id: str, cache_dir: str | None, err: Exception | None = 
     cache = cache_dir or os.environ.get("HF_HUB_CACHE") or os.path.join(
         os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
     )
-    reason = f" ({type(err).__name__})" if err is not None else ""
-    return WeightsNotFoundError(
-        f"Could not load weights '{model_id}' from a local directory or the Hugging Face cache "
-        f"'{cache}'{reason}: on a machine with internet run "
-        f"`hf download {model_id}` (or `make weights`), set HF_HOME to where the files "
-        f"are, or pass backbone.model_id=/path/to/local/dir."
-    )
+    return WeightsNotFoundError(f"Could not load weights '{model_id}': {_weights_cause(model_id, cache, err)}")
+
+
+def _weights_cause(model_id: str, cache: str, err: Exception | None) -> str:
+    """Why weights could not be loaded, and what to do, from the error the library raised."""
+    import os
+
+    name = type(err).__name__ if err is not None else ""
+    text = str(err) if err is not None else ""
+    low = text.lower()
+    local = os.path.isdir(model_id)
+    looks_local = local or model_id.startswith((".", "/", "~"))
+    if "GatedRepo" in name or "gated repo" in low or "awaiting a review" in low:
+        return (f"it is a gated repository: accept its licence on huggingface.co, log in with `hf auth login`, "
+                f"then `hf download {model_id}`.")
+    if looks_local and not local:
+        return f"the folder '{model_id}' does not exist (backbone.model_id must be a hub id or a folder)."
+    if local and not any(os.path.isfile(os.path.join(root, "config.json")) or
+                         os.path.isfile(os.path.join(root, "model_index.json"))
+                         for root in (model_id, *(os.path.join(model_id, d) for d in ("unet", "vae")))):
+        return (f"the folder has no config.json / model_index.json: it is not a model saved by "
+                f"save_pretrained (point backbone.model_id at the folder that holds them).")
+    if any(s in low for s in ("deserializ", "headertoolarge", "invalid load key", "unable to load weights",
+                              "incomplete metadata", "unexpected eof", "truncated", "invalid header")):
+        return f"its weights file is corrupt or truncated ({name}); download it again."
+    if local and ("no file named" in low or "does not appear to have a file named" in low):
+        return f"a file is missing from the folder ({text.splitlines()[0][:200]})."
+    if isinstance(err, (TypeError,)) or (isinstance(err, ValueError) and "repo id" not in low and not local):
+        return f"{name}: {text.splitlines()[0][:200] if text else 'bad argument'}."
+    reason = f" ({name})" if name else ""
+    return (f"not found in a local directory or the Hugging Face cache '{cache}'{reason}: on a machine with "
+            f"internet run `hf download {model_id}` (or `make weights`), set HF_HOME to where the files are, "
+            f"or pass backbone.model_id=/path/to/local/dir.")

@@ -169,7 +169,7 @@ def grid_features(
     scale: float | None = None,
     head_mode: str = "keep",
     token_stride: int = 1,
-    capture_attn: bool = False,
+    compute_attn: bool = False,
     timestep: Tensor | None = None,
 ) -> LayerFeatures:
     """One layer's captured projections → :class:`LayerFeatures` with ``(B, heads, h, w, d)``.
@@ -179,10 +179,10 @@ def grid_features(
             the ``n_prefix`` class/register tokens first, then the grid in row-major order.
         heads: number of attention heads the projections hold.
         grid: the ``(h, w)`` token grid.
-        scale: attention logit scale (default ``1/√d``), only used for ``capture_attn``.
+        scale: attention logit scale (default ``1/√d``), only used for ``compute_attn``.
         head_mode: ``"keep"`` (one slice per head) or ``"mean"`` (average over heads → 1).
         token_stride: keep every ``token_stride``-th token along each axis.
-        capture_attn: also return the softmax attention ``(B, heads, n, n)`` between the kept
+        compute_attn: also return the softmax attention ``(B, heads, n, n)`` between the kept
             grid tokens: the network's attention over *all* tokens (class tokens included) with
             the rows and columns of dropped tokens removed and each row renormalised, so it stays
             row-stochastic (the random walk restricted to the grid). Renormalising a softmax
@@ -209,7 +209,7 @@ def grid_features(
 
     kept = {role: t.index_select(2, index) for role, t in qkv.items()}  # (B, heads, hs*ws, d)
     attn = None
-    if capture_attn:
+    if compute_attn:
         attn = attention_probs(kept["q"], kept["k"], scale)
         if head_mode == "mean":
             attn = attn.mean(dim=1, keepdim=True)

@@ -42,7 +42,10 @@ def load_pretrained(
     the MAE decoder, the DINO pooler); for models (``weights=True``) weights *missing* from
     the checkpoint are still reported, in one logged line.
     """
+    import pickle
+
     from huggingface_hub.errors import EntryNotFoundError
+    from safetensors import SafetensorError
 
     model_id = str(model_id)
     if not os.path.isdir(model_id) and _offline():
@@ -55,7 +58,7 @@ def load_pretrained(
     try:
         with _quiet(library):
             loaded = cls.from_pretrained(model_id, cache_dir=cache_dir, **kwargs)
-    except (OSError, ValueError, EntryNotFoundError) as err:  # OSError covers the hub's HTTP errors
+    except (OSError, ValueError, EntryNotFoundError, SafetensorError, pickle.UnpicklingError) as err:  # OSError: the hub's HTTP errors
         raise weights_error(model_id, cache_dir, err) from err
     if not weights:
         return loaded

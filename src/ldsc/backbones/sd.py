@@ -123,7 +123,7 @@ class StableDiffusionBackbone(Backbone):
         latent: ``"mean"`` (the VAE posterior mean) or ``"sample"`` (a draw from it).
         dtype: ``float32 | float16 | bfloat16``; features are returned in float32.
         cache_dir: Hugging Face cache directory (``None``: the default).
-        capture_attn: also return softmax attention probabilities between the tokens.
+        compute_attn: also compute ``softmax(q kᵀ/√d)`` between the grid tokens (from the captured q and k; nothing extra is captured).
     """
 
     name = "sd"
@@ -143,7 +143,7 @@ class StableDiffusionBackbone(Backbone):
         latent: str = "mean",
         dtype: str = "float32",
         cache_dir: str | None = None,
-        capture_attn: bool = False,
+        compute_attn: bool = False,
         draws: int = 1,
     ):
         super().__init__()
@@ -164,7 +164,7 @@ class StableDiffusionBackbone(Backbone):
         self.latent = latent
         self.head_mode = heads
         self.token_stride = int(token_stride)
-        self.capture_attn = bool(capture_attn)
+        self.compute_attn = bool(compute_attn)
         self.dtype = resolve_dtype(dtype)
         #: number of batches processed so far: the state of the deterministic schedules
         self.step = 0
@@ -274,7 +274,7 @@ class StableDiffusionBackbone(Backbone):
                 scale=float(module.scale),
                 head_mode=self.head_mode,
                 token_stride=self.token_stride,
-                capture_attn=self.capture_attn,
+                compute_attn=self.compute_attn,
                 timestep=t,
             )
             for name, module in self._attn1.items()

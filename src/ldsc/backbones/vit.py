@@ -40,7 +40,7 @@ class VisionTransformerBackbone(Backbone):
         dtype: ``float32``, ``float16`` or ``bfloat16`` — the network is cast to it; features
             are returned in float32.
         cache_dir: Hugging Face cache directory (``None`` = the default one).
-        capture_attn: also return the softmax attention between grid tokens (see
+        compute_attn: also return the softmax attention between grid tokens (see
             :func:`~ldsc.backbones.hooks.grid_features` for how the class token is handled).
     """
 
@@ -61,7 +61,7 @@ class VisionTransformerBackbone(Backbone):
         input_size: int | None = None,
         dtype: str = "float32",
         cache_dir: str | None = None,
-        capture_attn: bool = False,
+        compute_attn: bool = False,
         draws: int = 1,
     ):
         super().__init__()
@@ -70,7 +70,7 @@ class VisionTransformerBackbone(Backbone):
         self.model_id = str(model_id)
         self.head_mode = heads
         self.token_stride = int(token_stride)
-        self.capture_attn = bool(capture_attn)
+        self.compute_attn = bool(compute_attn)
         self.dtype = resolve_dtype(dtype)
 
         self.model = self.load_model(self.model_id, cache_dir).to(self.dtype)
@@ -141,7 +141,7 @@ class VisionTransformerBackbone(Backbone):
                     n_prefix=captured["q"].shape[1] - h * w,
                     head_mode=self.head_mode,
                     token_stride=self.token_stride,
-                    capture_attn=self.capture_attn,
+                    compute_attn=self.compute_attn,
                 )
             )
         return features
@@ -162,6 +162,11 @@ class DINOBackbone(VisionTransformerBackbone):
     name = "dino"
     model_class_name = "ViTModel"
     load_kwargs = {"add_pooling_layer": False}
+
+    def __init__(self, model_id: str, input_size: int | None = 480, **kwargs):
+        """``input_size`` 480 (60×60 tokens of ViT-B/8) as in the paper; position encodings are
+        interpolated from the pretrained 224."""
+        super().__init__(model_id, input_size=input_size, **kwargs)
 
 
 class MAEBackbone(VisionTransformerBackbone):

@@ -35,9 +35,9 @@ class PaperSolver(EigenSolver):
     """
 
     def __init__(self, n_images: int, K: int, base_size: int, optimizer: Callable | None = None,
-                 steps_per_batch: int = 1, parametrization: str = "softmax", eig_weight: float = 1.0,
+                 steps_per_batch: int = 5, parametrization: str = "softmax", eig_weight: float = 1.0,
                  orth_weight: float = 1.0, accumulate: int = 1, init_scale: float = 1.0,
-                 ema: float | None = None, conv_channels: int = 128):
+                 ema: float | None = 0.99, conv_channels: int = 128):
         if parametrization not in ("softmax", "identity", "convnet"):
             raise ValueError(f"parametrization must be 'softmax', 'convnet' or 'identity', not {parametrization!r}")
         convnet = parametrization == "convnet"
@@ -55,7 +55,7 @@ class PaperSolver(EigenSolver):
                 nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c, track_running_stats=False), nn.ReLU(),
                 nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c, track_running_stats=False), nn.ReLU(),
                 nn.Conv2d(c, self.K, 3, padding=1))
-        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-2)
+        self.optimizer_factory = optimizer or partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)
         self.steps_per_batch, self.accumulate = int(steps_per_batch), max(1, int(accumulate))
         self.eig_weight, self.orth_weight = eig_weight, orth_weight
         self.automatic_optimization = False

@@ -1,0 +1,490 @@
+"""Re-run the bad inputs and faults a new user meets, and count how each one ends.
+
+    python experiments/fault_cases.py [--only NAME,...] [--out notes/measurements/fault_cases.jsonl]
+
+Every case is a real process (``python -m ldsc.run`` / ``python -m ldsc.evaluate``) in a scratch
+folder with two scikit-image photographs (nothing downloaded). Each ends in one of:
+
+* ``ok``: a case that should work did, and its outputs check out;
+* ``clean``: a case that should be refused was: non-zero exit, no traceback, and the last line of
+  stderr is one ``ldsc: error: ...`` sentence (Hydra's own message for an unknown key or choice);
+* ``traceback``: it ended in a Python traceback;
+* ``silent``: it exited 0 where it should have refused, or its outputs are wrong or were lost;
+* ``hung``: it ran past its time limit.
+
+One JSON line per case (name, expectation, outcome, exit code, last stderr line), then the counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["data.batch_size=2", "base_size=16", "K=4", "trainer.max_epochs=2", "logger=none",
+        "trainer.enable_progress_bar=false", "~callbacks.progress", "callbacks.export.figures=false"]
+ENV = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
+
+
+def run(args: list[str], module: str = "ldsc.run", timeout: float = 300) -> dict:
+    """Run ``python -m module args``; returns exit code, stderr, seconds (``rc=None`` on timeout)."""
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                           env=ENV)
+        return {"rc": p.returncode, "stderr": p.stderr, "stdout": p.stdout, "s": time.perf_counter() - t}
+    except subprocess.TimeoutExpired as e:
+        return {"rc": None, "stderr": (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""),
+                "stdout": "", "s": time.perf_counter() - t}
+
+
+def merge(base: list[str], over: list[str]) -> list[str]:
+    """``base`` overrides with those of ``over`` replacing any of the same key (Hydra refuses a key twice)."""
+    key = lambda a: a.split("=", 1)[0].lstrip("~+")  # noqa: E731
+    keys = {key(o) for o in over}
+    return [a for a in base if key(a) not in keys] + list(over)
+
+
+def classify(res: dict, expect: str, check=None) -> str:
+    """The outcome of a finished case (see the module docstring)."""
+    if res["rc"] is None:
+        return "hung"
+    if "Traceback (most recent call last)" in res["stderr"]:
+        return "traceback"
+    if expect == "ok":
+        if res["rc"] != 0:
+            return "refused"
+        return "ok" if check is None or check() else "silent"
+    if res["rc"] == 0:
+        return "silent"
+    lines = [ln for ln in res["stderr"].strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    hydra_msg = any(s in res["stderr"] for s in ("Could not override", "Could not find", "Could not load", "Error merging override",
+                                                  "Could not append", "mismatched input", "no viable alternative"))
+    return "clean" if last.startswith(("ldsc: error:", "ldsc.evaluate: error:")) or hydra_msg else "traceback"
+
+
+
+class Workspace:
+    """A scratch folder: images, a finished run with label maps, helpers to damage things."""
+
+    def __init__(self, root: Path):
+        from PIL import Image
+        from skimage import data as skdata
+
+        self.root = root
+        self.images = root / "images"
+        self.images.mkdir()
+        Image.fromarray(skdata.astronaut()).save(self.images / "astronaut.png")
+        Image.fromarray(skdata.coffee()).save(self.images / "coffee.png")
+        self.n = 0
+
+    def out(self, name: str) -> Path:
+        self.n += 1
+        return self.root / f"{self.n:02d}_{name}"
+
+    def folder_args(self, out: Path) -> list[str]:
+        return ["data=folder", f"data.root={self.images}", *FAST, f"hydra.run.dir={out}",
+                f"paths.log_dir={self.root / 'logs'}"]
+
+    def finished_run(self) -> Path:
+        """A finished run on the images plus one label map per image (for the evaluate cases)."""
+        import numpy as np
+        from PIL import Image
+
+        out = self.root / "base_run"
+        if not (out / "eigvecs.pt").exists():
+            res = run(self.folder_args(out))
+            assert res["rc"] == 0, res["stderr"][-2000:]
+            labels = self.root / "labels"
+            labels.mkdir()
+            for f in self.images.iterdir():
+                w, h = Image.open(f).size
+                lab = np.zeros((h, w), dtype=np.uint8)
+                lab[:, w // 2:] = 1
+                Image.fromarray(lab).save(labels / f.name)
+        return out
+
+    def copy_run(self, name: str) -> tuple[Path, Path]:
+        """A copy of the finished run and of its labels (to damage)."""
+        base = self.finished_run()
+        out = self.out(name)
+        shutil.copytree(base, out / "run")
+        shutil.copytree(self.root / "labels", out / "labels")
+        return out / "run", out / "labels"
+
+
+def config_cases(ws: Workspace):
+    """Bad settings of ``python -m ldsc.run``: each must be refused in one sentence."""
+    bad = {
+        "K=abc": ["K=abc"], "K=2.5": ["K=2.5"], "K=0": ["K=0"], "K=-3": ["K=-3"],
+        "K larger than the pixels": ["K=300"], "seed=abc": ["seed=abc"], "seed=-1": ["seed=-1"],
+        "base_size=7 (layers empty)": ["base_size=7"], "base_size=0": ["base_size=0"],
+        "trainer.max_epochs=0": ["trainer.max_epochs=0"], "trainer.max_epochs=-1": ["trainer.max_epochs=-1"],
+        "data.batch_size=0": ["data.batch_size=0"], "data.limit=0": ["data.limit=0"],
+        "data.num_workers=-1": ["data.num_workers=-1"], "graph.threshold=2": ["graph.threshold=2"],
+        "graph.k_intra=-1": ["graph.k_intra=-1"], "graph.k_inter=-5": ["graph.k_inter=-5"],
+        "no neighbours at all": ["graph.k_intra=0", "graph.k_inter=0"], "graph.heads=bogus": ["graph.heads=bogus"],
+        "graph.search=bogus": ["graph.search=bogus"], "graph.list_size=0": ["graph.list_size=0"],
+        "graph.nprobe=0": ["graph.nprobe=0"], "graph.dim=-3": ["graph.dim=-3"],
+        "graph.reduce=bogus": ["graph.reduce=bogus", "graph.dim=8"], "solver.tol=-1": ["solver.tol=-1"],
+        "solver.iters_per_step=0": ["solver.iters_per_step=0"], "solver.oversample=-1": ["solver.oversample=-1"],
+        "backbone=nonexistent": ["backbone=nonexistent"], "graph=nonexistent": ["graph=nonexistent"],
+        "solver=nonexistent": ["solver=nonexistent"], "unknown key": ["foo=bar"],
+        "backbone.draws=0": ["backbone.draws=0"], "backbone.n_features=0": ["backbone.n_features=0"],
+        "data.memory_limit_gb too small": ["data.memory_limit_gb=0.001"],
+        "CLIP weights missing": ["backbone=clip", f"backbone.model_id={ws.root / 'no_such_model'}"],
+        "CLIP weights folder empty": ["backbone=clip", f"backbone.model_id={ws.root / 'empty_model'}"],
+        "trainer.accelerator=gpu without a GPU": ["trainer.accelerator=gpu"],
+    }
+    (ws.root / "empty_model").mkdir(exist_ok=True)
+    for name, over in bad.items():
+        yield name, "error", lambda over=over, name=name: (run(merge(ws.folder_args(ws.out("cfg")), over)), None)
+
+
+def data_cases(ws: Workspace):
+    """Missing, empty, corrupt inputs."""
+    root = ws.root
+    (root / "empty").mkdir(exist_ok=True)
+    (root / "corrupt").mkdir(exist_ok=True)
+    (root / "corrupt" / "a.jpg").write_bytes(b"not a jpeg")
+    (root / "not_an_image.jpg").write_text("hello")
+    data = (ws.images / "astronaut.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "a_file").write_text("x")
+    single = lambda p: ["data=single", f"data.path={p}"]  # noqa: E731
+    folder = lambda p: ["data=folder", f"data.root={p}"]  # noqa: E731
+    cases = {
+        "data=single without data.path": ["data=single"],
+        "data=folder without data.root": ["data=folder", "data.root=null"],
+        "single image missing": single(root / "missing.jpg"),
+        "single image is a folder": single(ws.images),
+        "single image not an image": single(root / "not_an_image.jpg"),
+        "single image truncated": single(root / "truncated.png"),
+        "folder missing": folder(root / "missing"),
+        "folder is a file": folder(root / "a_file"),
+        "folder empty": folder(root / "empty"),
+        "folder of corrupt images only": folder(root / "corrupt"),
+        "output folder below a file": [f"hydra.run.dir={root / 'a_file' / 'run'}"],
+        "store folder is a file": [f"store.dir={root / 'a_file'}"],
+    }
+    for name, over in cases.items():
+        def go(over=over):
+            out = ws.out("data")
+            base = [a for a in ws.folder_args(out) if not a.startswith(("data=", "data.root="))]
+            return run(merge(base, over)), None
+        yield name, "error", go
+
+
+def ok_cases(ws: Workspace):
+    """Runs that must work: a folder, one image, a mixed folder (corrupt files skipped), EXIF."""
+    import numpy as np
+    from PIL import Image
+
+    def folder_ok():
+        out = ws.out("ok_folder")
+        res = run(ws.folder_args(out))
+        return res, lambda: (out / "eigvecs.pt").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+
+    def single_ok():
+        out = ws.out("ok_single")
+        args = [a for a in ws.folder_args(out) if not a.startswith(("data=", "data.root=", "base_size"))]
+        res = run(["data=single", f"data.path={ws.images / 'astronaut.png'}", *args])
+        return res, lambda: (out / "eigvecs.pt").is_file()
+
+    def mixed_ok():
+        mixed = ws.root / "mixed"
+        mixed.mkdir(exist_ok=True)
+        shutil.copy(ws.images / "astronaut.png", mixed / "good.png")
+        (mixed / "broken.jpg").write_bytes(b"junk")
+        out = ws.out("ok_mixed")
+        args = [a for a in ws.folder_args(out) if not a.startswith("data.root=")]
+        res = run(merge(args, [f"data.root={mixed}"]))
+        return res, lambda: _files(out) == ["good.png"]
+
+    def exif_ok():
+        exif = ws.root / "exif"
+        exif.mkdir(exist_ok=True)
+        a = np.zeros((40, 20, 3), np.uint8)
+        a[:, :10] = 255
+        im = Image.fromarray(a)
+        ex = im.getexif()
+        ex[0x0112] = 6
+        im.save(exif / "phone.jpg", exif=ex)
+        shutil.copy(ws.images / "coffee.png", exif / "coffee.png")
+        out = ws.out("ok_exif")
+        args = [a for a in ws.folder_args(out) if not a.startswith("data.root=")]
+        res = run(merge(args, [f"data.root={exif}"]))
+        return res, lambda: (out / "eigvecs.pt").is_file()
+
+    def resume_fresh():
+        out = ws.out("ok_resume_fresh")
+        res = run([*ws.folder_args(out), "resume=true"])
+        return res, lambda: (out / "eigvecs.pt").is_file()
+
+    def duplicate_stems():
+        run_dir, labels = ws.copy_run("dup")
+        tree = run_dir.parent / "tree"
+        for sub, src in (("a", "astronaut.png"), ("b", "coffee.png")):
+            (tree / sub).mkdir(parents=True)
+            shutil.copy(ws.images / src, tree / sub / "img.png")
+        out = run_dir.parent / "r"
+        args = [a for a in ws.folder_args(out) if not a.startswith("data.root=")]
+        res = run(merge(args, [f"data.root={tree}"]))
+        if res["rc"] != 0:
+            return res, None
+        lab = run_dir.parent / "labels_tree"
+        for sub, src in (("a", "astronaut.png"), ("b", "coffee.png")):
+            (lab / sub).mkdir(parents=True)
+            shutil.copy(labels / src, lab / sub / "img.png")
+        return run([str(out), "--labels", str(lab), "--figures", "0"], "ldsc.evaluate"), \
+            lambda: (out / "eval" / "metrics.json").is_file()
+
+    yield "a folder run", "ok", folder_ok
+    yield "a single-image run", "ok", single_ok
+    yield "corrupt files among good ones are skipped", "ok", mixed_ok
+    yield "EXIF-rotated photo", "ok", exif_ok
+    yield "resume=true in a fresh folder", "ok", resume_fresh
+    yield "same file name in two subfolders, labels by relative path", "ok", duplicate_stems
+
+
+def _files(out: Path) -> list[str]:
+    import torch
+
+    try:
+        return sorted(Path(f).name for f in torch.load(out / "eigvecs.pt", weights_only=True)["files"])
+    except Exception:
+        return []
+
+
+def checkpoint_cases(ws: Workspace):
+    """Damaged checkpoints and eigenvector files, signals, concurrency, failed exports."""
+    import torch
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {ws.root / 'PWNED'}",))
+
+    def resumed(damage):
+        def go():
+            out = ws.out(f"ckpt_{damage}")
+            res = run(ws.folder_args(out))
+            assert res["rc"] == 0, res["stderr"][-1000:]
+            ckpt = out / "checkpoints" / "last.ckpt"
+            before = (out / "eigvecs.pt").read_bytes()
+            if damage == "truncated":
+                ckpt.write_bytes(ckpt.read_bytes()[:1000])
+            elif damage == "pickle":
+                state = torch.load(ckpt, weights_only=False)
+                state["x"] = Payload()
+                torch.save(state, ckpt)
+            elif damage == "other run":
+                other = ws.out("other")
+                run(merge(ws.folder_args(other), ["K=3"]))
+                shutil.copy(other / "checkpoints" / "last.ckpt", ckpt)
+            res = run([*ws.folder_args(out), "resume=true"])
+            intact = (out / "eigvecs.pt").read_bytes() == before and not (ws.root / "PWNED").exists()
+            return res, intact
+        return go
+
+    for damage in ("truncated", "pickle", "other run"):
+        def case(go=resumed(damage)):
+            res, intact = go()
+            return res, None if intact else (lambda: False)
+        yield f"resume from a {damage} checkpoint", "error", case
+
+    def evaluate_damaged(damage):
+        def go():
+            run_dir, labels = ws.copy_run(f"eig_{damage}")
+            f = run_dir / "eigvecs.pt"
+            if damage == "pickle":
+                torch.save({"eigvecs": torch.zeros(1), "x": Payload()}, f)
+            elif damage == "truncated":
+                f.write_bytes(f.read_bytes()[:500])
+            elif damage == "missing":
+                f.unlink()
+            res = run([str(run_dir), "--figures", "0"], "ldsc.evaluate")
+            return res, None if not (ws.root / "PWNED").exists() else (lambda: False)
+        return go
+
+    for damage in ("pickle", "truncated", "missing"):
+        yield f"evaluate a {damage} eigvecs.pt", "error", evaluate_damaged(damage)
+
+    def long_args(out, epochs=100000, tol=0):
+        return merge(ws.folder_args(out), [f"solver.tol={tol}", "solver.iters_per_step=1", f"trainer.max_epochs={epochs}"])
+
+    def wait_for(path, proc, limit=180):
+        t = time.time()
+        while not path.exists() and proc.poll() is None and time.time() - t < limit:
+            time.sleep(0.2)
+
+    def signalled(sig):
+        def go():
+            out = ws.out(f"sig{sig}")
+            proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *long_args(out)], env=ENV,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_for(out / "checkpoints" / "last.ckpt", proc)
+            proc.send_signal(sig)
+            try:
+                _, err = proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                return {"rc": None, "stderr": "", "stdout": ""}, None
+            res = {"rc": proc.returncode, "stderr": err, "stdout": ""}
+            ok = proc.returncode == 128 + sig and (out / "checkpoints" / "last.ckpt").is_file()
+            return res, None if ok else (lambda: False)
+        return go
+
+    yield "SIGTERM during a run", "error", signalled(signal.SIGTERM)
+    yield "SIGINT (Ctrl-C) during a run", "error", signalled(signal.SIGINT)
+
+    def kill9_resume():
+        full, split = ws.out("full"), ws.out("split")
+        run(long_args(full, 150))
+        proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *long_args(split, 150)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(split / "checkpoints" / "last.ckpt", proc)
+        time.sleep(0.5)
+        proc.kill()
+        proc.communicate()
+        res = run([*long_args(split, 150), "resume=true"])
+        a, b = (torch.load(d / "eigvecs.pt", weights_only=True)["eigvecs"] for d in (full, split)) \
+            if res["rc"] == 0 else (None, None)
+        return res, lambda: a is not None and torch.allclose(a, b)
+
+    yield "kill -9 then resume=true equals an uninterrupted run", "ok", kill9_resume
+
+    def busy_folder():
+        out = ws.out("busy")
+        proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *long_args(out)], env=ENV,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_for(out / "checkpoints" / "last.ckpt", proc)
+        res = run(long_args(out, 2))
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+        return res, None
+
+    yield "a second run in a busy folder", "error", busy_folder
+
+    def failed_export():
+        out = ws.out("export")
+        (out / "eigvecs.pt").mkdir(parents=True)  # the export cannot replace a folder
+        res = run(ws.folder_args(out))
+        kept = (out / "checkpoints" / "last.ckpt").is_file()
+        return res, None if kept else (lambda: False)
+
+    yield "the export cannot be written", "error", failed_export
+
+    def resume_keeps_metrics():
+        out = ws.out("metrics")
+        args = [a for a in ws.folder_args(out) if a != "logger=none"]
+        run(args)
+        before = (out / "csv" / "metrics.csv").read_text() if (out / "csv" / "metrics.csv").exists() else None
+        res = run(merge(args, ["resume=true", "trainer.max_epochs=3"]))
+        return res, lambda: before is not None and (out / "csv" / "metrics.csv").read_text() == before
+
+    yield "resume keeps the earlier run's metrics.csv", "ok", resume_keeps_metrics
+
+
+def evaluate_cases(ws: Workspace):
+    """``python -m ldsc.evaluate`` on bad label folders, moved images, bad options."""
+    import numpy as np
+    from PIL import Image
+
+    def case(damage, extra=()):
+        def go():
+            run_dir, labels = ws.copy_run(f"ev_{damage}")
+            args = [str(run_dir), "--labels", str(labels), "--figures", "0", *extra]
+            lab = labels / "coffee.png"
+            h, w = np.asarray(Image.open(lab)).shape
+            if damage == "no run folder":
+                args[0] = str(run_dir.parent / "nope")
+            elif damage == "no label folder":
+                args[2] = str(run_dir.parent / "nolabels")
+            elif damage == "a label missing":
+                lab.unlink()
+            elif damage == "a label of the wrong size":
+                Image.fromarray(np.zeros((10, 10), np.uint8)).save(lab)
+            elif damage == "an RGB label":
+                Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(lab)
+            elif damage == "a label above 255":
+                Image.fromarray(np.full((h, w), 300, np.uint16)).save(lab)
+            elif damage == "a truncated label":
+                lab.write_bytes(lab.read_bytes()[:100])
+            elif damage == "labels all 255":
+                for f in labels.glob("*.png"):
+                    a = np.asarray(Image.open(f))
+                    Image.fromarray(np.full(a.shape, 255, np.uint8)).save(f)
+            elif damage == "images moved since the run":
+                moved = run_dir.parent / "images_moved"
+                shutil.copytree(ws.images, moved)
+                import torch
+                state = torch.load(run_dir / "eigvecs.pt", weights_only=True)
+                state["files"] = [str(run_dir.parent / "gone" / Path(f).name) for f in state["files"]]
+                torch.save(state, run_dir / "eigvecs.pt")
+            elif damage == "--out below a file":
+                (run_dir.parent / "f").write_text("x")
+                args += ["--out", str(run_dir.parent / "f" / "eval")]
+            return run(args, "ldsc.evaluate"), None
+        return go
+
+    for damage in ("no run folder", "no label folder", "a label missing", "a label of the wrong size", "an RGB label",
+                   "a label above 255", "a truncated label", "labels all 255", "images moved since the run",
+                   "--out below a file"):
+        yield f"evaluate: {damage}", "error", case(damage)
+    yield "evaluate: --clusters 0", "error", case("clusters", ["--clusters", "0"])
+    yield "evaluate: --clusters abc", "error", case("clusters_abc", ["--clusters", "abc"])
+    yield "evaluate: --num-classes below the classes present", "error", case("num_classes", ["--num-classes", "1"])
+    yield "evaluate: --eval-size 0", "error", case("eval_size", ["--eval-size", "0"])
+
+    def ok():
+        run_dir, labels = ws.copy_run("ev_ok")
+        res = run([str(run_dir), "--labels", str(labels), "--figures", "1"], "ldsc.evaluate")
+        return res, lambda: json.loads((run_dir / "eval" / "metrics.json").read_text())["miou"] >= 0
+
+    yield "evaluate: a finished run with its labels", "ok", ok
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
+    ap.add_argument("--out", default=str(REPO / "notes" / "measurements" / "fault_cases.jsonl"))
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = ap.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="ldsc_faults_"))
+    ws = Workspace(root)
+    counts: dict[str, int] = {}
+    lines = []
+    try:
+        for group in (ok_cases, config_cases, data_cases, checkpoint_cases, evaluate_cases):
+            for name, expect, go in group(ws):
+                if args.only and not any(s in name for s in args.only.split(",")):
+                    continue
+                res, check = go()
+                outcome = classify(res, expect, check)
+                if expect == "error" and outcome == "clean" and check is not None and not check():
+                    outcome = "silent"  # refused, but lost or damaged something on the way
+                counts[outcome] = counts.get(outcome, 0) + 1
+                last = next((ln for ln in reversed(res["stderr"].strip().splitlines()) if ln.strip()), "")
+                line = {"case": name, "expect": expect, "outcome": outcome, "rc": res["rc"], "last_line": last[:300]}
+                lines.append(line)
+                print(json.dumps(line), flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    summary = {"cases": sum(counts.values()), **counts}
+    print(json.dumps(summary), flush=True)
+    if not args.only:
+        Path(args.out).write_text("".join(json.dumps(x) + "\n" for x in [*lines, summary]))
+
+
+if __name__ == "__main__":
+    main()

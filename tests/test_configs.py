@@ -1,0 +1,93 @@
+"""The configs are the interface: every ldsc class's defaults equal its yaml's (a notebook user
+gets the same algorithm as a CLI user), and every choice of the cheap groups instantiates."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from ldsc.run import config_dir
+
+CONF = Path(config_dir())
+#: presets that deliberately set other values than their class's defaults
+PRESETS = {"experiment", "solver/paper_single.yaml"}
+
+
+def _targets(node, where=""):
+    """``(where, node)`` for every mapping with an ldsc ``_target_`` inside ``node``."""
+    if isinstance(node, dict):
+        if str(node.get("_target_", "")).startswith("ldsc."):
+            yield where, node
+        for k, v in node.items():
+            yield from _targets(v, f"{where}.{k}")
+
+
+def _parameters(obj) -> dict:
+    """The keyword parameters of a class (following ``**kwargs`` up to its bases) or a function."""
+    if not inspect.isclass(obj):
+        return dict(inspect.signature(obj).parameters)
+    merged = {}
+    for klass in obj.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        sig = inspect.signature(klass.__init__)
+        for name, p in sig.parameters.items():
+            if name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                merged.setdefault(name, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    return merged
+
+
+def _config_files():
+    for f in sorted(CONF.rglob("*.yaml")):
+        rel = f.relative_to(CONF).as_posix()
+        if rel.split("/")[0] in PRESETS or rel in PRESETS:
+            continue
+        yield rel
+
+
+@pytest.mark.parametrize("rel", list(_config_files()))
+def test_code_defaults_equal_the_yaml(rel):
+    data = OmegaConf.to_container(OmegaConf.load(CONF / rel), resolve=False)
+    for where, node in _targets(data):
+        module, _, name = node["_target_"].rpartition(".")
+        params = _parameters(getattr(importlib.import_module(module), name))
+        for key, value in node.items():
+            if key.startswith("_") or isinstance(value, (dict, list)) or (isinstance(value, str) and
+                                                                           ("${" in value or value == "???")):
+                continue
+            p = params.get(key)
+            assert p is not None, f"{rel}{where}: {key} is not a parameter of {node['_target_']}"
+            if p.default is not inspect.Parameter.empty:
+                assert p.default == value, f"{rel}{where}: {key} is {value!r} in the yaml, {p.default!r} in the code"
+
+
+@pytest.mark.parametrize("group", ["graph", "solver", "data", "store"])
+def test_every_choice_of_the_cheap_groups_instantiates(compose, group):
+    from hydra.utils import instantiate
+
+    for f in sorted((CONF / group).glob("*.yaml")):
+        fill = {"single": ["data.path=/tmp/x.jpg"], "folder": ["data.root=/tmp"]}.get(f.stem, []) if group == "data" else []
+        cfg = compose([f"{group}={f.stem}", *fill])
+        node = cfg[group]
+        kwargs = {"n_images": 2, "K": 4, "base_size": 16} if group == "solver" else {}
+        obj = instantiate(node, **kwargs)
+        assert type(obj).__module__.startswith("ldsc."), f.stem
+
+
+def test_folder_recursive_switch(tmp_path):
+    """data.recursive: images in subfolders are found unless it is false."""
+    from PIL import Image
+
+    from ldsc.data import FolderDataModule
+
+    (tmp_path / "sub").mkdir()
+    for p in (tmp_path / "a.png", tmp_path / "sub" / "b.png"):
+        Image.new("RGB", (8, 8)).save(p)
+    assert [Path(f).name for f in FolderDataModule(str(tmp_path)).find_images()] == ["a.png", "b.png"]
+    assert [Path(f).name for f in FolderDataModule(str(tmp_path), recursive=False).find_images()] == ["a.png"]
