@@ -182,7 +182,8 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
         threshold: similarities at or below are dropped.
         block_entries: about this many list entries per block.
         free: a list holding the caller's only references to ``idx`` and ``sim``; it is cleared
-            once they are read, so their memory is released before ``Aᵀ`` and ``W`` are formed.
+            once they are read, so their memory is released before ``Aᵀ`` and ``W`` are formed
+            (pass ``free[0], free[1]`` explicitly: ``*free`` would keep them alive).
 
     Returns:
         ``(blocks, degree)`` with ``blocks = [(first_row, torch CSR (rows, N) float32)]``.
@@ -199,7 +200,8 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
         cols = idx[r0:r1].numpy().astype(np.int32)
         vals = sim[r0:r1].numpy().astype(np.float32)
         keep = (cols >= 0) & (vals > threshold)
-        indptr = np.zeros(r1 - r0 + 1, dtype=np.int64)
+        # int32 offsets: scipy would otherwise widen the column indices to int64 (12 bytes an entry, not 8)
+        indptr = np.zeros(r1 - r0 + 1, dtype=np.int32 if cols.size < 2**31 else np.int64)
         np.cumsum(keep.sum(1), out=indptr[1:])
         Ab = sp.csr_matrix((vals[keep], cols[keep], indptr), shape=(r1 - r0, n))
         Ab.sort_indices()
@@ -210,9 +212,13 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
     if free is not None:
         free.clear()
     del idx, sim
+    from ldsc.profiling import release_free_memory
+
+    release_free_memory()  # the per-block temporaries between A's blocks
     # 2. Aᵀ in the same row blocks: entry (r, c, v) of A goes to row c of Aᵀ, after the entries
     #    of earlier blocks of A (so every row of Aᵀ comes out with sorted columns)
     T_ptr = [np.concatenate([[0], np.cumsum(colcount[r0:r1])]) for r0, r1 in zip(starts, ends)]
+    T_ptr = [p.astype(np.int32) if p[-1] < 2**31 else p for p in T_ptr]
     T_ind = [np.empty(int(p[-1]), dtype=np.int32) for p in T_ptr]
     T_val = [np.empty(int(p[-1]), dtype=np.float32) for p in T_ptr]
     filled = np.zeros(n, dtype=np.int64)
@@ -609,7 +615,9 @@ class KnnGraphBuilder:
                         idx, sim = relabel_lists(idx, sim, order, rank)
                     lists = [idx, sim]
                     del idx, sim
-                    blocks, degree = symmetric_normalized_blocks(*lists, self.threshold, free=lists)
+                    # (not `*lists`: a starred call keeps its argument tuple, and so both lists, alive
+                    # until it returns — 4 GB at 10⁷ tokens held through the whole symmetrisation)
+                    blocks, degree = symmetric_normalized_blocks(lists[0], lists[1], self.threshold, free=lists)
                     release_free_memory()
                     if order is not None:
                         degree = degree[rank]
