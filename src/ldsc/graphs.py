@@ -190,6 +190,8 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
     """
     import scipy.sparse as sp
 
+    from ldsc.profiling import release_free_memory
+
     n, k = idx.shape
     rows_per_block = max(1, block_entries // max(k, 1))
     starts = list(range(0, n, rows_per_block))
@@ -212,8 +214,6 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
     if free is not None:
         free.clear()
     del idx, sim
-    from ldsc.profiling import release_free_memory
-
     release_free_memory()  # the per-block temporaries between A's blocks
     # 2. Aᵀ in the same row blocks: entry (r, c, v) of A goes to row c of Aᵀ, after the entries
     #    of earlier blocks of A (so every row of Aᵀ comes out with sorted columns)
@@ -644,9 +644,10 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
 
     ``graphs``: every layer's ``S`` (``W`` has about ``1.3·N·k`` entries of 8 bytes: 1.5 is
     assumed) and its node order; ``build``: the largest of building one layer on top of the graphs
-    built before it — while searching, its unit vectors (``vectors`` kinds of ``N × dim`` float32, and
-    the keys once more in leaf order for the clustered search), its lists and the intra-image lists in int64; while relabelling, two copies of the lists; while
-    symmetrising, the lists, their transpose and ``W``; ``solver``: six ``N_base × columns``
+    built before it — while searching, its unit vectors (``vectors`` kinds of ``N × dim`` float32,
+    and the keys once more in leaf order for the clustered search), its lists and the intra-image
+    lists in int64; while relabelling, two copies of the lists; while symmetrising, the lists,
+    their transpose and ``W`` (an upper bound: the lists are freed once ``A`` is formed); ``solver``: six ``N_base × columns``
     float32 blocks of LOBPCG plus three of the largest layer for a product. ``peak`` = the larger
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
     Lightning. Layers are built largest first.

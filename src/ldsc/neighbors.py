@@ -173,8 +173,10 @@ class ClusterTree:
     A vector's leaf (:meth:`assign`) is found by a beam search: the ``tops`` most similar nodes of
     each level are expanded into their children, and the most similar leaf among them is kept
     (a greedy descent misplaces the vectors near a boundary). Finding a leaf costs about
-    ``B + (depth - 1)·tops·B`` inner products and building the tree ``O(N·B·depth)``: both grow
-    with the data set only through ``depth``, i.e. logarithmically."""
+    ``B + (depth - 1)·tops·B`` inner products and building the tree ``O(N·B·depth)``. With the
+    default ``branching`` the tree has two levels up to 512² leaves, so ``B ≈ √nlist`` (the first
+    level has ``top_scale·B`` nodes): deeper trees grow only logarithmically but found the
+    nearest leaf less often in our measurements (docs/benchmarks.md)."""
 
     def __init__(self, y: Tensor, list_size: int, seed: int = 0, neighbours: int = 32, tops: int = 8,
                  branching: int = 512, top_scale: float = 2.0):
@@ -329,7 +331,7 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
         pos = torch.cat([torch.arange(kstart[p], kstart[p + 1]) for p in picked])  # positions in ys
         kk = min(k, pos.numel())
         if kk:
-            S = xq @ torch.cat([ys[kstart[p]:kstart[p + 1]] for p in picked]).T
+            S = xq @ ys[pos].T
             rows, cols = _same_image_pairs(q // tokens, k_img[pos])
             S[rows, cols] = float("-inf")
             v, j = S.topk(kk, dim=1)

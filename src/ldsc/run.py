@@ -127,9 +127,9 @@ def quiet_lightning() -> None:
     and a cloud-logging tip on every run, and warn that a solver without an optimiser has none."""
     import warnings
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
-        logger = logging.getLogger(name)
-        if logging.getLogger().handlers:  # Hydra's (or the user's) root handler prints them once
+    if logging.getLogger().handlers:  # Hydra's (or the user's) root handler prints them once
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            logger = logging.getLogger(name)
             logger.handlers.clear()
             logger.propagate = True
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -222,8 +222,6 @@ def unwritable_output(argv: list[str]) -> str | None:
     """A sentence when the folder a run would write to (``hydra.run.dir`` / ``hydra.sweep.dir``
     or ``paths.log_dir`` / ``paths.root_dir`` from the command line, else ``./outputs``) cannot be
     created or written, checked before Hydra creates it; ``None`` when it can."""
-    import os
-
     given = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
     root = given.get("paths.root_dir", os.environ.get("LDSC_ROOT", "."))
     folder = (given.get("hydra.run.dir") or given.get("hydra.sweep.dir") or given.get("paths.log_dir")
