@@ -60,17 +60,22 @@ class SolverCheckpoint(L.Callback):
     def __init__(self, dirpath: str, every_n_epochs: int = 1):
         self.dirpath, self.every_n_epochs = Path(dirpath), max(1, int(every_n_epochs))
         self.last_path = self.dirpath / "last.ckpt"
+        #: whether the solver has stepped since the last save (the same on every process, unlike
+        #: a look at the file, which another process may be replacing)
+        self.unsaved = True
 
     def save(self, trainer: L.Trainer) -> None:
         tmp = self.dirpath / "last.ckpt.tmp"
         trainer.save_checkpoint(tmp, weights_only=False)  # the whole state (loops, callbacks): exact resume
         if trainer.is_global_zero:
             os.replace(tmp, self.last_path)
+        self.unsaved = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         interrupt.training = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.unsaved = True
         if interrupt.requested:  # a signal arrived: the solver stopped at an iteration boundary
             self.save(trainer)
             out = self.dirpath.parent
@@ -82,7 +87,11 @@ class SolverCheckpoint(L.Callback):
     def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException):  # raised by Lightning at a batch boundary: state is whole
+        from ldsc.distributed import world_size
+
+        # raised by Lightning at a batch boundary: state is whole (on several processes a save is a
+        # collective that the other processes may never join; they stop through the solver instead)
+        if isinstance(exception, SIGTERMException) and world_size() == 1:
             self.save(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -91,7 +100,7 @@ class SolverCheckpoint(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         interrupt.training = False
-        if not self.last_path.exists():
+        if self.unsaved:  # (not a look at the file: the same answer on every process)
             self.save(trainer)
 
 
@@ -107,11 +116,12 @@ class ExportEigenvectors(L.Callback):
         self.paths: list[Path] = []
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        Z = pl_module.eigenvectors()  # on several processes: every rank sends its rows to rank 0
         if not trainer.is_global_zero:
             return
         files = trainer.datamodule.prepare_files()
         try:
-            E = save_eigenvectors(self.output_dir, pl_module.eigenvectors(), files, self.run_config,
+            E = save_eigenvectors(self.output_dir, Z, files, self.run_config,
                                   keep_order=pl_module.eigenvalue_ordered)
             log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
             if self.figures:
@@ -199,8 +209,14 @@ class AlignmentMonitor(L.Callback):
         self._start, self.overhead, self.history = time.perf_counter(), 0.0, []
         if not self.enabled or self.reference is not None:
             return
+        from ldsc.distributed import world_size
+
         dm = trainer.datamodule
         tokens = dm.num_images * dm.base_size**2
+        if world_size() > 1:
+            log.info("alignment monitor off: on several processes no process holds the whole graph; compare "
+                     "eigvecs.pt with a single-process run instead")
+            return
         if tokens > self.max_tokens:
             log.info("alignment monitor off: %d base-grid nodes > max_tokens=%d (the exact reference is an eigsh "
                      "of the whole-data-set operator)", tokens, self.max_tokens)

@@ -204,6 +204,7 @@ class ImageDataModule(L.LightningDataModule):
     def check_memory(self) -> dict:
         """Estimate the peak memory of the whole-data-set graphs and solver; refuse, with one
         sentence, a run that would not fit (see :func:`~ldsc.graphs.estimate_dataset_graph_bytes`)."""
+        from ldsc.distributed import world_size
         from ldsc.errors import ConfigError
         from ldsc.graphs import estimate_dataset_graph_bytes
 
@@ -212,7 +213,8 @@ class ImageDataModule(L.LightningDataModule):
         k = getattr(b, "k_intra", 0) + (getattr(b, "k_inter", 0) if store.n_images > 1 else 0)
         est = estimate_dataset_graph_bytes(store.n_images, store.layers, max(k, 1), store.draws,
                                            getattr(b, "dim", None), getattr(b, "heads", "concat"),
-                                           base_size=self.base_size, vectors=len(getattr(b, "kinds", [0])))
+                                           base_size=self.base_size, vectors=len(getattr(b, "kinds", [0])),
+                                           shards=world_size())
         limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
         if limit and est["peak"] > limit:
             gb = 2**30

@@ -86,17 +86,27 @@ class DatasetGraph:
     instead of at random: several times faster on large graphs); ``S`` of the tokens themselves is
     ``S_tok = Pᵀ S P`` with ``(P x)[r] = x[order[r]]``. Use :meth:`apply` for ``S_tok Y``.
 
+    A sharded graph (a run on several processes) holds the rows of its ``image_range`` only, in
+    token order: its blocks cover those rows (``first_row`` counted from the range's first token)
+    and every column; :meth:`apply` then maps ``Y`` of *all* tokens to the range's rows.
+
     Attributes:
         name, grid, n_images, weight: as :class:`LayerGraph`.
-        blocks: ``[(first_row, CSR (rows, N))]`` covering rows ``0..N-1`` in order.
+        blocks: ``[(first_row, CSR (rows, N))]`` covering rows ``0..N-1`` in order (sharded: the
+            range's rows).
         degree: ``(N,)`` row sums of ``W``, per token (original order).
         order: ``(N,)`` token of each stored node, or ``None`` (stored in token order).
+        image_range: ``(first, end)`` images whose rows are held, or ``None`` (all).
     """
 
     def __init__(self, name: str, grid: tuple[int, int], n_images: int, blocks: list[tuple[int, Tensor]],
-                 degree: Tensor, weight: float = 1.0, order: Tensor | None = None, rank: Tensor | None = None):
+                 degree: Tensor, weight: float = 1.0, order: Tensor | None = None, rank: Tensor | None = None,
+                 image_range: tuple[int, int] | None = None):
         self.name, self.grid, self.n_images, self.weight = name, tuple(grid), int(n_images), float(weight)
         self.blocks, self.degree, self.order = blocks, degree, order
+        self.image_range = None if image_range is None else (int(image_range[0]), int(image_range[1]))
+        if self.image_range is not None and order is not None:
+            raise ValueError("a sharded graph is stored in token order (order=None)")
         if order is not None and rank is None:
             rank = self.inverse(order)
         self.rank = rank  # rank[token] = its stored node
@@ -114,6 +124,12 @@ class DatasetGraph:
     def sym_blocks(self) -> list[tuple[int, Tensor]]:
         return self.blocks
 
+    def nbytes(self) -> int:
+        """Bytes this graph holds: its CSR blocks, degrees and node order."""
+        parts = [t for _, b in self.blocks for t in (b.values(), b.col_indices(), b.crow_indices())]
+        parts += [t for t in (self.degree, self.order, self.rank) if t is not None]
+        return sum(t.numel() * t.element_size() for t in parts)
+
     def apply(self, Y: Tensor, blocks: list[tuple[int, Tensor]] | None = None) -> Tensor:
         """``S_tok Y`` for ``Y`` ``(N, m)`` in token order (``blocks``: the same blocks in another
         dtype or device, default :attr:`blocks`)."""
@@ -126,6 +142,8 @@ class DatasetGraph:
         """``S`` as one float64 ``scipy.sparse.csr_matrix`` in token order (for the exact reference)."""
         import scipy.sparse as sp
 
+        if self.image_range is not None and self.image_range != (0, self.n_images):
+            raise ValueError(f"graph {self.name} holds only the rows of images {self.image_range} (a sharded run)")
         parts = [sp.csr_matrix((b.values().double().numpy(), b.col_indices().numpy(), b.crow_indices().numpy()),
                                shape=tuple(b.shape)) for _, b in self.blocks]
         S = sp.vstack(parts, format="csr")
@@ -137,14 +155,14 @@ class DatasetGraph:
     def to(self, device) -> "DatasetGraph":
         return DatasetGraph(self.name, self.grid, self.n_images, [(s, b.to(device)) for s, b in self.blocks],
                             self.degree.to(device), self.weight, None if self.order is None else self.order.to(device),
-                            None if self.rank is None else self.rank.to(device))
+                            None if self.rank is None else self.rank.to(device), self.image_range)
 
 
 def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor) -> Tensor:
-    """``S Y`` for ``S`` in row blocks of CSR."""
+    """``S Y`` for ``S`` in row blocks of CSR (rows: those of the blocks, ``Y``: one per column)."""
     if len(blocks) == 1:
         return blocks[0][1] @ Y
-    out = torch.empty_like(Y)
+    out = Y.new_empty(blocks[-1][0] + blocks[-1][1].shape[0], Y.shape[1])
     for s, B in blocks:
         out[s:s + B.shape[0]] = B @ Y
     return out
@@ -260,6 +278,54 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
                                                        torch.from_numpy(B.indices.astype(np.int32, copy=False)),
                                                        torch.from_numpy(B.data), size=B.shape)))
     return blocks, torch.from_numpy(degree.astype(np.float32))
+
+
+def sharded_symmetric_normalized(idx: Tensor, sim: Tensor, first_row: int, bounds: list[int],
+                                 threshold: float = 0.1) -> tuple[list[tuple[int, Tensor]], Tensor]:
+    """:func:`symmetric_normalized_blocks` for one process of a sharded run: the neighbour lists of
+    rows ``[first_row, first_row + len(idx))`` in, the same rows of ``S = D^{-1/2} W D^{-1/2}``
+    out, with ``W = (A + Aᵀ)/2`` over all processes' lists.
+
+    Every kept entry ``(r, c)`` of ``A`` is sent to the process that owns row ``c``
+    (``bounds``: ``[0, end_0, ..., N]``, the rows of each process), which adds it to its rows of
+    ``Aᵀ`` (one all-to-all); the degrees of all rows are then all-gathered (``N`` floats) for
+    the normalisation. Memory: this process's entries, a few times over.
+
+    Returns ``([(0, CSR (rows, N) float32)], degree (N,))``.
+    """
+    import scipy.sparse as sp
+
+    from ldsc.distributed import all_gather_rows, all_to_all_rows
+
+    n_rows, n = idx.shape[0], bounds[-1]
+    cols = idx.numpy().astype(np.int64)
+    vals = sim.numpy().astype(np.float32)
+    keep = (cols >= 0) & (vals > threshold)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), keep.sum(1)) + first_row
+    cols, vals = cols[keep], vals[keep]
+    del keep
+    owner = np.searchsorted(np.asarray(bounds), cols, side="right") - 1
+    send = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=len(bounds) - 1).tolist()
+    got_ids = all_to_all_rows(torch.from_numpy(np.stack([cols[send], rows[send]], 1)), counts).numpy()
+    got_vals = all_to_all_rows(torch.from_numpy(vals[send]), counts).numpy()
+    del owner, send
+    A = sp.csr_matrix((vals, (rows - first_row, cols)), shape=(n_rows, n))
+    AT = sp.csr_matrix((got_vals, (got_ids[:, 0] - first_row, got_ids[:, 1])), shape=(n_rows, n))
+    del rows, cols, vals, got_ids, got_vals
+    W = ((A + AT) * np.float32(0.5)).tocsr()
+    del A, AT
+    W.sort_indices()
+    degree = all_gather_rows(torch.from_numpy(np.asarray(W.sum(1), dtype=np.float64).ravel())).numpy()
+    dinv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
+    local = np.repeat(np.arange(n_rows), np.diff(W.indptr)) + first_row
+    W.data = (W.data * dinv[local] * dinv[W.indices]).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        S = torch.sparse_csr_tensor(torch.from_numpy(W.indptr.astype(np.int64 if W.nnz >= 2**31 else np.int32)),
+                                    torch.from_numpy(W.indices.astype(np.int32, copy=False)),
+                                    torch.from_numpy(W.data), size=W.shape)
+    return [(0, S)], torch.from_numpy(degree.astype(np.float32))
 
 
 def knn_affinity(
@@ -565,12 +631,16 @@ class KnnGraphBuilder:
 
         from tqdm.auto import tqdm
 
+        from ldsc.distributed import shard, world_size
         from ldsc.neighbors import inter_image_knn, intra_image_knn
         from ldsc.profiling import release_free_memory
 
         graphs, self.timings = [], {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
         self.layer_timings = []
         n = store.n_images
+        # several processes: this one searches and holds the rows of its own images only
+        sharded = world_size() > 1
+        first, last = shard(n)
         for draw in range(store.draws):
             for li, info in enumerate(store.layers):
                 h, w = info["grid"]
@@ -589,47 +659,59 @@ class KnnGraphBuilder:
                     t0 = time.perf_counter()
                     k_a = min(self.k_intra, T - 1)
                     k_e = min(self.k_inter, n * T - T) if n > 1 else 0
-                    idx = torch.empty(n * T, k_a + k_e, dtype=torch.int32)  # both searches' lists, int32
-                    sim = torch.empty(n * T, k_a + k_e, dtype=torch.float32)
+                    q0, q1 = first * T, last * T  # the query rows this process searches
+                    idx = torch.empty(q1 - q0, k_a + k_e, dtype=torch.int32)  # both searches' lists, int32
+                    sim = torch.empty(q1 - q0, k_a + k_e, dtype=torch.float32)
                     if k_a > 0:
-                        intra_image_knn(x, y, T, k_a, max_chunk_elements=self.max_chunk_elements,
+                        intra_image_knn(x[q0:q1], y[q0:q1], T, k_a, max_chunk_elements=self.max_chunk_elements,
                                         out=(idx[:, :k_a], sim[:, :k_a]))
+                        if q0:
+                            idx[:, :k_a] += q0
                     t_intra = time.perf_counter()
                     order = None
                     if k_e > 0:
-                        bar = tqdm(total=n * T, desc=f"neighbours {info['name']} ({method})", unit="tok",
+                        bar = tqdm(total=q1 - q0, desc=f"neighbours {info['name']} ({method})", unit="tok",
                                    unit_scale=True, disable=not progress or n * T < 50_000, leave=False)
                         order = inter_image_knn(
                             x, y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
                             ef_search=self.ef_search, ef_construction=self.ef_construction, list_size=self.list_size,
                             max_chunk_elements=self.max_chunk_elements, seed=self.seed, progress=bar.update,
-                            out=(idx[:, k_a:], sim[:, k_a:]), return_order=True)[2]  # (keeping no view of the lists)
+                            out=(idx[:, k_a:], sim[:, k_a:]), return_order=True,
+                            queries=(q0, q1) if sharded else None)[2]  # (keeping no view of the lists)
                         bar.close()
                     del x, y
                     release_free_memory()  # the search's temporaries, before the lists are copied
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
                     rank = None
-                    if order is not None:  # store similar tokens next to each other (cache-local products)
-                        rank = DatasetGraph.inverse(order)
-                        idx, sim = relabel_lists(idx, sim, order, rank)
                     lists = [idx, sim]
                     del idx, sim
-                    # (not `*lists`: a starred call keeps its argument tuple, and so both lists, alive
-                    # until it returns — 4 GB at 10⁷ tokens held through the whole symmetrisation)
-                    blocks, degree = symmetric_normalized_blocks(lists[0], lists[1], self.threshold, free=lists)
+                    if sharded:  # this process's rows; their transposed entries come from the other processes
+                        from ldsc.distributed import shard_bounds
+
+                        order = None
+                        blocks, degree = sharded_symmetric_normalized(
+                            lists[0], lists[1], q0, [b * T for b in shard_bounds(n)], self.threshold)
+                        lists.clear()
+                    else:
+                        if order is not None:  # store similar tokens next to each other (cache-local products)
+                            rank = DatasetGraph.inverse(order)
+                            lists = list(relabel_lists(lists[0], lists[1], order, rank))
+                        # (not `*lists`: a starred call keeps its argument tuple, and so both lists, alive
+                        # until it returns — 4 GB at 10⁷ tokens held through the whole symmetrisation)
+                        blocks, degree = symmetric_normalized_blocks(lists[0], lists[1], self.threshold, free=lists)
+                        if order is not None:
+                            degree = degree[rank]
                     release_free_memory()
-                    if order is not None:
-                        degree = degree[rank]
                     self.timings["symmetrize"] += time.perf_counter() - t1
                     name = info["name"] if n_graphs == 1 else f"{info['name']}/head{j}"
                     if store.draws > 1:
                         name = f"{name}@draw{draw}"
                     graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws,
-                                               order=order, rank=rank))
+                                               order=order, rank=rank, image_range=(first, last) if sharded else None))
                     t2 = time.perf_counter()
                     self.layer_timings.append({
-                        "name": name, "tokens": n * T, "dim": dims, "search": method,
+                        "name": name, "tokens": n * T, "rows": q1 - q0, "dim": dims, "search": method,
                         "intra_s": round(t_intra - t0, 3), "inter_s": round(t1 - t_intra, 3),
                         "symmetrize_s": round(t2 - t1, 3), "nnz": graphs[-1].nnz})
                 del pairs
@@ -638,7 +720,7 @@ class KnnGraphBuilder:
 
 def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1, dim: int | None = None,
                                  heads: str = "concat", solver_columns: int = 20, base_size: int = 32,
-                                 vectors: int = 1) -> dict:
+                                 vectors: int = 1, shards: int = 1) -> dict:
     """Bytes a whole-data-set run needs at its peak, by part (``N`` tokens of a layer, ``k``
     neighbours per token, lists of ``N·k`` int32 ids + float32 similarities = ``8·N·k`` bytes).
 
@@ -650,7 +732,8 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     their transpose and ``W`` (an upper bound: the lists are freed once ``A`` is formed); ``solver``: six ``N_base × columns``
     float32 blocks of LOBPCG plus three of the largest layer for a product. ``peak`` = the larger
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
-    Lightning. Layers are built largest first.
+    Lightning. Layers are built largest first. ``shards``: processes of a sharded run (each holds
+    ``1/shards`` of the lists, graphs and solver blocks, but every layer's vectors whole).
     """
     sizes, largest = [], 0
     for info in layers:
@@ -659,8 +742,8 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
         largest = max(largest, N)
         per_graph = info["heads"] if heads == "separate" else 1
         D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
-        lists = 8 * N * k
-        g = int(1.5 * lists) + 16 * N
+        lists = 8 * N * k // shards
+        g = int(1.5 * lists) + 16 * N // shards
         transient = max(N * D * 4 * (vectors + 1) + lists + 6 * N * k, 2 * lists, 2 * lists + g)
         for _ in range(per_graph * draws):
             sizes.append((g, transient))
@@ -669,7 +752,7 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     for g, transient in sizes:
         build = max(build, before + transient)
         before += g
-    solver = (6 * n_images * base_size * base_size + 3 * largest) * solver_columns * 4
+    solver = (6 * n_images * base_size * base_size // shards + 3 * largest) * solver_columns * 4
     return {"graphs": graphs, "build": build, "solver": solver,
             "peak": PROCESS_BYTES + max(build, graphs + solver)}
 

@@ -90,7 +90,7 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
 
 
 def _exact_inter(x: Tensor, y: Tensor, tokens: int, k: int, max_chunk_elements: int,
-                 progress: Callable | None) -> tuple[Tensor, Tensor]:
+                 progress: Callable | None, queries: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """Brute force with FAISS's flat inner-product search (BLAS products, heap selection): each
     query asks for ``k + tokens`` hits and drops those of its own image, which stays exact (at
     most ``tokens`` hits can be its own) and fast (a selector would leave the BLAS path)."""
@@ -98,22 +98,23 @@ def _exact_inter(x: Tensor, y: Tensor, tokens: int, k: int, max_chunk_elements: 
 
     faiss.omp_set_num_threads(torch.get_num_threads())
     n, d = x.shape
-    n_images = n // tokens
+    q0, q1 = queries or (0, n)
     index = faiss.IndexFlatIP(d)
     index.add(np.ascontiguousarray(y.numpy(), dtype=np.float32))
-    xa = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    xa = np.ascontiguousarray(x[q0:q1].numpy(), dtype=np.float32)
     kk = min(n, k + tokens)
     per = max(1, max_chunk_elements // (kk * tokens * 3))  # images of queries per call (results: 12 B a hit)
-    idx = torch.empty(n, k, dtype=torch.long)
-    sim = torch.empty(n, k, dtype=torch.float32)
-    for s in range(0, n_images, per):
-        e = min(n_images, s + per)
-        D, I = index.search(xa[s * tokens:e * tokens], kk)
+    idx = torch.empty(q1 - q0, k, dtype=torch.long)
+    sim = torch.empty(q1 - q0, k, dtype=torch.float32)
+    for s in range(q0 // tokens, q1 // tokens, per):
+        e = min(q1 // tokens, s + per)
+        rows = slice(s * tokens - q0, e * tokens - q0)
+        D, I = index.search(xa[rows], kk)
         I_t, D_t = torch.from_numpy(I), torch.from_numpy(D)
         own = (I_t // tokens) == (torch.arange(s * tokens, e * tokens) // tokens)[:, None]
         D_t[own | (I_t < 0)] = float("-inf")
         v, j = D_t.topk(k, dim=1)  # hits come sorted: the first k kept ones, in order
-        sim[s * tokens:e * tokens], idx[s * tokens:e * tokens] = v, I_t.gather(1, j)
+        sim[rows], idx[rows] = v, I_t.gather(1, j)
         if progress:
             progress((e - s) * tokens)
     return idx, sim
@@ -302,14 +303,15 @@ def _same_image_pairs(q_img: Tensor, k_img: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, nprobe: int, seed: int,
-                   idx: Tensor, sim: Tensor, progress: Callable | None) -> Tensor:
+                   idx: Tensor, sim: Tensor, progress: Callable | None, queries: tuple[int, int] | None = None) -> Tensor:
     """Clustered search scored densely: keys and queries fall into the leaves of one
     :class:`ClusterTree`. For the queries of one leaf, each query picks its ``nprobe`` most
     similar leaves among the ``4·nprobe`` leaves nearest to its own; the union of those picks is
     scored in one matrix product, own-image keys masked, top ``k`` kept. Work per query is about
     ``nprobe·list_size`` inner products whatever the data set's size; the keys are copied once in
     leaf order, so a leaf's keys are read as one contiguous block. Returns the key ids sorted by
-    leaf (similar tokens next to each other: an order that keeps graph products cache-local)."""
+    leaf (similar tokens next to each other: an order that keeps graph products cache-local).
+    With ``queries = (q0, q1)`` only those query rows are searched (``idx``/``sim`` hold them)."""
     tree = ClusterTree(y, list_size, seed, neighbours=max(32, 4 * nprobe))
     key_leaf = tree.assign(y)
     query_leaf = key_leaf if x is y else tree.assign(x)
@@ -321,13 +323,19 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
     C, near = tree.centroids, tree.near[:, :4 * nprobe]
     nprobe = min(nprobe, near.shape[1])
     kstart = koff.tolist()
+    q0, q1 = queries or (0, x.shape[0])
     for leaf in range(tree.nlist):
         q = qorder[qoff[leaf]:qoff[leaf + 1]]
-        if q.numel() == 0:
+        mine = None if queries is None else (q >= q0) & (q < q1)
+        if q.numel() == 0 or (mine is not None and not bool(mine.any())):
             continue
         xq = ys[kstart[leaf]:kstart[leaf + 1]] if x is y else x[q]
         cands = near[leaf]
+        # the leaves picked by all the leaf's queries (so a share of the queries gets the same
+        # candidates, and the same neighbours, as in a search of all of them)
         picked = cands[(xq @ C[cands].T).topk(nprobe, 1).indices.unique()].tolist()
+        if mine is not None:
+            q, xq = q[mine], xq[mine]
         pos = torch.cat([torch.arange(kstart[p], kstart[p + 1]) for p in picked])  # positions in ys
         kk = min(k, pos.numel())
         if kk:
@@ -337,10 +345,10 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
             v, j = S.topk(kk, dim=1)
             hit = korder[pos[j]]
             hit[v == float("-inf")] = -1
-            idx[q, :kk] = hit.to(idx.dtype)
-            sim[q, :kk] = v
+            idx[q - q0, :kk] = hit.to(idx.dtype)
+            sim[q - q0, :kk] = v
         if kk < k:
-            idx[q, kk:], sim[q, kk:] = -1, float("-inf")
+            idx[q - q0, kk:], sim[q - q0, kk:] = -1, float("-inf")
         if progress:
             progress(q.numel())
     return korder
@@ -350,7 +358,7 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
                     nprobe: int = 12, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                     list_size: int = 128, max_chunk_elements: int = 2**24, seed: int = 0,
                     progress: Callable | None = None, out: tuple[Tensor, Tensor] | None = None,
-                    return_order: bool = False):
+                    return_order: bool = False, queries: tuple[int, int] | None = None):
     """The ``k`` most similar tokens of the *other* images.
 
     Args:
@@ -364,6 +372,8 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
         out: ``(idx, sim)`` ``(N, k)`` views to write the result into (any integer dtype for ``idx``).
         return_order: also return an order of the tokens that puts similar ones next to each
             other (``cluster``: sorted by leaf; ``None`` for the other methods).
+        queries: ``(q0, q1)``: search only these query rows (whole images; one process's share of
+            a sharded run) against all keys; the results have ``q1 - q0`` rows.
 
     Returns:
         ``(idx (N, k), sim (N, k))`` (and the order); ``idx`` never points into the query's own image.
@@ -371,27 +381,30 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
     n = x.shape[0]
     n_images = n // tokens
     k = min(k, n - tokens)
+    if queries is not None and (queries[0] % tokens or queries[1] % tokens or not 0 <= queries[0] <= queries[1] <= n):
+        raise ValueError(f"queries {queries} must be whole images of {tokens} tokens within {n}")
+    rows = n if queries is None else queries[1] - queries[0]
     if out is None:
-        out = (torch.empty(n, max(k, 0), dtype=torch.long), torch.empty(n, max(k, 0), dtype=torch.float32))
+        out = (torch.empty(rows, max(k, 0), dtype=torch.long), torch.empty(rows, max(k, 0), dtype=torch.float32))
     idx_out, sim_out = out
     order = None
     if k <= 0 or n_images < 2:
         idx_out.fill_(-1)
         sim_out.fill_(float("-inf"))
     elif method == "cluster":
-        order = _cluster_inter(x, y, tokens, k, list_size, nprobe, seed, idx_out, sim_out, progress)
+        order = _cluster_inter(x, y, tokens, k, list_size, nprobe, seed, idx_out, sim_out, progress, queries)
     else:
         _faiss_inter(x, y, tokens, k, method, nlist, nprobe, hnsw_m, ef_search, ef_construction,
-                     max_chunk_elements, seed, progress, idx_out, sim_out)
+                     max_chunk_elements, seed, progress, idx_out, sim_out, queries)
     return (*out, order) if return_order else out
 
 
 def _faiss_inter(x, y, tokens, k, method, nlist, nprobe, hnsw_m, ef_search, ef_construction, max_chunk_elements,
-                 seed, progress, idx_out, sim_out) -> None:
+                 seed, progress, idx_out, sim_out, queries=None) -> None:
     """``exact``, ``ivf`` and ``hnsw`` of :func:`inter_image_knn`, written into ``idx_out, sim_out``."""
-    n_images = x.shape[0] // tokens
+    q0, q1 = queries or (0, x.shape[0])
     if method == "exact":
-        i, s = _exact_inter(x, y, tokens, k, max_chunk_elements, progress)
+        i, s = _exact_inter(x, y, tokens, k, max_chunk_elements, progress, queries)
         idx_out.copy_(i)
         sim_out.copy_(s)
         return
@@ -404,15 +417,15 @@ def _faiss_inter(x, y, tokens, k, method, nlist, nprobe, hnsw_m, ef_search, ef_c
     ya = xa if y is x else np.ascontiguousarray(y.numpy(), dtype=np.float32)
     index = _faiss_index(ya, method, nlist, hnsw_m, ef_construction, seed)
     # one call per image: its queries share the selector that excludes its own tokens
-    for i in range(n_images):
+    for i in range(q0 // tokens, q1 // tokens):
         sel = faiss.IDSelectorNot(faiss.IDSelectorRange(i * tokens, (i + 1) * tokens))
         if method == "ivf":
             params = faiss.SearchParametersIVF(sel=sel, nprobe=int(nprobe))
         else:
             params = faiss.SearchParametersHNSW(sel=sel, efSearch=max(int(ef_search), k))
-        rows = slice(i * tokens, (i + 1) * tokens)
-        D, Ii = index.search(xa[rows], k, params=params)
+        D, Ii = index.search(xa[i * tokens:(i + 1) * tokens], k, params=params)
         D[Ii < 0] = -np.inf
+        rows = slice(i * tokens - q0, (i + 1) * tokens - q0)
         sim_out[rows] = torch.from_numpy(D)
         idx_out[rows] = torch.from_numpy(Ii).to(idx_out.dtype)
         if progress:

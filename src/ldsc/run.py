@@ -115,8 +115,13 @@ def build_datamodule(cfg: DictConfig):
 
 
 def fit(cfg: DictConfig):
-    """Check ``cfg``, take the output folder's lock, build everything and fit; returns the trained solver."""
+    """Check ``cfg``, take the output folder's lock, build everything and fit; returns the trained solver.
+    (A run on several processes: the launching process holds the lock for all of them.)"""
+    from ldsc.distributed import launch_rank
+
     validate(cfg)
+    if launch_rank() != 0:
+        return _fit(cfg)
     with folder_lock(cfg.paths.output_dir):
         return _fit(cfg)
 
@@ -167,7 +172,11 @@ def _fit(cfg: DictConfig):
             check_checkpoint(ckpt, solver)
         with stage("fit", datamodule.stages), graceful_signals():
             trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
-        write_stages(cfg.paths.output_dir, datamodule.stages)
+        datamodule.stages["held_mb"] = held_memory(datamodule.graphs, solver)
+        if trainer.world_size > 1:  # each process's own seconds and peak memory
+            write_stages(cfg.paths.output_dir, datamodule.stages, f"stages.rank{trainer.global_rank}.json")
+        if trainer.is_global_zero:
+            write_stages(cfg.paths.output_dir, datamodule.stages)
     finally:
         if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
             import wandb
@@ -181,8 +190,10 @@ def keep_earlier_logs(logger_cfg) -> dict:
     """Overrides for a CSV logger whose folder already holds a ``metrics.csv`` (a resumed run, or a
     second run in the folder): Lightning would delete that file, so the new metrics go to the first
     free ``resume<i>`` subfolder instead and the earlier run's stay as they were."""
-    if not str(logger_cfg.get("_target_", "")).endswith("CSVLogger"):
-        return {}
+    from ldsc.distributed import launch_rank
+
+    if not str(logger_cfg.get("_target_", "")).endswith("CSVLogger") or launch_rank() != 0:
+        return {}  # (only rank 0 of a run on several processes writes logs)
     base = Path(str(logger_cfg.get("save_dir", "."))) / str(logger_cfg.get("name") or "")
     version = logger_cfg.get("version")
     if version is None or not (base / str(version) / "metrics.csv").exists():
@@ -195,15 +206,23 @@ def keep_earlier_logs(logger_cfg) -> dict:
     return {"version": f"resume{i}"}
 
 
-def write_stages(out_dir: str, stages: dict) -> None:
-    """``<out_dir>/stages.json``: seconds and peak memory of each stage (features, graphs, fit)."""
+def held_memory(graphs, solver) -> dict:
+    """MB this process holds in graphs and in the solver's state (its share on several processes)."""
+    mb = 2**20
+    return {"graphs": round(sum(g.nbytes() for g in graphs or [] if hasattr(g, "nbytes")) / mb, 3),
+            "solver": round(sum(t.numel() * t.element_size() for t in solver.state_dict().values()) / mb, 3)}
+
+
+def write_stages(out_dir: str, stages: dict, name: str = "stages.json") -> None:
+    """``<out_dir>/<name>``: seconds and peak memory of each stage (features, graphs, fit)."""
     import json
 
     from ldsc.atomic import atomic_write_text
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out_dir) / "stages.json", json.dumps(stages, indent=1))
-    log.info("stages: %s", ", ".join(f"{k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB" for k, v in stages.items()))
+    atomic_write_text(Path(out_dir) / name, json.dumps(stages, indent=1))
+    log.info("stages: %s", ", ".join(f"{k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB" for k, v in stages.items()
+                                     if "seconds" in v))
 
 
 def user_error(err: BaseException) -> LdscError | None:
@@ -247,9 +266,26 @@ def main() -> None:
     run_main()
 
 
+def refuse_local_sweep_on_several_processes(cfg: DictConfig) -> None:
+    """A local multirun (``-m`` with Hydra's basic launcher) cannot start DDP processes: Lightning
+    starts them by running the command line again, which would start the whole sweep again."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    trainer = cfg.get("trainer") or {}
+    several = int(trainer.get("num_nodes", 1) or 1) > 1 or (isinstance(trainer.get("devices"), int) and trainer.devices > 1)
+    if hc.mode == RunMode.MULTIRUN and several and "BasicLauncher" in str(hc.launcher.get("_target_", "")):
+        raise ConfigError("A local sweep (-m) cannot run on several processes (trainer.devices > 1): run each "
+                          "setting as its own command, or sweep on a cluster with hydra/launcher=slurm.")
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def run_main(cfg: DictConfig) -> None:
     try:
+        refuse_local_sweep_on_several_processes(cfg)
         fit(cfg)
     except SystemExit as exc:  # Lightning's SIGTERMException when a signal beat the solver's own stop
         from ldsc import interrupt

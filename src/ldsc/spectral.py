@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ldsc.distributed import all_gather_rows, shard, shard_bounds
 from ldsc.graphs import LayerGraph
 
 
@@ -259,6 +260,11 @@ class LayerOperator:
 
     Calling it maps ``X`` ``(B·H·W, m)`` (rows ``(b, y, x)``) to ``M X`` of the same shape.
     ``shift`` is ``Σ_l w_l``, a bound on ``|λ(M)|``: ``M + shift·I`` is positive semi-definite.
+
+    Sharded graphs (a run on several processes: each :class:`~ldsc.graphs.DatasetGraph` holds the
+    rows of its ``image_range`` only) make a sharded operator: ``X`` and ``M X`` are this process's
+    images' rows; each layer's pooled rows are all-gathered (``N_l × m`` dense floats) before
+    the product with the local rows of ``S_l``.
     """
 
     def __init__(self, graphs: Sequence[LayerGraph], base: tuple[int, int], dtype: torch.dtype = torch.float32):
@@ -266,6 +272,14 @@ class LayerOperator:
             raise ValueError("LayerOperator needs at least one graph")
         self.base = (int(base[0]), int(base[1]))
         self.n_images = graphs[0].n_images
+        first, last = getattr(graphs[0], "image_range", None) or (0, self.n_images)
+        #: the images whose rows this operator maps (all of them unless sharded)
+        self.image_range = (int(first), int(last))
+        self.local_images = self.image_range[1] - self.image_range[0]
+        self.sharded = self.local_images != self.n_images
+        bounds = shard_bounds(self.n_images) if self.sharded else [0, self.n_images]
+        if self.sharded and shard(self.n_images) != self.image_range:
+            raise ValueError(f"graph rows {self.image_range} are not this process's shard of {self.n_images} images")
         self.terms = []
         for g in graphs:
             if g.n_images != self.n_images:
@@ -277,14 +291,15 @@ class LayerOperator:
                 with warnings.catch_warnings():  # "sparse CSR support is in beta"
                     warnings.simplefilter("ignore", UserWarning)
                     U = pool_operator(self.base, g.grid).to(device=blocks[0][1].device, dtype=dtype).to_sparse_csr()
-            self.terms.append((g, blocks, (h, w), float(g.weight), U))
+            counts = [(b - a) * h * w for a, b in zip(bounds[:-1], bounds[1:])]
+            self.terms.append((g, blocks, (h, w), float(g.weight), U, counts))
         self.shift = float(sum(t[3] for t in self.terms))
-        self.size = self.n_images * self.base[0] * self.base[1]
+        self.size = self.local_images * self.base[0] * self.base[1]
 
     def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
         """``U_l X``: ``(B·H·W, m)`` -> ``(B·h·w, m)``, up to the factor ``√area`` that
         :meth:`add_unpooled` divides back out for divisible grids."""
-        (H, W), (h, w), B, m = self.base, grid, self.n_images, X.shape[1]
+        (H, W), (h, w), B, m = self.base, grid, self.local_images, X.shape[1]
         if U is None:
             fy, fx = H // h, W // w
             if fy == fx == 1:
@@ -302,7 +317,7 @@ class LayerOperator:
     def add_unpooled(self, out: Tensor, Y: Tensor, grid: tuple[int, int], U: Tensor | None, weight: float) -> None:
         """``out += weight · U_lᵀ Y`` (``Y`` ``(B·h·w, m)``, ``out`` ``(B·H·W, m)``; see :meth:`pool`):
         for divisible grids a broadcast add of each layer value onto its pixels (no upsampled copy)."""
-        (H, W), (h, w), B, m = self.base, grid, self.n_images, Y.shape[1]
+        (H, W), (h, w), B, m = self.base, grid, self.local_images, Y.shape[1]
         if U is None:
             out.view(B, h, H // h, w, W // w, m).add_(Y.view(B, h, 1, w, 1, m), alpha=weight)
             return
@@ -312,16 +327,26 @@ class LayerOperator:
 
     def __call__(self, X: Tensor) -> Tensor:
         out = torch.zeros_like(X)
-        for g, blocks, grid, weight, U in self.terms:
-            self.add_unpooled(out, g.apply(self.pool(X, grid, U), blocks), grid, U, weight)
+        for g, blocks, grid, weight, U, counts in self.terms:
+            pooled = self.pool(X, grid, U)
+            if self.sharded:  # every layer node's row, for the products with this shard's rows of S_l
+                pooled = all_gather_rows(pooled, counts)
+            self.add_unpooled(out, g.apply(pooled, blocks), grid, U, weight)
         return out
 
 
-def orthonormalize(X: Tensor, eps: float = 1e-6) -> Tensor:
+def _no_reduce(t: Tensor) -> Tensor:
+    return t
+
+
+def orthonormalize(X: Tensor, eps: float = 1e-6, reduce=None) -> Tensor:
     """Orthonormal basis of ``span(X)`` (``(n, m)`` -> ``(n, r)``, ``r ≤ m``) via the eigen-
     decomposition of the ``m×m`` Gram matrix (computed in float64); directions whose squared
-    norm falls below ``eps × largest`` are dropped. One pass over ``X``: cheap for tall ``X``."""
-    G = (X.T.double() @ X.double())
+    norm falls below ``eps × largest`` are dropped. One pass over ``X``: cheap for tall ``X``.
+
+    ``reduce`` (here and in the LOBPCG functions below): sums a small matrix over the processes
+    that hold the other rows of ``X`` (:func:`ldsc.distributed.all_reduce_sum`); default none."""
+    G = (reduce or _no_reduce)(X.T.double() @ X.double())
     g, Q = torch.linalg.eigh(G)
     keep = g > eps * g.max().clamp_min(1e-300)
     C = (Q[:, keep] / g[keep].sqrt()).to(X.dtype)
@@ -333,7 +358,7 @@ def _chunks(n: int, size: int = 2**18):
         yield slice(s, min(n, s + size))
 
 
-def _grams(basis: list[Tensor], images: list[Tensor]) -> tuple[Tensor, Tensor]:
+def _grams(basis: list[Tensor], images: list[Tensor], reduce=None) -> tuple[Tensor, Tensor]:
     """``G = Vᵀ V`` and ``T = Vᵀ A V`` (float64, symmetrised) for ``V = [basis...]`` and
     ``A V = [images...]``, accumulated a chunk of rows at a time (one ``(rows, p)`` copy of ``V``
     per chunk; the images are multiplied in place)."""
@@ -347,16 +372,18 @@ def _grams(basis: list[Tensor], images: list[Tensor]) -> tuple[Tensor, Tensor]:
         for a in images:
             T[:, c:c + a.shape[1]] += (Vt @ a[rows]).double()
             c += a.shape[1]
+    if reduce is not None:
+        G, T = reduce(G), reduce(T)
     return (G + G.T) / 2, (T + T.T) / 2
 
 
-def _col_norms(Y: Tensor) -> Tensor:
+def _col_norms(Y: Tensor, reduce=None) -> Tensor:
     """``‖Y[:, j]‖`` of a tall ``(n, m)`` block, as the diagonal of ``YᵀY`` (BLAS, float64 sums):
     several times faster than a strided column reduction."""
     sq = torch.zeros(Y.shape[1], dtype=torch.float64, device=Y.device)
     for rows in _chunks(Y.shape[0]):
         sq += (Y[rows].T @ Y[rows]).diagonal().double()
-    return sq.sqrt().to(Y.dtype)
+    return (reduce or _no_reduce)(sq).sqrt().to(Y.dtype)
 
 
 def ritz_from_grams(G: Tensor, T: Tensor, m: int, eps: float = 1e-10) -> tuple[Tensor, Tensor]:
@@ -370,12 +397,12 @@ def ritz_from_grams(G: Tensor, T: Tensor, m: int, eps: float = 1e-10) -> tuple[T
     return theta[top], Wn @ E[:, top]
 
 
-def lobpcg_start(apply, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def lobpcg_start(apply, X: Tensor, reduce=None) -> tuple[Tensor, Tensor, Tensor]:
     """Rayleigh–Ritz of ``apply`` on ``span(X)``: ``(theta (m,), X, AX)`` with ``X`` rotated (in
     place) onto orthonormal Ritz vectors by decreasing Ritz value."""
     m = X.shape[1]
     AX = apply(X)
-    G, T = _grams([X], [AX])
+    G, T = _grams([X], [AX], reduce)
     theta, C = ritz_from_grams(G, T, m)
     C = C.to(X.dtype)
     for rows in _chunks(X.shape[0]):
@@ -385,7 +412,7 @@ def lobpcg_start(apply, X: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = None,
-                AP: Tensor | None = None, use_directions: bool | None = None,
+                AP: Tensor | None = None, use_directions: bool | None = None, reduce=None,
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LOBPCG iteration (no preconditioner) for the largest eigenpairs of a symmetric operator.
 
@@ -407,15 +434,15 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
     m = X.shape[1]
     eps = 1e-5 if X.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
     R = AX - X * theta.to(X.dtype)
-    rn = _col_norms(R)
+    rn = _col_norms(R, reduce)
     # what is left of R along X is rounding: remove it (X is orthonormal), then normalise
     XR = torch.zeros(m, m, dtype=torch.float64, device=X.device)
     for rows in _chunks(X.shape[0]):
         XR += (X[rows].T @ R[rows]).double()
-    XR = XR.to(X.dtype)
+    XR = (reduce or _no_reduce)(XR).to(X.dtype)
     for rows in _chunks(X.shape[0]):
         R[rows] -= X[rows] @ XR
-    R /= _col_norms(R).clamp_min(1e-30)
+    R /= _col_norms(R, reduce).clamp_min(1e-30)
     AR = apply(R)
     if use_directions is None:
         use_directions = P is not None
@@ -423,7 +450,7 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
     if use_directions:
         basis.append(P)
         images.append(AP)
-    G, T = _grams(basis, images)
+    G, T = _grams(basis, images, reduce)
     theta, C = ritz_from_grams(G, T, m, eps=eps)
     C = C.to(X.dtype)
     Cx, Cr = C[:m], C[m:2 * m]
@@ -438,7 +465,7 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
             Y[rows] = Y[rows] @ Cx + step
             Py[rows] = step
     del R, AR
-    scale = _col_norms(P).clamp_min(1e-30)
+    scale = _col_norms(P, reduce).clamp_min(1e-30)
     P /= scale
     AP /= scale
     return theta, X, P, AP, rn
@@ -449,6 +476,7 @@ def lobpcg_top(
     X: Tensor,
     iters: int,
     tol: float = 0.0,
+    reduce=None,
 ) -> tuple[Tensor, Tensor, int]:
     """Largest eigenpairs of a symmetric operator by LOBPCG (:func:`lobpcg_step`), warm-started.
 
@@ -461,14 +489,14 @@ def lobpcg_top(
     Returns:
         ``(theta (m,), X (n, m) orthonormal Ritz vectors, iterations run)``.
     """
-    theta, X, AX = lobpcg_start(apply, orthonormalize(X))
+    theta, X, AX = lobpcg_start(apply, orthonormalize(X, reduce=reduce), reduce)
     P = AP = None
     it = 0
     while it < iters:
         R = AX - X * theta.to(X.dtype)
-        if tol > 0 and bool((_col_norms(R) <= tol * theta.abs().max()).all()):
+        if tol > 0 and bool((_col_norms(R, reduce) <= tol * theta.abs().max()).all()):
             break
         del R
-        theta, X, P, AP, _ = lobpcg_step(apply, X, AX, theta, P, AP)
+        theta, X, P, AP, _ = lobpcg_step(apply, X, AX, theta, P, AP, reduce=reduce)
         it += 1
     return theta, X, it

@@ -131,46 +131,85 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
                 batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0, dtype: str = "float16",
                 num_workers: int = 0, progress: bool = True) -> FeatureStore:
     """Run ``backbone`` over ``files`` in batches of ``batch_size`` (``draws`` times each) and write
-    the ``kinds`` of every layer to ``path`` (see module docstring); returns the finished store."""
+    the ``kinds`` of every layer to ``path`` (see module docstring); returns the finished store.
+
+    In a run on several processes (:mod:`ldsc.distributed`) the batches are dealt out round-robin
+    (batch ``b`` to rank ``b mod P``: the same batches, so the same noise draws, as in one
+    process), every rank writes its rows into the shared files, and rank 0 writes ``meta.json``
+    once all have finished."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
+    from ldsc import distributed
     from ldsc.data import ImageFiles, batch_seed
 
     path = Path(path)
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
+    lead, parts = distributed.rank() == 0, distributed.world_size()
+    if lead:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
     np_dtype = STORE_DTYPES[dtype]
-    loader = DataLoader(ImageFiles(files, backbone.input_size), batch_size=max(1, min(batch_size, len(files))),
-                        shuffle=False, num_workers=num_workers)
+    size = max(1, min(batch_size, len(files)))
+    batches = [list(range(s, min(len(files), s + size))) for s in range(0, len(files), size)]
+    mine = batches[distributed.rank()::parts]
+    loader = DataLoader(ImageFiles(files, backbone.input_size), batch_sampler=mine, num_workers=num_workers)
     backbone = backbone.to(device)
     arrays: dict = {}
     layers: list[dict] = []
-    bar = tqdm(total=len(files) * draws, desc="features", unit="img", disable=not progress, leave=False)
-    for batch in loader:
-        images, index = batch["image"].to(device), batch["index"]
-        lo, hi = int(index[0]), int(index[-1]) + 1
+    bar = tqdm(total=sum(map(len, mine)) * draws, desc="features", unit="img", disable=not progress or not mine,
+               leave=False)
+
+    def run(batch) -> list[list[LayerFeatures]]:
+        images = batch["image"].to(device)
+        out = []
         for r in range(draws):
-            gen = torch.Generator(device=images.device).manual_seed(batch_seed(seed, r, index))
+            gen = torch.Generator(device=images.device).manual_seed(batch_seed(seed, r, batch["index"]))
             with torch.no_grad():
-                feats = backbone(images, generator=gen)
-            if not layers:
-                layers = _allocate(path, feats, kinds, draws, len(files), np_dtype, arrays)
+                out.append(backbone(images, generator=gen))
+        return out
+
+    def write(batch, per_draw) -> None:
+        lo, hi = int(batch["index"][0]), int(batch["index"][-1]) + 1
+        for r, feats in enumerate(per_draw):
             for li, layer in enumerate(feats):
                 for kind in kinds:
                     arrays[li, kind][r, lo:hi] = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
-            bar.update(len(index))
+        bar.update(hi - lo)
+
+    it = iter(loader)
+    first = next(it, None)
+    first_feats = run(first) if first is not None else None
+    if lead:  # the files' shapes come from the first batch (rank 0 always has one)
+        layers = _allocate(path, first_feats[0], kinds, draws, len(files), np_dtype, arrays)
+    distributed.barrier()  # the files exist before any other rank opens them
+    if not lead and first is not None:
+        _open_for_writing(path, len(first_feats[0]), kinds, arrays)
+    if first is not None:
+        write(first, first_feats)
+    del first_feats
+    for batch in it:
+        write(batch, run(batch))
     bar.close()
     for arr in arrays.values():
         arr.flush()
     del arrays
-    meta = {"layers": layers, "kinds": sorted(kinds), "n_images": len(files), "draws": int(draws),
-            "files": list(files), "dtype": dtype}
-    tmp = path / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, path / "meta.json")
+    distributed.barrier()  # every rank's rows are on disk
+    if lead:
+        meta = {"layers": layers, "kinds": sorted(kinds), "n_images": len(files), "draws": int(draws),
+                "files": list(files), "dtype": dtype}
+        tmp = path / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        os.replace(tmp, path / "meta.json")
+    distributed.barrier()
     return FeatureStore(path)
+
+
+def _open_for_writing(path: Path, n_layers: int, kinds: Sequence[str], arrays: dict) -> None:
+    """Open the files rank 0 allocated (see :func:`_allocate`) for writing this rank's rows."""
+    for li in range(n_layers):
+        for kind in kinds:
+            arrays[li, kind] = np.load(path / f"{li}_{kind}.npy", mmap_mode="r+")
 
 
 def _allocate(path: Path, feats: list[LayerFeatures], kinds: Sequence[str], draws: int, n: int, np_dtype,
@@ -196,9 +235,12 @@ def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbon
     draws = int(getattr(backbone, "draws", 1))
     if draws < 1:
         raise ConfigError(f"backbone.draws must be at least 1, not {draws}.")
+    from ldsc.distributed import broadcast_object
+
     key = store_key(backbone_config, base_size, kinds, draws, seed, options.dtype, files)
     path = Path(os.path.expanduser(options.dir)) / key
-    if FeatureStore.is_complete(path) and not options.rebuild:
+    # rank 0 decides for every process (they share the folder)
+    if broadcast_object(FeatureStore.is_complete(path) and not options.rebuild):
         log.info("feature store: reusing %s", path)
         return FeatureStore(path)
     log.info("feature store: writing %d image(s) x %d draw(s) to %s", len(files), draws, path)

@@ -67,6 +67,7 @@ def validate(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accelerator} but torch sees no CUDA GPU here: use trainer=cpu, "
                               f"or a CUDA build of torch on a GPU machine.")
+    _several_processes(cfg)
     _integer(cfg, "K", 1)
     _integer(cfg, "seed", 0)
     _integer(cfg, "base_size", 2, optional=True)
@@ -104,3 +105,22 @@ def validate(cfg: DictConfig) -> None:
             _integer(cfg, "solver.iters_per_step", 1)
         if "oversample" in solver:
             _integer(cfg, "solver.oversample", 0)
+
+
+def _several_processes(cfg) -> None:
+    """A run on several processes (``trainer.devices > 1`` or ``trainer.num_nodes > 1``) needs the
+    sharded strategy and a solver that shards its rows (the default one)."""
+    devices, nodes = _get(cfg, "trainer.devices"), _get(cfg, "trainer.num_nodes") or 1
+    several = (isinstance(devices, int) and not isinstance(devices, bool) and devices > 1) or \
+        (isinstance(nodes, int) and nodes > 1) or (isinstance(devices, str) and devices not in ("1", "auto"))
+    if not several:
+        return
+    solver = _get(cfg, "solver")
+    target = str(solver.get("_target_", "")) if solver is not None else ""
+    if target and not target.endswith("FastSolver"):
+        raise ConfigError(f"solver={target.rsplit('.', 1)[-1]} runs in one process only: use the default solver "
+                          f"(solver=fast) with trainer.devices > 1, or set trainer.devices=1.")
+    strategy = _get(cfg, "trainer.strategy")
+    if not (hasattr(strategy, "get") and str(strategy.get("_target_", "")).endswith("ShardedDDPStrategy")):
+        raise ConfigError(f"trainer.devices={devices} needs the sharded strategy: use trainer=ddp (GPUs) or "
+                          f"trainer=ddp_cpu (CPU processes) rather than trainer.strategy={strategy}.")

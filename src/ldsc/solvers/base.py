@@ -33,6 +33,10 @@ class EigenSolver(L.LightningModule):
     #: data module
     graph_scope = "dataset"
 
+    #: whether the solver runs on several processes, each holding its images' rows (else a run
+    #: on several processes is refused at set-up)
+    shards_rows = False
+
     def __init__(self, n_images: int, K: int, base_size: int, init_scale: float = 1.0, ema: float | None = None,
                  table: bool = True):
         super().__init__()
@@ -42,6 +46,14 @@ class EigenSolver(L.LightningModule):
         self.ema_decay = float(ema) if ema else 0.0
         if self.ema_decay:
             self.register_buffer("ema_table", self.table.detach().clone())
+
+    def setup(self, stage: str | None = None) -> None:
+        from ldsc.distributed import world_size
+        from ldsc.errors import ConfigError
+
+        if world_size() > 1 and not self.shards_rows:
+            raise ConfigError(f"solver={type(self).__name__} runs in one process only: use the default solver "
+                              f"(solver=fast) with trainer=ddp / ddp_cpu, or a single-process trainer.")
 
     # -- parametrisation --------------------------------------------------------------------
     def pseudo_eigenvectors(self, rows: Tensor) -> Tensor:

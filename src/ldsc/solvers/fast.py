@@ -16,6 +16,12 @@ ends with the same eigenvectors as an uninterrupted one.
 The table holds ``K + oversample`` columns per pixel (the extra "guard" vectors speed up the
 convergence of the ``K``-th); only the first ``K`` (the leading Ritz vectors) are exported.
 Nothing is learned by gradient: the table has ``requires_grad=False``.
+
+On several processes (``trainer=ddp`` / ``ddp_cpu``; ``docs/distributed.md``) each process holds
+its own images' rows of the table and of the graphs: products all-gather each layer's pooled
+rows, the small projected matrices are all-reduced, so every process computes the same Ritz
+rotation; checkpoints and the export gather the rows on rank 0 (a checkpoint is the same file
+whatever the number of processes, so a run can resume on another number of them).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import logging
 import torch
 from torch import Tensor
 
-from ldsc import interrupt
+from ldsc import distributed, interrupt
 from ldsc.solvers.base import EigenSolver
 from ldsc.spectral import LayerOperator, lobpcg_start, lobpcg_step, orthonormalize, unflatten_channels
 
@@ -46,6 +52,9 @@ class FastSolver(EigenSolver):
 
     #: the exported eigenvectors are orthonormal Ritz vectors, ordered by decreasing eigenvalue
     eigenvalue_ordered = True
+    shards_rows = True
+    #: the iteration's row blocks (table, then the buffers)
+    ROW_STATE = ("table", "MX", "P", "MP")
 
     def __init__(self, n_images: int, K: int, base_size: int, tol: float = 1e-3, iters_per_step: int = 10,
                  oversample: int = 5, dtype: str = "float32", init_scale: float = 1.0):
@@ -56,10 +65,17 @@ class FastSolver(EigenSolver):
             raise ValueError(f"solver.dtype must be 'float32' or 'float64', not {dtype!r}")
         dt = getattr(torch, dtype)
         n = self.n_images * self.base_size**2
-        # the iterate, rows ordered (image, y, x): the table of pseudo-eigenvectors
-        self.table = torch.nn.Parameter(init_scale * torch.randn(n, self.m, dtype=dt), requires_grad=False)
+        self.init_scale = float(init_scale)
+        # the random start is drawn when solving starts, rows in fixed chunks from this seed, so
+        # that any process's share of the rows is the same as in a single-process run
+        self._init_seed = int(torch.randint(0, 2**62, ()))
+        #: the images whose rows this process holds (all of them unless sharded)
+        self.image_range = (0, self.n_images)
+        # the iterate, rows ordered (image, y, x): the table of pseudo-eigenvectors (uninitialised
+        # memory until solving starts: never touched, so never resident, before set-up shards it)
+        self.table = torch.nn.Parameter(torch.empty(n, self.m, dtype=dt), requires_grad=False)
         for name in ("MX", "P", "MP"):
-            self.register_buffer(name, torch.zeros(n, self.m, dtype=dt))
+            self.register_buffer(name, torch.empty(n, self.m, dtype=dt))
         self.register_buffer("theta", torch.zeros(self.m, dtype=torch.float64))
         self.register_buffer("residual", torch.full((self.m,), float("inf"), dtype=torch.float64))
         self.register_buffer("iterations", torch.zeros((), dtype=torch.long))
@@ -71,10 +87,64 @@ class FastSolver(EigenSolver):
     def configure_optimizers(self):
         return None  # no gradients: every update is a closed-form eigen-step
 
+    # -- rows of several processes ----------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """On several processes: keep this process's images' rows only (before a checkpoint is
+        restored: :meth:`on_load_checkpoint` cuts the same rows out of it)."""
+        if distributed.world_size() == 1:
+            return
+        self.image_range = distributed.shard(self.n_images)
+        rows = (self.image_range[1] - self.image_range[0]) * self.base_size**2
+        dt = self.table.dtype
+        self.table = torch.nn.Parameter(torch.empty(rows, self.m, dtype=dt), requires_grad=False)
+        for name in ("MX", "P", "MP"):
+            setattr(self, name, torch.empty(rows, self.m, dtype=dt))
+
+    @property
+    def sharded(self) -> bool:
+        return self.image_range != (0, self.n_images)
+
+    def _rows(self) -> slice:
+        hw = self.base_size**2
+        return slice(self.image_range[0] * hw, self.image_range[1] * hw)
+
+    def initial_rows(self, rows: slice, chunk: int = 1 << 14) -> Tensor:
+        """The random start of table rows ``rows``: Gaussian rows drawn in fixed chunks of
+        ``chunk`` rows, chunk ``c`` from a generator seeded by ``(seed, c)``."""
+        out = torch.empty(rows.stop - rows.start, self.m, dtype=self.table.dtype)
+        for c in range(rows.start // chunk, -(-rows.stop // chunk)):
+            lo, hi = max(rows.start, c * chunk), min(rows.stop, (c + 1) * chunk)
+            g = torch.Generator().manual_seed((self._init_seed + 1_000_003 * c) % 2**63)
+            block = torch.randn(chunk, self.m, generator=g, dtype=self.table.dtype)
+            out[lo - rows.start:hi - rows.start] = block[lo - c * chunk:hi - c * chunk]
+        return out.mul_(self.init_scale)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The whole table in the checkpoint, whatever the number of processes (rank 0 gathers)."""
+        if not self.sharded:
+            return
+        state = checkpoint["state_dict"]
+        for name in self.ROW_STATE:
+            whole = distributed.gather_rows(getattr(self, name).detach())
+            if whole is not None:
+                state[name] = whole
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """This process's rows of a (whole-table) checkpoint."""
+        if not self.sharded:
+            return
+        state = checkpoint["state_dict"]
+        for name in self.ROW_STATE:
+            if name in state:
+                state[name] = state[name][self._rows()].clone()
+
     @torch.no_grad()
-    def eigenvectors(self) -> Tensor:
-        """The leading ``K`` Ritz vectors of all images, ``(n_images, K, H, W)``, on CPU."""
-        X = self.table[:, : self.K].float().cpu()
+    def eigenvectors(self) -> Tensor | None:
+        """The leading ``K`` Ritz vectors of all images, ``(n_images, K, H, W)``, on CPU (on
+        several processes: gathered on rank 0, ``None`` on the others; every rank must call it)."""
+        X = distributed.gather_rows(self.table[:, : self.K].float().cpu())
+        if X is None:
+            return None
         return unflatten_channels(X, self.n_images, self.base_size, self.base_size)
 
     def converged(self) -> bool:
@@ -98,19 +168,23 @@ class FastSolver(EigenSolver):
         if graphs[0].n_images != self.n_images:
             raise ValueError(f"the graphs cover {graphs[0].n_images} images, the table {self.n_images}: the fast "
                              f"solver needs the whole data set's graphs (scope 'dataset')")
+        own = getattr(graphs[0], "image_range", None) or (0, self.n_images)
+        if tuple(own) != self.image_range:
+            raise ValueError(f"the graphs hold the rows of images {tuple(own)}, this process's table {self.image_range}")
         op = self.operator(graphs)
+        reduce = distributed.all_reduce_sum if self.sharded else None
         X = self.table.data
         if not bool(self.started):
-            X.copy_(orthonormalize(X))
-            theta, X, MX = lobpcg_start(op, X)
+            X.copy_(orthonormalize(self.initial_rows(self._rows()).to(X.device), reduce=reduce))
+            theta, X, MX = lobpcg_start(op, X, reduce)
             self.MX.copy_(MX)
             self.theta.copy_(theta)
             self.started.fill_(True)
         for _ in range(self.iters_per_step):
-            if self.converged() or interrupt.requested:  # a signal: stop at this iteration boundary
+            if self.converged() or self.stop_requested():  # a signal: stop at this iteration boundary
                 break
             theta, _, _, _, rn = lobpcg_step(op, X, self.MX, self.theta, self.P, self.MP,
-                                             use_directions=bool(self.has_directions))
+                                             use_directions=bool(self.has_directions), reduce=reduce)
             self.has_directions.fill_(True)
             self.theta.copy_(theta)
             self.residual.copy_(rn.double())
@@ -122,6 +196,19 @@ class FastSolver(EigenSolver):
         self.log_dict({"train/residual": self.relative_residual(), "train/iterations": float(self.iterations),
                        "train/eigenvalue_K": float(self.theta[self.K - 1]), "train/loss": -float(self.theta[: self.K].mean())},
                       prog_bar=True, batch_size=1)
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop, agreed by all processes (a signal that reached
+        one of them stops them all at the same iteration, so none waits in a collective)."""
+        import signal
+
+        if not self.sharded:
+            return interrupt.requested is not None
+        mine = interrupt.signal_number(interrupt.requested) if interrupt.requested else 0
+        agreed = int(distributed.all_reduce_max(mine))
+        if agreed and interrupt.requested is None:
+            interrupt.requested = signal.Signals(agreed).name
+        return agreed > 0
 
     def on_train_end(self) -> None:
         if not self.converged():

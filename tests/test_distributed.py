@@ -1,0 +1,168 @@
+"""A run on several processes (trainer=ddp_cpu: gloo): the same eigenvectors as one process,
+resumable, refused where it cannot work."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+
+from ldsc.distributed import shard, shard_bounds
+
+
+def test_shards_are_contiguous_balanced_and_cover_every_image():
+    for n, parts in [(10, 3), (2, 2), (101, 4), (3, 5)]:
+        ranges = [shard(n, parts, i) for i in range(parts)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [e - s for s, e in ranges]
+        assert max(sizes) - min(sizes) <= 1
+        assert shard_bounds(n, parts) == [0] + [e for _, e in ranges]
+
+
+@pytest.mark.parametrize("method", ["exact", "cluster", "ivf", "hnsw"])
+def test_a_share_of_the_queries_finds_the_same_neighbours_as_all_of_them(method):
+    from ldsc.neighbors import inter_image_knn
+
+    g = torch.Generator().manual_seed(0)
+    T = 48
+    x = torch.nn.functional.normalize(torch.randn(16 * T, 12, generator=g), dim=1)
+    kw = dict(list_size=32, nprobe=4)
+    idx, sim = inter_image_knn(x, x, T, 8, method, **kw)
+    part_idx, part_sim = inter_image_knn(x, x, T, 8, method, queries=(5 * T, 11 * T), **kw)
+    assert torch.equal(part_idx, idx[5 * T:11 * T])
+    torch.testing.assert_close(part_sim, sim[5 * T:11 * T])
+    with pytest.raises(ValueError, match="whole images"):
+        inter_image_knn(x, x, T, 8, method, queries=(3, T))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sharded_symmetrisation(rank: int, port: int, idx, sim, bounds, out_dir) -> None:
+    import torch.distributed as dist
+
+    from ldsc.graphs import sharded_symmetric_normalized
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(bounds) - 1)
+    try:
+        lo, hi = bounds[rank], bounds[rank + 1]
+        blocks, degree = sharded_symmetric_normalized(idx[lo:hi], sim[lo:hi], lo, bounds, threshold=0.1)
+        torch.save({"rows": blocks[0][1].to_dense(), "degree": degree}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_symmetrisation_equals_the_whole_graph_on_two_gloo_processes(tmp_path):
+    """Each process holds its rows' lists; after the exchange its rows of S are those of the
+    single-process S = D^-1/2 (A + Aᵀ)/2 D^-1/2."""
+    import torch.multiprocessing as mp
+
+    from ldsc.graphs import symmetric_normalized_blocks
+
+    g = torch.Generator().manual_seed(1)
+    n, k = 300, 7
+    idx = torch.randint(0, n, (n, k), generator=g, dtype=torch.int32)
+    idx[idx == torch.arange(n, dtype=torch.int32)[:, None]] = -1  # no self-loops; some empty slots
+    sim = torch.rand(n, k, generator=g)
+    blocks, degree = symmetric_normalized_blocks(idx.clone(), sim.clone(), threshold=0.1, block_entries=256)
+    whole = torch.cat([b.to_dense() for _, b in blocks])
+    bounds = [0, 140, n]
+    mp.spawn(_sharded_symmetrisation, args=(_free_port(), idx, sim, bounds, str(tmp_path)), nprocs=2)
+    parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(torch.cat([p["rows"] for p in parts]), whole)
+    for p in parts:
+        torch.testing.assert_close(p["degree"], degree)
+
+
+# -- the whole run on two processes ----------------------------------------------------------------
+
+def _args(tmp_path, name, *extra, figures=False):
+    """A small folder run: four of scikit-image's sample photographs (no download, so the test
+    always runs), copied into ``tmp_path/images`` once."""
+    import skimage.data
+
+    folder = tmp_path / "images"
+    if not folder.exists():
+        folder.mkdir()
+        src = os.path.dirname(skimage.data.__file__)
+        for image in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"):
+            shutil.copy(os.path.join(src, image), folder / image)
+    return ["data=folder", f"data.root={folder}", "graph=vv", "K=4", "base_size=16", f"callbacks.export.figures={str(figures).lower()}", f"paths.log_dir={tmp_path / 'logs'}",
+            f"hydra.run.dir={tmp_path / name}", *extra]
+
+
+def test_two_gloo_processes_write_the_eigenvectors_of_one_process_and_evaluate_reads_them(tmp_path):
+    from conftest import run_cli
+
+    from ldsc.export import load_eigenvectors
+    from ldsc.spectral import subspace_alignment
+
+    one = run_cli(_args(tmp_path, "one"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cli(_args(tmp_path, "two", "trainer=ddp_cpu", "trainer.devices=2", "store.rebuild=true", figures=True))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = load_eigenvectors(tmp_path / "one"), load_eigenvectors(tmp_path / "two")
+    assert b["files"] == a["files"] and b["eigvecs"].shape == a["eigvecs"].shape == (4, 4, 16, 16)
+    assert subspace_alignment(b["eigvecs"], a["eigvecs"]) >= 0.999
+    # each process recorded its own stages (rank 1 held half the rows of every graph)
+    import json
+
+    held = [json.loads((tmp_path / "two" / f"stages.rank{r}.json").read_text())["held_mb"] for r in (0, 1)]
+    whole = json.loads((tmp_path / "one" / "stages.json").read_text())["held_mb"]
+    for h in held:
+        assert h["solver"] < 0.6 * whole["solver"] and h["graphs"] < 0.7 * whole["graphs"]
+    assert list((tmp_path / "two" / "figures").glob("*.png"))  # written by rank 0 from the gathered rows
+    # the evaluation reads the two-process output as it reads any other
+    import subprocess
+    import sys
+
+    ev = subprocess.run([sys.executable, "-m", "ldsc.evaluate", str(tmp_path / "two"), "--clusters", "3",
+                         "--figures", "1"], capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    assert list((tmp_path / "two").rglob("*.png"))
+
+
+def test_a_resumed_two_process_run_equals_an_uninterrupted_one(tmp_path):
+    from conftest import run_cli
+
+    from ldsc.export import load_eigenvectors
+
+    common = ["trainer=ddp_cpu", "solver.iters_per_step=2", "solver.tol=1e-5"]
+    full = run_cli(_args(tmp_path, "full", *common))
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = run_cli(_args(tmp_path, "split", *common, "trainer.max_epochs=1"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = torch.load(tmp_path / "split" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    # the checkpoint holds the whole table, whatever the number of processes
+    assert state["state_dict"]["table"].shape[0] == 4 * 16 * 16
+    assert int(state["state_dict"]["iterations"]) == 2
+    res = run_cli(_args(tmp_path, "split", *common, "resume=true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    torch.testing.assert_close(load_eigenvectors(tmp_path / "split")["eigvecs"],
+                               load_eigenvectors(tmp_path / "full")["eigvecs"])
+
+
+def test_solvers_that_cannot_shard_and_local_sweeps_are_refused_in_one_sentence(tmp_path):
+    from conftest import run_cli
+
+    res = run_cli(_args(tmp_path, "exact", "trainer=ddp_cpu", "solver=exact"))
+    assert res.returncode != 0
+    assert res.stderr.strip().splitlines()[-1].startswith("ldsc: error: solver=ExactSolver runs in one process only")
+    res = run_cli(["-m", *_args(tmp_path, "sweep", "trainer=ddp_cpu", "K=3,4")])
+    assert res.returncode != 0
+    assert "A local sweep (-m) cannot run on several processes" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_the_slurm_launcher_asks_for_one_task_per_device(compose):
+    cfg = compose(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.tasks_per_node, launcher.nodes, launcher.gpus_per_node) == (4, 2, 4)
