@@ -143,10 +143,18 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(tmp_path):
     # the checkpoint holds the whole table, whatever the number of processes
     assert state["state_dict"]["table"].shape[0] == 4 * 16 * 16
     assert int(state["state_dict"]["iterations"]) == 2
+    shutil.copytree(tmp_path / "split", tmp_path / "split_on_one")
     res = run_cli(_args(tmp_path, "split", *common, "resume=true"))
     assert res.returncode == 0, res.stderr[-3000:]
     torch.testing.assert_close(load_eigenvectors(tmp_path / "split")["eigvecs"],
                                load_eigenvectors(tmp_path / "full")["eigvecs"])
+    # the same checkpoint resumes on one process (sums in another order: equal to rounding)
+    from ldsc.spectral import subspace_alignment
+
+    one = run_cli(_args(tmp_path, "split_on_one", "solver.iters_per_step=2", "solver.tol=1e-5", "resume=true"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert subspace_alignment(load_eigenvectors(tmp_path / "split_on_one")["eigvecs"],
+                              load_eigenvectors(tmp_path / "full")["eigvecs"]) >= 0.9999
 
 
 def test_solvers_that_cannot_shard_and_local_sweeps_are_refused_in_one_sentence(tmp_path):
