@@ -45,26 +45,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _sharded_symmetrisation(rank: int, port: int, idx, sim, bounds, out_dir) -> None:
+def _sharded_work(rank: int, port: int, idx, sim, bounds, x, T, out_dir) -> None:
     import torch.distributed as dist
 
+    from ldsc.distributed import all_gather_rows
     from ldsc.graphs import sharded_symmetric_normalized
+    from ldsc.neighbors import inter_image_knn
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(bounds) - 1)
     try:
         lo, hi = bounds[rank], bounds[rank + 1]
         blocks, degree = sharded_symmetric_normalized(idx[lo:hi], sim[lo:hi], lo, bounds, threshold=0.1)
-        torch.save({"rows": blocks[0][1].to_dense(), "degree": degree}, f"{out_dir}/rank{rank}.pt")
+        q = (rank * (x.shape[0] // T // 2) * T, x.shape[0] if rank else x.shape[0] // T // 2 * T)
+        found, _ = inter_image_knn(x, x, T, 8, "cluster", list_size=32, nprobe=4, queries=q, gather=all_gather_rows)
+        torch.save({"rows": blocks[0][1].to_dense(), "degree": degree, "found": found}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_sharded_symmetrisation_equals_the_whole_graph_on_two_gloo_processes(tmp_path):
+def test_sharded_symmetrisation_and_search_equal_one_process_on_two_gloo_processes(tmp_path):
     """Each process holds its rows' lists; after the exchange its rows of S are those of the
-    single-process S = D^-1/2 (A + Aᵀ)/2 D^-1/2."""
+    single-process S = D^-1/2 (A + Aᵀ)/2 D^-1/2. And the clustered search, each process finding
+    the leaves of its own rows only, gives every query the neighbours it gets in one process."""
     import torch.multiprocessing as mp
 
     from ldsc.graphs import symmetric_normalized_blocks
+    from ldsc.neighbors import inter_image_knn
 
     g = torch.Generator().manual_seed(1)
     n, k = 300, 7
@@ -74,11 +80,15 @@ def test_sharded_symmetrisation_equals_the_whole_graph_on_two_gloo_processes(tmp
     blocks, degree = symmetric_normalized_blocks(idx.clone(), sim.clone(), threshold=0.1, block_entries=256)
     whole = torch.cat([b.to_dense() for _, b in blocks])
     bounds = [0, 140, n]
-    mp.spawn(_sharded_symmetrisation, args=(_free_port(), idx, sim, bounds, str(tmp_path)), nprocs=2)
+    T = 48
+    x = torch.nn.functional.normalize(torch.randn(15 * T, 12, generator=g), dim=1)
+    mp.spawn(_sharded_work, args=(_free_port(), idx, sim, bounds, x, T, str(tmp_path)), nprocs=2)
     parts = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     torch.testing.assert_close(torch.cat([p["rows"] for p in parts]), whole)
     for p in parts:
         torch.testing.assert_close(p["degree"], degree)
+    found, _ = inter_image_knn(x, x, T, 8, "cluster", list_size=32, nprobe=4)
+    assert torch.equal(torch.cat([p["found"] for p in parts]), found)
 
 
 # -- the whole run on two processes ----------------------------------------------------------------

@@ -41,6 +41,51 @@ def test_exact_inter_image_search_equals_brute_force_and_never_returns_the_own_i
     assert not (idx // 16 == (torch.arange(80) // 16)[:, None]).any()
 
 
+def test_torch_brute_force_the_gpu_path_equals_the_faiss_one():
+    """The GPU's exact search (torch brute force) written for any device, checked on the CPU."""
+    from ldsc.neighbors import _exact_inter, _torch_exact_inter
+
+    x, y = random_tokens(n_images=7, seed=4), random_tokens(n_images=7, seed=5)
+    for queries in (None, (32, 96)):
+        idx, sim = _torch_exact_inter(x, y, 16, 6, max_chunk_elements=16 * 112 * 2, progress=None, queries=queries)
+        ref_idx, ref_sim = _exact_inter(x, y, 16, 6, max_chunk_elements=16 * 80, progress=None, queries=queries)
+        assert torch.equal(idx, ref_idx) and torch.allclose(sim, ref_sim)
+    assert choose_search("auto", 100_000, 16384) == "cluster"
+    assert choose_search("auto", 100_000, 16384, on_gpu=True, gpu_exact_max_tokens=1 << 20) == "exact"
+
+
+@pytest.mark.gpu
+def test_whole_data_set_graphs_built_on_a_gpu_equal_the_cpu_ones(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from ldsc.graphs import KnnGraphBuilder
+    from ldsc.store import FeatureStore
+
+    store = _tiny_store(tmp_path)
+    builder = KnnGraphBuilder(pair="vv", k_intra=5, k_inter=5, search="auto")
+    cpu = builder.dataset_graphs(store, 8)
+    gpu = builder.dataset_graphs(FeatureStore(store.path), 8, device="cuda")
+    for a, b in zip(cpu, gpu):
+        torch.testing.assert_close(a.sym_scipy().toarray(), b.sym_scipy().toarray(), atol=1e-5, rtol=1e-4)
+
+
+def _tiny_store(tmp_path):
+    from ldsc.backbones.pixel import PixelBackbone
+    from ldsc.store import build_store
+
+    import numpy as np
+    from PIL import Image
+
+    files = []
+    for i in range(4):
+        p = tmp_path / f"im{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
+        files.append(str(p))
+    backbone = PixelBackbone(n_features=16)
+    backbone.set_base_size(8)
+    return build_store(tmp_path / "store", files, backbone, ["v"], progress=False)
+
+
 @pytest.mark.parametrize("method", ["cluster", "ivf", "hnsw"])
 def test_approximate_search_recall_on_real_images(coco_dir, method):
     """Pixel-backbone value vectors of 12 COCO images (32x32 tokens each): the clustered search,

@@ -234,7 +234,7 @@ class ImageDataModule(L.LightningDataModule):
             if hasattr(self.graph_builder, "dataset_graphs"):
                 self.check_memory()
                 with stage("graphs", self.stages):
-                    self.graphs = self.graph_builder.dataset_graphs(store, self.base_size)
+                    self.graphs = self.graph_builder.dataset_graphs(store, self.base_size, device=self._device())
                 for name, sec in getattr(self.graph_builder, "timings", {}).items():
                     self.stages["graphs"][f"{name}_s"] = round(sec, 3)
                 self.stages["graphs"]["layers"] = getattr(self.graph_builder, "layer_timings", [])
@@ -249,7 +249,7 @@ class ImageDataModule(L.LightningDataModule):
         b = self.graph_builder
         if not hasattr(b, "search_method") or self.store is None:
             return True
-        return all(b.search_method(self.store.n_images * layer["grid"][0] * layer["grid"][1]) == "exact"
+        return all(b.search_method(self.store.n_images * layer["grid"][0] * layer["grid"][1], self._device()) == "exact"
                    for layer in self.store.layers)
 
     def setup(self, stage: str | None = None) -> None:

@@ -508,6 +508,8 @@ class KnnGraphBuilder:
         max_chunk_elements: size of one block of similarities (memory knob).
         search: inter-image search, ``auto`` | ``exact`` | ``cluster`` | ``ivf`` | ``hnsw``
             (``auto``: exact up to ``exact_max_tokens`` tokens in a layer, ``cluster`` beyond).
+        gpu_exact_max_tokens: ``auto`` when the run's device is a GPU: exact (brute force in torch,
+            on the GPU) up to this many tokens in a layer.
         list_size, nprobe: ``cluster``: tokens per k-means leaf, most similar leaves scored per
             query; ``ivf``: ``nprobe`` lists visited per query.
         nlist: IVF lists (``null``: ``2·√N``).
@@ -520,7 +522,7 @@ class KnnGraphBuilder:
 
     def __init__(self, pair: str = "qk", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
                  heads: str = "concat", max_chunk_elements: int = 2**24, search: str = "auto",
-                 exact_max_tokens: int = 16384, list_size: int = 128, nprobe: int = 12, nlist: int | None = None,
+                 exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128, nprobe: int = 12, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                  dim: int | None = None, reduce: str = "pca", seed: int = 0):
         from ldsc.neighbors import SEARCH_METHODS
@@ -534,6 +536,7 @@ class KnnGraphBuilder:
         self.pair, self.k_intra, self.k_inter = pair, int(k_intra), int(k_inter)
         self.threshold, self.heads, self.max_chunk_elements = float(threshold), heads, int(max_chunk_elements)
         self.search, self.exact_max_tokens = search, int(exact_max_tokens)
+        self.gpu_exact_max_tokens = int(gpu_exact_max_tokens)
         self.list_size, self.nlist, self.nprobe = int(list_size), nlist, int(nprobe)
         self.hnsw_m, self.ef_search, self.ef_construction = int(hnsw_m), int(ef_search), int(ef_construction)
         self.dim, self.reduce, self.seed = (int(dim) if dim else None), reduce, int(seed)
@@ -565,10 +568,11 @@ class KnnGraphBuilder:
         return graphs
 
     # -- the whole data set, from a feature store ------------------------------------------------
-    def search_method(self, n_tokens: int) -> str:
+    def search_method(self, n_tokens: int, device=None) -> str:
         from ldsc.neighbors import choose_search
 
-        return choose_search(self.search, n_tokens, self.exact_max_tokens)
+        on_gpu = device is not None and torch.device(device).type == "cuda"
+        return choose_search(self.search, n_tokens, self.exact_max_tokens, on_gpu, self.gpu_exact_max_tokens)
 
     def layer_vectors(self, store, layer: int, draw: int, progress: bool = False) -> list[tuple[Tensor, Tensor]]:
         """Per graph of one layer (one per head with ``heads="separate"``): unit ``(x, y)`` rows of
@@ -623,15 +627,16 @@ class KnnGraphBuilder:
             projs.append(V[: self.dim].T.contiguous())
         return projs
 
-    def dataset_graphs(self, store, base_size: int, progress: bool = True) -> list["DatasetGraph"]:
+    def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None) -> list["DatasetGraph"]:
         """The graphs of every layer (and draw) of ``store`` over all its images (see class
         docstring); with several draws each layer's graphs are weighted ``w_l / draws``, so the
-        operator averages over draws."""
+        operator averages over draws. On a GPU ``device`` the intra-image search and the exact
+        inter-image search run there (the other methods on the CPU); the graphs stay on the CPU."""
         import time
 
         from tqdm.auto import tqdm
 
-        from ldsc.distributed import shard, world_size
+        from ldsc.distributed import all_gather_rows, shard, world_size
         from ldsc.neighbors import inter_image_knn, intra_image_knn
         from ldsc.profiling import release_free_memory
 
@@ -650,12 +655,16 @@ class KnnGraphBuilder:
                 if hasattr(store, "release"):
                     store.release()  # the vectors are in memory now: unmap the store's pages
                 self.timings["vectors"] += time.perf_counter() - t0
-                method = self.search_method(n * T)
+                method = self.search_method(n * T, device)
+                on_gpu = device is not None and torch.device(device).type == "cuda"
                 dims = int(pairs[0][0].shape[1])
                 n_graphs = len(pairs)
                 for j in range(len(pairs)):
                     x, y = pairs[j]
                     pairs[j] = None  # freed after the search, before the symmetrisation
+                    if on_gpu:
+                        x_dev = x.to(device)
+                        y_dev = x_dev if y is x else y.to(device)
                     t0 = time.perf_counter()
                     k_a = min(self.k_intra, T - 1)
                     k_e = min(self.k_inter, n * T - T) if n > 1 else 0
@@ -663,7 +672,7 @@ class KnnGraphBuilder:
                     idx = torch.empty(q1 - q0, k_a + k_e, dtype=torch.int32)  # both searches' lists, int32
                     sim = torch.empty(q1 - q0, k_a + k_e, dtype=torch.float32)
                     if k_a > 0:
-                        intra_image_knn(x[q0:q1], y[q0:q1], T, k_a, max_chunk_elements=self.max_chunk_elements,
+                        intra_image_knn((x_dev if on_gpu else x)[q0:q1], (y_dev if on_gpu else y)[q0:q1], T, k_a, max_chunk_elements=self.max_chunk_elements,
                                         out=(idx[:, :k_a], sim[:, :k_a]))
                         if q0:
                             idx[:, :k_a] += q0
@@ -672,14 +681,18 @@ class KnnGraphBuilder:
                     if k_e > 0:
                         bar = tqdm(total=q1 - q0, desc=f"neighbours {info['name']} ({method})", unit="tok",
                                    unit_scale=True, disable=not progress or n * T < 50_000, leave=False)
+                        gpu_search = on_gpu and method == "exact"
                         order = inter_image_knn(
-                            x, y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
+                            x_dev if gpu_search else x, y_dev if gpu_search else y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
                             ef_search=self.ef_search, ef_construction=self.ef_construction, list_size=self.list_size,
                             max_chunk_elements=self.max_chunk_elements, seed=self.seed, progress=bar.update,
                             out=(idx[:, k_a:], sim[:, k_a:]), return_order=True,
-                            queries=(q0, q1) if sharded else None)[2]  # (keeping no view of the lists)
+                            queries=(q0, q1) if sharded else None,
+                            gather=all_gather_rows if sharded else None)[2]  # (keeping no view of the lists)
                         bar.close()
                     del x, y
+                    if on_gpu:
+                        del x_dev, y_dev
                     release_free_memory()  # the search's temporaries, before the lists are copied
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0

@@ -32,14 +32,16 @@ from torch import Tensor
 SEARCH_METHODS = ("auto", "exact", "cluster", "ivf", "hnsw")
 
 
-def choose_search(method: str, n_tokens: int, exact_max_tokens: int) -> str:
-    """Resolve ``auto``: ``exact`` up to ``exact_max_tokens`` tokens (one layer, all images),
+def choose_search(method: str, n_tokens: int, exact_max_tokens: int, on_gpu: bool = False,
+                  gpu_exact_max_tokens: int = 1 << 20) -> str:
+    """Resolve ``auto``: ``exact`` up to ``exact_max_tokens`` tokens (one layer, all images) —
+    ``gpu_exact_max_tokens`` when the search runs on a GPU (brute force in torch there) —
     ``cluster`` beyond (its work per token does not grow with the data set)."""
     if method not in SEARCH_METHODS:
         raise ValueError(f"graph.search must be one of {SEARCH_METHODS}, not {method!r}")
     if method != "auto":
         return method
-    return "exact" if n_tokens <= exact_max_tokens else "cluster"
+    return "exact" if n_tokens <= (gpu_exact_max_tokens if on_gpu else exact_max_tokens) else "cluster"
 
 
 def normalize_rows(x: Tensor) -> Tensor:
@@ -115,6 +117,29 @@ def _exact_inter(x: Tensor, y: Tensor, tokens: int, k: int, max_chunk_elements: 
         D_t[own | (I_t < 0)] = float("-inf")
         v, j = D_t.topk(k, dim=1)  # hits come sorted: the first k kept ones, in order
         sim[rows], idx[rows] = v, I_t.gather(1, j)
+        if progress:
+            progress((e - s) * tokens)
+    return idx, sim
+
+
+def _torch_exact_inter(x: Tensor, y: Tensor, tokens: int, k: int, max_chunk_elements: int,
+                       progress: Callable | None, queries: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Brute force in torch on ``x``'s device (the GPU path of ``exact``): a block of whole
+    images' queries against every key at a time, the block's own images masked, top ``k``.
+    Results on the CPU."""
+    n = y.shape[0]
+    q0, q1 = queries or (0, x.shape[0])
+    per = max(1, max_chunk_elements // max(1, tokens * n))  # images of queries per block
+    idx = torch.empty(q1 - q0, k, dtype=torch.long)
+    sim = torch.empty(q1 - q0, k, dtype=torch.float32)
+    for s in range(q0 // tokens, q1 // tokens, per):
+        e = min(q1 // tokens, s + per)
+        S = (x[s * tokens:e * tokens] @ y.T).view(e - s, tokens, n)
+        for i in range(e - s):  # each image's queries lose their own image's keys
+            S[i, :, (s + i) * tokens:(s + i + 1) * tokens] = float("-inf")
+        v, j = S.view((e - s) * tokens, n).topk(k, dim=1)
+        rows = slice(s * tokens - q0, e * tokens - q0)
+        sim[rows], idx[rows] = v.float().cpu(), j.cpu()
         if progress:
             progress((e - s) * tokens)
     return idx, sim
@@ -303,7 +328,8 @@ def _same_image_pairs(q_img: Tensor, k_img: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, nprobe: int, seed: int,
-                   idx: Tensor, sim: Tensor, progress: Callable | None, queries: tuple[int, int] | None = None) -> Tensor:
+                   idx: Tensor, sim: Tensor, progress: Callable | None, queries: tuple[int, int] | None = None,
+                   gather: Callable | None = None) -> Tensor:
     """Clustered search scored densely: keys and queries fall into the leaves of one
     :class:`ClusterTree`. For the queries of one leaf, each query picks its ``nprobe`` most
     similar leaves among the ``4·nprobe`` leaves nearest to its own; the union of those picks is
@@ -311,10 +337,16 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
     ``nprobe·list_size`` inner products whatever the data set's size; the keys are copied once in
     leaf order, so a leaf's keys are read as one contiguous block. Returns the key ids sorted by
     leaf (similar tokens next to each other: an order that keeps graph products cache-local).
-    With ``queries = (q0, q1)`` only those query rows are searched (``idx``/``sim`` hold them)."""
+    With ``queries = (q0, q1)`` only those query rows are searched (``idx``/``sim`` hold them);
+    with ``gather`` too (processes whose ``queries`` tile all rows in rank order, and an
+    all-gather of their rows) each process finds the leaves of its own rows only."""
     tree = ClusterTree(y, list_size, seed, neighbours=max(32, 4 * nprobe))
-    key_leaf = tree.assign(y)
-    query_leaf = key_leaf if x is y else tree.assign(x)
+    if gather is not None and queries is not None:
+        key_leaf = gather(tree.assign(y[queries[0]:queries[1]]))
+        query_leaf = key_leaf if x is y else gather(tree.assign(x[queries[0]:queries[1]]))
+    else:
+        key_leaf = tree.assign(y)
+        query_leaf = key_leaf if x is y else tree.assign(x)
     korder, koff = _by_list(key_leaf, tree.nlist)
     qorder, qoff = (korder, koff) if x is y else _by_list(query_leaf, tree.nlist)
     del key_leaf, query_leaf
@@ -358,11 +390,13 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
                     nprobe: int = 12, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                     list_size: int = 128, max_chunk_elements: int = 2**24, seed: int = 0,
                     progress: Callable | None = None, out: tuple[Tensor, Tensor] | None = None,
-                    return_order: bool = False, queries: tuple[int, int] | None = None):
+                    return_order: bool = False, queries: tuple[int, int] | None = None,
+                    gather: Callable | None = None):
     """The ``k`` most similar tokens of the *other* images.
 
     Args:
-        x: ``(N, d)`` unit query rows; y: ``(N, d)`` unit key rows (image-major, ``tokens`` each).
+        x: ``(N, d)`` unit query rows; y: ``(N, d)`` unit key rows (image-major, ``tokens`` each);
+            on a GPU for ``exact`` (brute force in torch there), on the CPU for the other methods.
         method: ``exact`` (brute force), ``cluster`` (hierarchical k-means leaves of about
             ``list_size`` tokens; the queries of a list scored densely against the ``nprobe``
             nearest lists), ``ivf`` (FAISS ``IndexIVFFlat``, ``nlist`` lists, default ``2·√N``;
@@ -374,6 +408,8 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
             other (``cluster``: sorted by leaf; ``None`` for the other methods).
         queries: ``(q0, q1)``: search only these query rows (whole images; one process's share of
             a sharded run) against all keys; the results have ``q1 - q0`` rows.
+        gather: with ``queries``, in a sharded run: all-gathers the processes' rows in rank order
+            (:func:`ldsc.distributed.all_gather_rows`), so ``cluster`` splits its leaf assignment.
 
     Returns:
         ``(idx (N, k), sim (N, k))`` (and the order); ``idx`` never points into the query's own image.
@@ -392,7 +428,7 @@ def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "ex
         idx_out.fill_(-1)
         sim_out.fill_(float("-inf"))
     elif method == "cluster":
-        order = _cluster_inter(x, y, tokens, k, list_size, nprobe, seed, idx_out, sim_out, progress, queries)
+        order = _cluster_inter(x, y, tokens, k, list_size, nprobe, seed, idx_out, sim_out, progress, queries, gather)
     else:
         _faiss_inter(x, y, tokens, k, method, nlist, nprobe, hnsw_m, ef_search, ef_construction,
                      max_chunk_elements, seed, progress, idx_out, sim_out, queries)
@@ -404,7 +440,8 @@ def _faiss_inter(x, y, tokens, k, method, nlist, nprobe, hnsw_m, ef_search, ef_c
     """``exact``, ``ivf`` and ``hnsw`` of :func:`inter_image_knn`, written into ``idx_out, sim_out``."""
     q0, q1 = queries or (0, x.shape[0])
     if method == "exact":
-        i, s = _exact_inter(x, y, tokens, k, max_chunk_elements, progress, queries)
+        brute = _exact_inter if x.device.type == "cpu" else _torch_exact_inter
+        i, s = brute(x, y, tokens, k, max_chunk_elements, progress, queries)
         idx_out.copy_(i)
         sim_out.copy_(s)
         return

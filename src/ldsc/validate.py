@@ -89,6 +89,7 @@ def validate(cfg: DictConfig) -> None:
             if key in graph:
                 _integer(cfg, f"graph.{key}", 1)
         _integer(cfg, "graph.exact_max_tokens", 0, optional=True)
+        _integer(cfg, "graph.gpu_exact_max_tokens", 0, optional=True)
         if graph.get("dim") is not None:
             _integer(cfg, "graph.dim", 1)
         from ldsc.neighbors import SEARCH_METHODS
