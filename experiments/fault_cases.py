@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["data.batch_size=2", "base_size=16", "K=4", "trainer.max_epochs=2", "logger=none",
         "trainer.enable_progress_bar=false", "~callbacks.progress", "callbacks.export.figures=false"]
+#: a run on two CPU processes (gloo)
+DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 ENV = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
 
 
@@ -144,10 +146,18 @@ def config_cases(ws: Workspace):
         "CLIP weights missing": ["backbone=clip", f"backbone.model_id={ws.root / 'no_such_model'}"],
         "CLIP weights folder empty": ["backbone=clip", f"backbone.model_id={ws.root / 'empty_model'}"],
         "trainer.accelerator=gpu without a GPU": ["trainer.accelerator=gpu"],
+        "solver=exact on 2 processes": [*DDP, "solver=exact"], "solver=paper on 2 processes": [*DDP, "solver=paper"],
+        "trainer.devices=2 without the sharded strategy": ["trainer=cpu", "trainer.devices=2"],
     }
     (ws.root / "empty_model").mkdir(exist_ok=True)
     for name, over in bad.items():
         yield name, "error", lambda over=over, name=name: (run(merge(ws.folder_args(ws.out("cfg")), over)), None)
+
+    def sweep_on_processes():
+        out = ws.out("ddp_sweep")
+        return run(["-m", *merge(ws.folder_args(out), [*DDP, "K=3,4", f"hydra.sweep.dir={out}"])]), None
+
+    yield "a local sweep (-m) on 2 processes", "error", sweep_on_processes
 
 
 def data_cases(ws: Workspace):
@@ -248,7 +258,13 @@ def ok_cases(ws: Workspace):
         return run([str(out), "--labels", str(lab), "--figures", "0"], "ldsc.evaluate"), \
             lambda: (out / "eval" / "metrics.json").is_file()
 
+    def folder_on_processes():
+        out = ws.out("ok_ddp")
+        res = run(merge(ws.folder_args(out), DDP))
+        return res, lambda: all((out / f).is_file() for f in ("eigvecs.pt", "stages.rank1.json", "checkpoints/last.ckpt"))
+
     yield "a folder run", "ok", folder_ok
+    yield "a folder run on 2 processes", "ok", folder_on_processes
     yield "a single-image run", "ok", single_ok
     yield "corrupt files among good ones are skipped", "ok", mixed_ok
     yield "EXIF-rotated photo", "ok", exif_ok
@@ -326,10 +342,10 @@ def checkpoint_cases(ws: Workspace):
         while not path.exists() and proc.poll() is None and time.time() - t < limit:
             time.sleep(0.2)
 
-    def signalled(sig):
+    def signalled(sig, extra=()):
         def go():
             out = ws.out(f"sig{sig}")
-            proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *long_args(out)], env=ENV,
+            proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *long_args(out), *extra], env=ENV,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             wait_for(out / "checkpoints" / "last.ckpt", proc)
             proc.send_signal(sig)
@@ -345,6 +361,7 @@ def checkpoint_cases(ws: Workspace):
 
     yield "SIGTERM during a run", "error", signalled(signal.SIGTERM)
     yield "SIGINT (Ctrl-C) during a run", "error", signalled(signal.SIGINT)
+    yield "SIGTERM to a run on 2 processes", "error", signalled(signal.SIGTERM, DDP)
 
     def kill9_resume():
         full, split = ws.out("full"), ws.out("split")

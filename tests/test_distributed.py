@@ -184,3 +184,32 @@ def test_the_slurm_launcher_asks_for_one_task_per_device(compose):
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.tasks_per_node, launcher.nodes, launcher.gpus_per_node) == (4, 2, 4)
+
+
+def test_sigterm_to_a_two_process_run_stops_both_with_a_checkpoint(tmp_path):
+    """Lightning's own SIGTERM handler runs a collective inside the handler, which hung the
+    processes when it interrupted one of the solver's; ldsc's handler only sets a flag that all
+    processes agree on at the next iteration."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = _args(tmp_path, "run", "trainer=ddp_cpu", "solver.tol=0", "solver.iters_per_step=1",
+                 "trainer.max_epochs=100000", "logger=none", "trainer.enable_progress_bar=false")
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    t = time.time()
+    while not ckpt.exists():
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.time() - t < 180
+        time.sleep(0.2)
+    time.sleep(1.0)  # well inside the iterations (and their checkpoints' collectives)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("ldsc: error: Stopped by SIGTERM")
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["state_dict"]["table"].shape[0] == 4 * 16 * 16 and int(state["state_dict"]["iterations"]) >= 1

@@ -253,6 +253,14 @@ class ImageDataModule(L.LightningDataModule):
                    for layer in self.store.layers)
 
     def setup(self, stage: str | None = None) -> None:
+        from ldsc.distributed import world_size
+
+        if world_size() > 1:  # before the collectives of building the store and graphs (Lightning
+            # registers its own SIGTERM handler, which runs a collective, only after set-up: the
+            # solver takes it over again when training starts)
+            from ldsc import interrupt
+
+            interrupt.take_over_sigterm(getattr(self.trainer.strategy.launcher, "kill", None))
         self.prepare_files()
         self.feature_store()
         if self.scope == "dataset":

@@ -19,6 +19,8 @@ from ldsc.errors import LdscError
 requested: str | None = None
 #: whether the solver is training (set by SolverCheckpoint): a signal then waits for a checkpoint
 training: bool = False
+#: on several processes: passes a signal on to the processes this one launched (see take_over_sigterm)
+_forward = None
 
 
 class RunInterrupted(LdscError):
@@ -30,8 +32,11 @@ class RunInterrupted(LdscError):
 
 
 def _handler(signum, frame) -> None:
-    global requested
+    global requested, _forward
     name = signal.Signals(signum).name
+    if _forward is not None:
+        forward, _forward = _forward, None
+        forward(signum)
     if requested is not None and signum == signal.SIGINT:
         raise KeyboardInterrupt  # a second Ctrl-C: stop now
     requested = name
@@ -40,11 +45,22 @@ def _handler(signum, frame) -> None:
                              f"(a finished feature store is kept and reused).", signum)
 
 
+def take_over_sigterm(forward=None) -> None:
+    """On several processes: handle SIGTERM here rather than in Lightning, whose handler runs a
+    collective (a broadcast) inside the signal handler, which can interleave with the solver's own
+    collectives and hang every process. This handler only sets :data:`requested` (the processes
+    agree on it at the solver's next iteration, :meth:`~ldsc.solvers.fast.FastSolver.stop_requested`)
+    and passes the signal once to the processes this one launched (``forward(signum)``)."""
+    global _forward
+    _forward = forward
+    signal.signal(signal.SIGTERM, _handler)
+
+
 @contextmanager
 def graceful_signals():
     """Install the handlers for the duration of a run (previous handlers restored after)."""
-    global requested, training
-    requested, training = None, False
+    global requested, training, _forward
+    requested, training, _forward = None, False, None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in previous:
         signal.signal(s, _handler)
@@ -53,7 +69,7 @@ def graceful_signals():
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
-        training = False
+        training, _forward = False, None
 
 
 def signal_number(name: str) -> int:

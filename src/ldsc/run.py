@@ -158,6 +158,10 @@ def _fit(cfg: DictConfig):
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not cfg.trainer.get("enable_progress_bar", True):  # (Lightning refuses a progress bar callback then)
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks = [StageTimer(datamodule.stages, "solve"), *callbacks, StageTimer(datamodule.stages, "export")]
     for cb in callbacks:
         if isinstance(cb, ExportEigenvectors):

@@ -197,6 +197,10 @@ class FastSolver(EigenSolver):
                        "train/eigenvalue_K": float(self.theta[self.K - 1]), "train/loss": -float(self.theta[: self.K].mean())},
                       prog_bar=True, batch_size=1)
 
+    def on_train_start(self) -> None:
+        if self.sharded:  # Lightning registered its SIGTERM handler (a collective) after set-up: ours again
+            interrupt.take_over_sigterm(getattr(self.trainer.strategy.launcher, "kill", None))
+
     def stop_requested(self) -> bool:
         """Whether a signal asked the run to stop, agreed by all processes (a signal that reached
         one of them stops them all at the same iteration, so none waits in a collective)."""
