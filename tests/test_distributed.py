@@ -213,3 +213,16 @@ def test_sigterm_to_a_two_process_run_stops_both_with_a_checkpoint(tmp_path):
     assert err.strip().splitlines()[-1].startswith("ldsc: error: Stopped by SIGTERM")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     assert state["state_dict"]["table"].shape[0] == 4 * 16 * 16 and int(state["state_dict"]["iterations"]) >= 1
+
+
+def test_the_memory_check_counts_every_process_of_the_machine(tmp_path):
+    """Each process needs a bit over 1 GB (mostly the interpreter, torch and Lightning): one
+    fits in 1.5 GB, two on the same machine do not, and the refusal says why."""
+    from conftest import run_cli
+
+    one = run_cli(_args(tmp_path, "one", "data.memory_limit_gb=1.5"))
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run_cli(_args(tmp_path, "two", "data.memory_limit_gb=1.5", "trainer=ddp_cpu"))
+    assert two.returncode != 0
+    last = two.stderr.strip().splitlines()[-1]
+    assert last.startswith("ldsc: error: This run needs about") and "in each of its 2 processes" in last, last

@@ -120,7 +120,8 @@ class ImageDataModule(L.LightningDataModule):
         check_images: decode every image once at set-up and skip unreadable ones with a warning.
         limit: use only the first ``limit`` images (sorted by name).
         memory_limit_gb: refuse a data-set run whose estimated peak memory exceeds this
-            (``null``: the memory available when the run starts).
+            (``null``: the memory available when the run starts); on several processes the sum
+            over the processes of one machine is compared.
     """
 
     def __init__(self, batch_size: int = 40, num_workers: int = 0, shuffle: bool = True,
@@ -216,10 +217,13 @@ class ImageDataModule(L.LightningDataModule):
                                            base_size=self.base_size, vectors=len(getattr(b, "kinds", [0])),
                                            shards=world_size())
         limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
-        if limit and est["peak"] > limit:
+        # the processes of one machine share its memory
+        local = int(self.trainer.num_devices) if self.trainer is not None and world_size() > 1 else 1
+        if limit and est["peak"] * local > limit:
             gb = 2**30
+            each = f" in each of its {local} processes on this machine" if local > 1 else ""
             raise ConfigError(
-                f"This run needs about {est['peak'] / gb:.1f} GB (graphs {est['graphs'] / gb:.1f} GB, solver "
+                f"This run needs about {est['peak'] / gb:.1f} GB{each} (graphs {est['graphs'] / gb:.1f} GB, solver "
                 f"{est['solver'] / gb:.1f} GB, building {est['build'] / gb:.1f} GB at its peak) but {limit / gb:.1f} GB are available: "
                 f"lower graph.k_intra/graph.k_inter, set graph.dim (e.g. 64), use fewer images (data.limit) or a "
                 f"smaller base_size, or raise data.memory_limit_gb.")
