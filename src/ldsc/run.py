@@ -148,6 +148,10 @@ def _fit(cfg: DictConfig):
     from hydra.utils import instantiate
 
     quiet_lightning()
+    from ldsc.distributed import launch_rank
+
+    if launch_rank() != 0:  # the other processes of a run on several: warnings and errors only, no repeats
+        logging.getLogger("ldsc").setLevel(logging.WARNING)
     from ldsc.callbacks import ExportEigenvectors, StageTimer
     from ldsc.profiling import stage
 
@@ -225,6 +229,8 @@ def write_stages(out_dir: str, stages: dict, name: str = "stages.json") -> None:
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out_dir) / name, json.dumps(stages, indent=1))
+    if name != "stages.json":  # a process's own copy on several processes: said once, by stages.json
+        return
     log.info("stages: %s", ", ".join(f"{k} {v['seconds']:.1f} s / {v['peak_rss_mb']:.0f} MB" for k, v in stages.items()
                                      if "seconds" in v))
 
