@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench scaling data weights clean
+.PHONY: install demo test test-all bench bench-ddp scaling data weights clean
 
 install:            ## create .venv, install torch, then ldsc with its test extras
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-all:           ## every test, slow and GPU ones included (GPU tests skip wi
 
 bench:              ## ldsc vs ncut-pytorch vs the exact reference (JSON lines; pip install ncut-pytorch)
 	$(PY) -m ldsc.bench
+
+bench-ddp:          ## one process vs two (trainer=ddp_cpu) on the 101 COCO images: alignment, memory per process
+	$(PY) experiments/ddp_compare.py --root ../shared/data/coco_val2017_first100 --devices 2
 
 scaling:            ## whole runs on 300 / 1,000 / 10,000 crops of the COCO images (needs ../shared/data)
 	$(PY) experiments/make_images.py --sources ../shared/data/coco_val2017_first100 --n 10000 --out data/crops10k
