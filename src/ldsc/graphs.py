@@ -522,7 +522,8 @@ class KnnGraphBuilder:
 
     def __init__(self, pair: str = "qk", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
                  heads: str = "concat", max_chunk_elements: int = 2**24, search: str = "auto",
-                 exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128, nprobe: int = 12, nlist: int | None = None,
+                 exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128,
+                 nprobe: int = 12, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                  dim: int | None = None, reduce: str = "pca", seed: int = 0):
         from ldsc.neighbors import SEARCH_METHODS
@@ -636,7 +637,7 @@ class KnnGraphBuilder:
 
         from tqdm.auto import tqdm
 
-        from ldsc.distributed import all_gather_rows, shard, world_size
+        from ldsc.distributed import all_gather_rows, shard, shard_bounds, world_size
         from ldsc.neighbors import inter_image_knn, intra_image_knn
         from ldsc.profiling import release_free_memory
 
@@ -662,9 +663,10 @@ class KnnGraphBuilder:
                 for j in range(len(pairs)):
                     x, y = pairs[j]
                     pairs[j] = None  # freed after the search, before the symmetrisation
+                    xd, yd = x, y  # the vectors on the run's device (a GPU searches there)
                     if on_gpu:
-                        x_dev = x.to(device)
-                        y_dev = x_dev if y is x else y.to(device)
+                        xd = x.to(device)
+                        yd = xd if y is x else y.to(device)
                     t0 = time.perf_counter()
                     k_a = min(self.k_intra, T - 1)
                     k_e = min(self.k_inter, n * T - T) if n > 1 else 0
@@ -672,7 +674,7 @@ class KnnGraphBuilder:
                     idx = torch.empty(q1 - q0, k_a + k_e, dtype=torch.int32)  # both searches' lists, int32
                     sim = torch.empty(q1 - q0, k_a + k_e, dtype=torch.float32)
                     if k_a > 0:
-                        intra_image_knn((x_dev if on_gpu else x)[q0:q1], (y_dev if on_gpu else y)[q0:q1], T, k_a, max_chunk_elements=self.max_chunk_elements,
+                        intra_image_knn(xd[q0:q1], yd[q0:q1], T, k_a, max_chunk_elements=self.max_chunk_elements,
                                         out=(idx[:, :k_a], sim[:, :k_a]))
                         if q0:
                             idx[:, :k_a] += q0
@@ -681,18 +683,16 @@ class KnnGraphBuilder:
                     if k_e > 0:
                         bar = tqdm(total=q1 - q0, desc=f"neighbours {info['name']} ({method})", unit="tok",
                                    unit_scale=True, disable=not progress or n * T < 50_000, leave=False)
-                        gpu_search = on_gpu and method == "exact"
+                        on_device = method == "exact"  # the other methods search on the CPU
                         order = inter_image_knn(
-                            x_dev if gpu_search else x, y_dev if gpu_search else y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
+                            xd if on_device else x, yd if on_device else y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,
                             ef_search=self.ef_search, ef_construction=self.ef_construction, list_size=self.list_size,
                             max_chunk_elements=self.max_chunk_elements, seed=self.seed, progress=bar.update,
                             out=(idx[:, k_a:], sim[:, k_a:]), return_order=True,
                             queries=(q0, q1) if sharded else None,
                             gather=all_gather_rows if sharded else None)[2]  # (keeping no view of the lists)
                         bar.close()
-                    del x, y
-                    if on_gpu:
-                        del x_dev, y_dev
+                    del x, y, xd, yd
                     release_free_memory()  # the search's temporaries, before the lists are copied
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
@@ -700,8 +700,6 @@ class KnnGraphBuilder:
                     lists = [idx, sim]
                     del idx, sim
                     if sharded:  # this process's rows; their transposed entries come from the other processes
-                        from ldsc.distributed import shard_bounds
-
                         order = None
                         blocks, degree = sharded_symmetric_normalized(
                             lists[0], lists[1], q0, [b * T for b in shard_bounds(n)], self.threshold)
