@@ -160,36 +160,38 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     bar = tqdm(total=sum(map(len, mine)) * draws, desc="features", unit="img", disable=not progress or not mine,
                leave=False)
 
-    def run(batch) -> list[list[LayerFeatures]]:
+    def draws_of(batch):
+        """``(draw, features)`` of a batch, one draw at a time (each written before the next)."""
         images = batch["image"].to(device)
-        out = []
         for r in range(draws):
             gen = torch.Generator(device=images.device).manual_seed(batch_seed(seed, r, batch["index"]))
             with torch.no_grad():
-                out.append(backbone(images, generator=gen))
-        return out
+                yield r, backbone(images, generator=gen)
 
-    def write(batch, per_draw) -> None:
+    def write(batch, r: int, feats: list[LayerFeatures]) -> None:
         lo, hi = int(batch["index"][0]), int(batch["index"][-1]) + 1
-        for r, feats in enumerate(per_draw):
-            for li, layer in enumerate(feats):
-                for kind in kinds:
-                    arrays[li, kind][r, lo:hi] = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
+        for li, layer in enumerate(feats):
+            for kind in kinds:
+                arrays[li, kind][r, lo:hi] = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
         bar.update(hi - lo)
 
     it = iter(loader)
     first = next(it, None)
-    first_feats = run(first) if first is not None else None
-    if lead:  # the files' shapes come from the first batch (rank 0 always has one)
-        layers = _allocate(path, first_feats[0], kinds, draws, len(files), np_dtype, arrays)
+    pending = draws_of(first) if first is not None else iter(())
+    head = next(pending, None)  # draw 0 of the first batch: the files' shapes
+    if lead:  # (rank 0 always has a batch)
+        layers = _allocate(path, head[1], kinds, draws, len(files), np_dtype, arrays)
     distributed.barrier()  # the files exist before any other rank opens them
-    if not lead and first is not None:
-        _open_for_writing(path, len(first_feats[0]), kinds, arrays)
-    if first is not None:
-        write(first, first_feats)
-    del first_feats
+    if head is not None:
+        if not lead:
+            _open_for_writing(path, len(head[1]), kinds, arrays)
+        write(first, *head)
+        del head
+        for r, feats in pending:
+            write(first, r, feats)
     for batch in it:
-        write(batch, run(batch))
+        for r, feats in draws_of(batch):
+            write(batch, r, feats)
     bar.close()
     for arr in arrays.values():
         arr.flush()
