@@ -281,45 +281,68 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
 
 
 def sharded_symmetric_normalized(idx: Tensor, sim: Tensor, first_row: int, bounds: list[int],
-                                 threshold: float = 0.1) -> tuple[list[tuple[int, Tensor]], Tensor]:
+                                 threshold: float = 0.1, free: list | None = None,
+                                 ) -> tuple[list[tuple[int, Tensor]], Tensor]:
     """:func:`symmetric_normalized_blocks` for one process of a sharded run: the neighbour lists of
     rows ``[first_row, first_row + len(idx))`` in, the same rows of ``S = D^{-1/2} W D^{-1/2}``
     out, with ``W = (A + Aᵀ)/2`` over all processes' lists.
 
     Every kept entry ``(r, c)`` of ``A`` is sent to the process that owns row ``c``
     (``bounds``: ``[0, end_0, ..., N]``, the rows of each process), which adds it to its rows of
-    ``Aᵀ`` (one all-to-all); the degrees of all rows are then all-gathered (``N`` floats) for
-    the normalisation. Memory: this process's entries, a few times over.
+    ``Aᵀ`` (all-to-all); the degrees of all rows are then all-gathered (``N`` floats) for the
+    normalisation. Memory: a few copies of this process's kept entries, 4-byte ids and values
+    (``free``: a list holding the caller's only references to ``idx`` and ``sim``, cleared once
+    they are read, as in :func:`symmetric_normalized_blocks`).
 
     Returns ``([(0, CSR (rows, N) float32)], degree (N,))``.
     """
     import scipy.sparse as sp
 
     from ldsc.distributed import all_gather_rows, all_to_all_rows
+    from ldsc.profiling import release_free_memory
 
     n_rows, n = idx.shape[0], bounds[-1]
-    cols = idx.numpy().astype(np.int64)
-    vals = sim.numpy().astype(np.float32)
+    itype = np.int32 if n < 2**31 else np.int64
+    cols, vals = idx.numpy().astype(itype, copy=False), sim.numpy().astype(np.float32, copy=False)
     keep = (cols >= 0) & (vals > threshold)
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), keep.sum(1)) + first_row
-    cols, vals = cols[keep], vals[keep]
-    del keep
-    owner = np.searchsorted(np.asarray(bounds), cols, side="right") - 1
-    send = np.argsort(owner, kind="stable")
-    counts = np.bincount(owner, minlength=len(bounds) - 1).tolist()
-    got_ids = all_to_all_rows(torch.from_numpy(np.stack([cols[send], rows[send]], 1)), counts).numpy()
-    got_vals = all_to_all_rows(torch.from_numpy(vals[send]), counts).numpy()
-    del owner, send
-    A = sp.csr_matrix((vals, (rows - first_row, cols)), shape=(n_rows, n))
-    AT = sp.csr_matrix((got_vals, (got_ids[:, 0] - first_row, got_ids[:, 1])), shape=(n_rows, n))
-    del rows, cols, vals, got_ids, got_vals
-    W = ((A + AT) * np.float32(0.5)).tocsr()
-    del A, AT
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(keep.sum(1), out=indptr[1:])
+    c, v = cols[keep], vals[keep]  # row by row: A in CSR as it stands
+    del cols, vals, keep
+    if free is not None:
+        free.clear()
+    del idx, sim
+    A = sp.csr_matrix((v, c, indptr), shape=(n_rows, n))
+    # the entries for each process's rows of Aᵀ: (column, global row, value), grouped by owner
+    r = np.repeat(np.arange(first_row, first_row + n_rows, dtype=itype), np.diff(indptr))
+    send_c, send_r, send_v = np.empty_like(c), np.empty_like(r), np.empty_like(v)
+    counts, pos = [], 0
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        mine = (c >= lo) & (c < hi)
+        m = int(mine.sum())
+        send_c[pos:pos + m], send_r[pos:pos + m], send_v[pos:pos + m] = c[mine], r[mine], v[mine]
+        counts.append(m)
+        pos += m
+        del mine
+    del r
+    got = [all_to_all_rows(torch.from_numpy(a), counts).numpy() for a in (send_c, send_r, send_v)]
+    del send_c, send_r, send_v
+    got[0] -= itype(first_row)
+    AT = sp.csr_matrix((got[2], (got[0], got[1])), shape=(n_rows, n))
+    del got
+    W = (A + AT).tocsr()
+    del A, AT, c, v
+    release_free_memory()
+    W.data *= np.float32(0.5)  # sums mutual neighbours
     W.sort_indices()
     degree = all_gather_rows(torch.from_numpy(np.asarray(W.sum(1), dtype=np.float64).ravel())).numpy()
     dinv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
-    local = np.repeat(np.arange(n_rows), np.diff(W.indptr)) + first_row
-    W.data = (W.data * dinv[local] * dinv[W.indices]).astype(np.float32)
+    step = max(1, 2**22 // max(1, W.nnz // max(1, n_rows)))  # rows per chunk (bounded temporaries)
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        lo, hi = W.indptr[r0], W.indptr[r1]
+        rows = np.repeat(np.arange(first_row + r0, first_row + r1, dtype=itype), np.diff(W.indptr[r0:r1 + 1]))
+        W.data[lo:hi] = (W.data[lo:hi] * dinv[rows] * dinv[W.indices[lo:hi]]).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         S = torch.sparse_csr_tensor(torch.from_numpy(W.indptr.astype(np.int64 if W.nnz >= 2**31 else np.int32)),
@@ -702,8 +725,7 @@ class KnnGraphBuilder:
                     if sharded:  # this process's rows; their transposed entries come from the other processes
                         order = None
                         blocks, degree = sharded_symmetric_normalized(
-                            lists[0], lists[1], q0, [b * T for b in shard_bounds(n)], self.threshold)
-                        lists.clear()
+                            lists[0], lists[1], q0, [b * T for b in shard_bounds(n)], self.threshold, free=lists)
                     else:
                         if order is not None:  # store similar tokens next to each other (cache-local products)
                             rank = DatasetGraph.inverse(order)
