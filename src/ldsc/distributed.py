@@ -101,8 +101,7 @@ def all_gather_rows(t: Tensor, counts: list[int] | None = None) -> Tensor:
         return t
     if counts is None:
         counts = _exchange_counts(t.shape[0])
-    most = max(counts)
-    pad = t if t.shape[0] == most else torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])])
+    pad = _padded(t, max(counts))
     parts = [torch.empty_like(pad) for _ in counts]
     dist.all_gather(parts, pad.contiguous(), group=_group_for(t))
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
@@ -115,8 +114,7 @@ def gather_rows(t: Tensor, dst: int = 0) -> Tensor | None:
         return t
     t = t.cpu().contiguous()
     counts = _exchange_counts(t.shape[0])
-    most = max(counts)
-    pad = t if t.shape[0] == most else torch.cat([t, t.new_zeros(most - t.shape[0], *t.shape[1:])])
+    pad = _padded(t, max(counts))
     parts = [torch.empty_like(pad) for _ in counts] if rank() == dst else None
     dist.gather(pad, parts, dst=dst, group=cpu_group())
     if rank() != dst:
@@ -149,6 +147,11 @@ def broadcast_object(obj, src: int = 0):
 def barrier() -> None:
     if is_distributed():
         dist.barrier(group=cpu_group())
+
+
+def _padded(t: Tensor, rows: int) -> Tensor:
+    """``t`` with zero rows appended up to ``rows`` (collectives need equal shapes)."""
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 def _exchange_counts(n: int) -> list[int]:

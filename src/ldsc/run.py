@@ -284,10 +284,10 @@ def refuse_local_sweep_on_several_processes(cfg: DictConfig) -> None:
 
     if not HydraConfig.initialized():
         return
+    from ldsc.validate import runs_on_several_processes
+
     hc = HydraConfig.get()
-    trainer = cfg.get("trainer") or {}
-    several = int(trainer.get("num_nodes", 1) or 1) > 1 or (isinstance(trainer.get("devices"), int) and trainer.devices > 1)
-    if hc.mode == RunMode.MULTIRUN and several and "BasicLauncher" in str(hc.launcher.get("_target_", "")):
+    if hc.mode == RunMode.MULTIRUN and runs_on_several_processes(cfg) and "BasicLauncher" in str(hc.launcher.get("_target_", "")):
         raise ConfigError("A local sweep (-m) cannot run on several processes (trainer.devices > 1): run each "
                           "setting as its own command, or sweep on a cluster with hydra/launcher=slurm.")
 

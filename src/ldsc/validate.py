@@ -108,14 +108,20 @@ def validate(cfg: DictConfig) -> None:
             _integer(cfg, "solver.oversample", 0)
 
 
-def _several_processes(cfg) -> None:
-    """A run on several processes (``trainer.devices > 1`` or ``trainer.num_nodes > 1``) needs the
-    sharded strategy and a solver that shards its rows (the default one)."""
+def runs_on_several_processes(cfg) -> bool:
+    """Whether ``cfg`` asks for several processes: ``trainer.devices > 1`` (or a device list such as
+    ``-1``) or ``trainer.num_nodes > 1``."""
     devices, nodes = _get(cfg, "trainer.devices"), _get(cfg, "trainer.num_nodes") or 1
-    several = (isinstance(devices, int) and not isinstance(devices, bool) and devices > 1) or \
+    return (isinstance(devices, int) and not isinstance(devices, bool) and devices > 1) or \
         (isinstance(nodes, int) and nodes > 1) or (isinstance(devices, str) and devices not in ("1", "auto"))
-    if not several:
+
+
+def _several_processes(cfg) -> None:
+    """A run on several processes needs the sharded strategy and a solver that shards its rows
+    (the default one)."""
+    if not runs_on_several_processes(cfg):
         return
+    devices = _get(cfg, "trainer.devices")
     solver = _get(cfg, "solver")
     target = str(solver.get("_target_", "")) if solver is not None else ""
     if target and not target.endswith("FastSolver"):
