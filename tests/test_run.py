@@ -45,7 +45,11 @@ def test_run_writes_eigenvectors_figures_checkpoint_and_metrics(compose, tmp_pat
     assert (out / "figures" / "eigenvector_grid.png").is_file()
     assert len(list((out / "figures").glob("eigenvectors_*.png"))) == 2
     metrics = (out / "csv" / "metrics.csv").read_text()
-    assert "train/loss" in metrics and "train/residual" in metrics
+    assert "train/mean_eigenvalue" in metrics and "train/residual" in metrics
+    import csv
+
+    rows = [r for r in csv.DictReader(metrics.splitlines()) if r.get("train/mean_eigenvalue")]
+    assert rows and float(rows[-1]["train/mean_eigenvalue"]) > 0  # the mean of the K largest eigenvalues
 
 
 def test_checkpoint_holds_no_backbone(compose):

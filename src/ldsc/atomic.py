@@ -40,23 +40,39 @@ def atomic_torch_save(obj, path: str | Path) -> Path:
 @contextmanager
 def folder_lock(folder: str | Path):
     """Hold ``<folder>/.ldsc.lock`` (an exclusive ``flock``) for the duration of a run; a second run
-    in the same folder is refused with one sentence. The lock dies with its process, so a killed
-    run never leaves a stale lock behind."""
+    in the same folder is refused with one sentence. The lock file is removed when the run ends;
+    the ``flock`` itself dies with its process, so a lock file left by a killed run is taken over
+    (with a line naming the process that left it)."""
     import fcntl
+    import logging
 
     from ldsc.errors import ConfigError
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    fh = open(folder / ".ldsc.lock", "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        fh.seek(0)
-        owner = fh.read().strip() or "another process"
+    path = folder / ".ldsc.lock"
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            owner = fh.read().strip() or "another process"
+            fh.close()
+            raise ConfigError(f"The output folder '{folder}' is in use by another run ({owner}): wait for it to end "
+                              f"or choose another hydra.run.dir.") from None
+        try:  # the file we locked may have been removed by the run that just released it: lock the new one
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
         fh.close()
-        raise ConfigError(f"The output folder '{folder}' is in use by another run ({owner}): wait for it to end or "
-                          f"choose another hydra.run.dir.") from None
+    fh.seek(0)
+    left = fh.read().strip()
+    if left:
+        logging.getLogger("ldsc").info("taking over the lock of '%s' left by a run that is no longer running (%s)",
+                                       folder, left)
     fh.seek(0)
     fh.truncate()
     fh.write(f"pid {os.getpid()}")
@@ -64,5 +80,9 @@ def folder_lock(folder: str | Path):
     try:
         yield
     finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
         fh.close()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 
 from ldsc import interrupt
 
@@ -48,6 +49,58 @@ class StageTimer(L.Callback):
             self.stages["export"] = {"seconds": round(now - start, 3), "peak_rss_mb": round(peak_rss_mb() or 0, 1)}
 
 
+class SolverProgress(ProgressBar):
+    """One progress bar over the solver's epochs, with the solver's metrics beside it (a ``tqdm``
+    bar in a terminal, a plain line every 30 s in a log file: :mod:`ldsc.progress`).
+
+    Lightning's own bar draws one bar per epoch, opens with an empty ``Training: 0/?`` bar and,
+    closing only after every callback's end-of-training work, counts the figures' time as the last
+    epoch's. This bar closes when the solver stops, before the export starts (``run.py`` puts it
+    first among the callbacks). ``trainer.enable_progress_bar=false`` removes it."""
+
+    def __init__(self, refresh_rate: int = 1):
+        super().__init__()
+        self.refresh_rate = max(1, int(refresh_rate))
+        self._enabled = True
+        self._bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        from ldsc.progress import bar
+
+        total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
+        self._bar = bar(total=total, desc="solve", unit="epoch", disable=not self._enabled, leave=True)
+        if trainer.current_epoch:  # a resumed run starts where the checkpoint stopped
+            self._bar.update(trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._bar is None:
+            return
+        metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
+        shown = {k.split("/", 1)[-1]: (float(v) if not isinstance(v, str) else v) for k, v in metrics.items()}
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.update(1)
+        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        if trainer.should_stop or last:
+            self._close()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._close()
+
+    def on_exception(self, trainer: L.Trainer, pl_module, exception: BaseException) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 class SolverCheckpoint(L.Callback):
     """Writes ``<dirpath>/last.ckpt`` every ``every_n_epochs`` epochs and when training ends,
     atomically (a temporary file renamed over the old one, which stays intact until the new one
@@ -76,7 +129,11 @@ class SolverCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.unsaved = True
-        if interrupt.requested:  # a signal arrived: the solver stopped at an iteration boundary
+        # a signal arrived and the solver stopped at an iteration boundary; on several processes the
+        # flag they agreed on (a process's own flag may have been set by a signal since: saving on
+        # it alone would start a collective the others never join)
+        stop = getattr(pl_module, "stopping", None)
+        if stop if stop is not None else interrupt.requested:
             self.save(trainer)
             out = self.dirpath.parent
             raise interrupt.RunInterrupted(

@@ -32,10 +32,10 @@ def readable_images(paths: Sequence[str], check: bool = True) -> tuple[list[str]
     for large sets) when ``check`` is true."""
     if not check:
         return list(paths), []
-    from tqdm.auto import tqdm
+    from ldsc.progress import bar
 
     good, bad = [], []
-    for p in tqdm(paths, desc="checking images", disable=len(paths) < 200, leave=False):
+    for p in bar(paths, desc="checking images", unit="img", disable=len(paths) < 200, leave=False):
         try:
             load_image(p)
             good.append(p)

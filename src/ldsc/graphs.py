@@ -406,9 +406,9 @@ def knn_affinity(
 
     starts = range(0, n, chunk_size)
     if k_inter > 0 and n >= 50_000:  # the quadratic search over all images takes minutes on a CPU: show it
-        from tqdm.auto import tqdm
+        from ldsc.progress import bar
 
-        starts = tqdm(starts, desc=f"kNN graph of {n} tokens", unit="block", leave=False)
+        starts = bar(starts, desc=f"kNN graph of {n} tokens", unit="block", leave=False)
     for start in starts:
         stop = min(n, start + chunk_size)
         r = arange[start:stop]
@@ -658,8 +658,6 @@ class KnnGraphBuilder:
         inter-image search run there (the other methods on the CPU); the graphs stay on the CPU."""
         import time
 
-        from tqdm.auto import tqdm
-
         from ldsc.distributed import all_gather_rows, shard, shard_bounds, world_size
         from ldsc.neighbors import inter_image_knn, intra_image_knn
         from ldsc.profiling import release_free_memory
@@ -704,8 +702,10 @@ class KnnGraphBuilder:
                     t_intra = time.perf_counter()
                     order = None
                     if k_e > 0:
-                        bar = tqdm(total=q1 - q0, desc=f"neighbours {info['name']} ({method})", unit="tok",
-                                   unit_scale=True, disable=not progress or n * T < 50_000, leave=False)
+                        from ldsc.progress import bar as progress_bar
+
+                        bar = progress_bar(total=q1 - q0, desc=f"neighbours {info['name']} ({method})", unit="tok",
+                                           unit_scale=True, disable=not progress or n * T < 50_000, leave=False)
                         on_device = method == "exact"  # the other methods search on the CPU
                         order = inter_image_knn(
                             xd if on_device else x, yd if on_device else y, T, k_e, method, nlist=self.nlist, nprobe=self.nprobe, hnsw_m=self.hnsw_m,

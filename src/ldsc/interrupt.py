@@ -1,11 +1,12 @@
-"""Graceful stops: SIGINT (Ctrl-C) and SIGTERM (``timeout``, a cluster's pre-emption) end a run
-with a checkpoint and a non-zero exit instead of a lost run or a silent exit 0.
+"""Graceful stops: SIGINT (Ctrl-C), SIGTERM (``timeout``, a cluster's pre-emption) and SIGHUP (the
+terminal closed) end a run with a checkpoint and a non-zero exit instead of a lost run or a silent
+exit 0.
 
 While the solver trains, the first signal only sets :data:`requested`; the solver stops at its next
 iteration, :class:`~ldsc.callbacks.SolverCheckpoint` saves ``last.ckpt`` and raises
 :class:`RunInterrupted`, and the entry point prints one sentence (how to resume) and exits with
-``128 + signal number``. A second Ctrl-C stops at once. Before training has started there is no
-state worth saving, so a signal stops the run immediately.
+``128 + signal number``. A second Ctrl-C stops at once (one sentence too, no traceback). Before
+training has started there is no state worth saving, so a signal stops the run immediately.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ def _handler(signum, frame) -> None:
     if _forward is not None:
         forward, _forward = _forward, None
         forward(signum)
-    if requested is not None and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # a second Ctrl-C: stop now
+    if requested is not None and signum == signal.SIGINT:  # a second Ctrl-C: stop now
+        raise RunInterrupted("Stopped at once by a second SIGINT (Ctrl-C); the last checkpoint saved, if any, is in "
+                             "the run's checkpoints/ folder (continue with the same command plus `resume=true`).", signum)
     requested = name
     if not training:
         raise RunInterrupted(f"Stopped by {name} before the solver started; nothing to resume from "
@@ -56,12 +58,16 @@ def take_over_sigterm(forward=None) -> None:
     signal.signal(signal.SIGTERM, _handler)
 
 
+#: the signals that stop a run gracefully
+HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextmanager
 def graceful_signals():
     """Install the handlers for the duration of a run (previous handlers restored after)."""
     global requested, training, _forward
     requested, training, _forward = None, False, None
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.getsignal(s) for s in HANDLED}
     for s in previous:
         signal.signal(s, _handler)
     try:

@@ -18,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ldsc.atomic import folder_lock
+from ldsc.run_folder import refuse_overwrite, remove_stub_folder
 from ldsc.errors import ConfigError, LdscError
 from ldsc.interrupt import graceful_signals
 from ldsc.validate import validate
@@ -123,6 +124,8 @@ def fit(cfg: DictConfig):
     if launch_rank() != 0:
         return _fit(cfg)
     with folder_lock(cfg.paths.output_dir):
+        refuse_overwrite(cfg.paths.output_dir, resume=bool(cfg.get("resume") or cfg.get("ckpt_path")),
+                         overwrite=bool(cfg.get("overwrite")))
         return _fit(cfg)
 
 
@@ -144,6 +147,11 @@ def quiet_lightning() -> None:
 
 
 def _fit(cfg: DictConfig):
+    with graceful_signals():  # from the first image read on: a signal ends the run in one sentence
+        return _fit_inside(cfg)
+
+
+def _fit_inside(cfg: DictConfig):
     import lightning as L
     from hydra.utils import instantiate
 
@@ -166,7 +174,12 @@ def _fit(cfg: DictConfig):
         from lightning.pytorch.callbacks import ProgressBar
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    callbacks = [StageTimer(datamodule.stages, "solve"), *callbacks, StageTimer(datamodule.stages, "export")]
+    # the solver's bar first: it closes when the solver stops, before the export's work
+    from lightning.pytorch.callbacks import ProgressBar
+
+    bars = [c for c in callbacks if isinstance(c, ProgressBar)]
+    callbacks = [StageTimer(datamodule.stages, "solve"), *bars, *(c for c in callbacks if c not in bars),
+                 StageTimer(datamodule.stages, "export")]
     for cb in callbacks:
         if isinstance(cb, ExportEigenvectors):
             cb.run_config = resolved
@@ -178,7 +191,7 @@ def _fit(cfg: DictConfig):
         ckpt = checkpoint_to_resume(cfg)
         if ckpt:
             check_checkpoint(ckpt, solver)
-        with stage("fit", datamodule.stages), graceful_signals():
+        with stage("fit", datamodule.stages):
             trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         datamodule.stages["held_mb"] = held_memory(datamodule.graphs, solver)
         if trainer.world_size > 1:  # each process's own seconds and peak memory
@@ -267,13 +280,68 @@ def unwritable_output(argv: list[str]) -> str | None:
     return None
 
 
+def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
+    """A sentence for an override whose first name is neither a config group nor a top-level key
+    (``grpah=vv``, ``grpah.k_inter=5``), naming the closest valid one; ``None`` when all are known.
+    (Hydra's own advice for these, "append with +grpah=vv", would add a key nothing reads.)"""
+    import difflib
+
+    import yaml
+
+    folder = Path(conf or config_dir())
+    groups = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    try:
+        keys = sorted(k for k in (yaml.safe_load((folder / "config.yaml").read_text()) or {}) if k != "defaults")
+    except (OSError, yaml.YAMLError):
+        return None
+    known = set(groups) | set(keys) | {"hydra"}
+    for arg in argv:
+        if arg.startswith(("-", "+", "~")) or "=" not in arg:
+            continue
+        name, value = arg.split("=", 1)
+        first = name.split(".", 1)[0].split("/", 1)[0]
+        if not first or first in known:
+            continue
+        close = difflib.get_close_matches(first, sorted(known - {"hydra"}), n=1, cutoff=0.5)
+        hint = f"did you mean {name.replace(first, close[0], 1)}={value}? " if close else ""
+        return (f"'{first}' is neither a config group nor a setting: {hint}(groups: {', '.join(groups)}; "
+                f"top-level settings: {', '.join(keys)}; `python -m ldsc.run --help` lists them).")
+    return None
+
+
 def main() -> None:
-    """``python -m ldsc.run [overrides]``: check the output folder, then run (see :func:`run_main`)."""
-    problem = unwritable_output(sys.argv[1:])
+    """``python -m ldsc.run [overrides]``: check the command line and the output folder, then run
+    (see :func:`run_main`); a sweep (``-m``) whose jobs were refused exits non-zero after the rest."""
+    args = sys.argv[1:]
+    problem = unwritable_output(args) or misspelt_override(args)
     if problem:
         print(f"ldsc: error: {problem}", file=sys.stderr)
         sys.exit(1)
-    run_main()
+    try:
+        run_main()
+    except KeyboardInterrupt:  # Ctrl-C before the run's own handlers were installed (or after)
+        print("ldsc: error: Stopped by SIGINT (Ctrl-C) before the run started; nothing was written.", file=sys.stderr)
+        sys.exit(130)
+    if _failed_jobs:
+        done = _jobs_run - len(_failed_jobs)
+        print(f"ldsc: error: {len(_failed_jobs)} of {_jobs_run} jobs of the sweep were refused, each for the reason "
+              f"printed above ({'; '.join(_failed_jobs)}); {done} finished.", file=sys.stderr)
+        sys.exit(1)
+
+
+#: sweep bookkeeping (``-m``): jobs run, and a short description of each refused one
+_jobs_run = 0
+_failed_jobs: list[str] = []
+def report_error(err: LdscError, cfg: DictConfig, console: bool = True) -> None:
+    """Print ``err`` once, as one sentence on stderr, and put it into the run's log file (not on the
+    console a second time)."""
+    root = logging.getLogger()
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (err,), None)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    if console:
+        print(f"ldsc: error: {err}", file=sys.stderr, flush=True)
 
 
 def refuse_local_sweep_on_several_processes(cfg: DictConfig) -> None:
@@ -294,6 +362,15 @@ def refuse_local_sweep_on_several_processes(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def run_main(cfg: DictConfig) -> None:
+    global _jobs_run
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get() if HydraConfig.initialized() else None
+    sweep = hc is not None and hc.mode == RunMode.MULTIRUN
+    _jobs_run += 1
+    log.info("ldsc %s: %s", "job %d of the sweep" % hc.job.num if sweep else "run",
+             cfg.paths.output_dir)  # the first line, before the heavy imports
     try:
         refuse_local_sweep_on_several_processes(cfg)
         fit(cfg)
@@ -307,11 +384,23 @@ def run_main(cfg: DictConfig) -> None:
               f"hydra.run.dir={cfg.paths.output_dir}`.", file=sys.stderr)
         sys.exit(128 + interrupt.signal_number(interrupt.requested))
     except Exception as exc:
+        from ldsc import interrupt
+        from ldsc.distributed import launch_rank
+
         err = user_error(exc)
+        if err is None and launch_rank() != 0 and interrupt.requested and "closed by peer" in str(exc):
+            sys.exit(128 + interrupt.signal_number(interrupt.requested))  # the first process stopped on the signal
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # the whole traceback when asked for
             raise
-        log.error("%s", err)
-        print(f"ldsc: error: {err}", file=sys.stderr)
+
+        if launch_rank() != 0:  # a process launched by the first: the first says it (once), this one logs it
+            report_error(err, cfg, console=False)
+            sys.exit(getattr(err, "exit_code", 1))
+        report_error(err, cfg)
+        remove_stub_folder(cfg.paths.output_dir)
+        if sweep:  # the other jobs still run; the sweep exits non-zero at the end (see main)
+            _failed_jobs.append(f"job {hc.job.num}: {' '.join(hc.overrides.task) or 'the defaults'}")
+            return
         sys.exit(getattr(err, "exit_code", 1))
 
 

@@ -138,8 +138,6 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     process), every rank writes its rows into the shared files, and rank 0 writes ``meta.json``
     once all have finished."""
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     from ldsc import distributed
     from ldsc.data import ImageFiles, batch_seed
 
@@ -157,7 +155,9 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     backbone = backbone.to(device)
     arrays: dict = {}
     layers: list[dict] = []
-    bar = tqdm(total=sum(map(len, mine)) * draws, desc="features", unit="img", disable=not progress or not mine,
+    from ldsc.progress import bar as progress_bar
+
+    bar = progress_bar(total=sum(map(len, mine)) * draws, desc="features", unit="img", disable=not progress or not mine,
                leave=False)
 
     def draws_of(batch):

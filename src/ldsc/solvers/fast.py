@@ -59,6 +59,8 @@ class FastSolver(EigenSolver):
     def __init__(self, n_images: int, K: int, base_size: int, tol: float = 1e-3, iters_per_step: int = 10,
                  oversample: int = 5, dtype: str = "float32", init_scale: float = 1.0):
         super().__init__(n_images, K, base_size, init_scale=init_scale, ema=None, table=False)
+        #: whether the processes agreed to stop at this step (see :meth:`stop_requested`)
+        self.stopping = False
         self.m = int(K) + int(oversample)
         self.tol, self.iters_per_step = float(tol), max(1, int(iters_per_step))
         if dtype not in ("float32", "float64"):
@@ -194,7 +196,7 @@ class FastSolver(EigenSolver):
             log.info("fast solver: converged after %d iterations (residual %.2e <= tol %.0e)",
                      int(self.iterations), self.relative_residual(), self.tol)
         self.log_dict({"train/residual": self.relative_residual(), "train/iterations": float(self.iterations),
-                       "train/eigenvalue_K": float(self.theta[self.K - 1]), "train/loss": -float(self.theta[: self.K].mean())},
+                       "train/eigenvalue_K": float(self.theta[self.K - 1]), "train/mean_eigenvalue": float(self.theta[: self.K].mean())},
                       prog_bar=True, batch_size=1)
 
     def on_train_start(self) -> None:
@@ -207,12 +209,15 @@ class FastSolver(EigenSolver):
         import signal
 
         if not self.sharded:
-            return interrupt.requested is not None
+            self.stopping = interrupt.requested is not None
+            return self.stopping
         mine = interrupt.signal_number(interrupt.requested) if interrupt.requested else 0
         agreed = int(distributed.all_reduce_max(mine))
         if agreed and interrupt.requested is None:
             interrupt.requested = signal.Signals(agreed).name
-        return agreed > 0
+        # what the processes agreed, not this process's own flag (a signal may have reached it since)
+        self.stopping = agreed > 0
+        return self.stopping
 
     def on_train_end(self) -> None:
         if not self.converged():
