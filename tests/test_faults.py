@@ -67,14 +67,14 @@ def _start(args, tmp_path):
                             stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path, proc, timeout=180):
+def _wait_for(path, proc, timeout=180, poll=0.2):
     import time
 
     t = time.time()
     while not path.exists():
         assert proc.poll() is None, f"the run ended before {path} was written: {proc.communicate()[1][-2000:]}"
         assert time.time() - t < timeout, f"{path} was not written within {timeout} s"
-        time.sleep(0.2)
+        time.sleep(poll)
 
 
 def _long_run(tmp_path, name, epochs, tol=0):
@@ -120,8 +120,11 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr[-2000:]
     proc = _start(_long_run(tmp_path, "split", epochs), tmp_path)
     ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
-    _wait_for(ckpt, proc)
-    time.sleep(0.5)
+    # frozen at once when its first checkpoint appears (no sleep: a loaded machine could otherwise
+    # let it finish first), then killed wherever it was
+    _wait_for(ckpt, proc, poll=0.005)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     done = torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"]

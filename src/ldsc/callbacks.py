@@ -113,15 +113,33 @@ class SolverCheckpoint(L.Callback):
     def __init__(self, dirpath: str, every_n_epochs: int = 1):
         self.dirpath, self.every_n_epochs = Path(dirpath), max(1, int(every_n_epochs))
         self.last_path = self.dirpath / "last.ckpt"
+        #: what the run's result depends on (images, backbone, graph, K, ...: ``run.run_signature``),
+        #: saved in the checkpoint so that a resume with other settings is refused
+        self.signature: dict = {}
         #: whether the solver has stepped since the last save (the same on every process, unlike
         #: a look at the file, which another process may be replacing)
         self.unsaved = True
 
+    def state_dict(self) -> dict:
+        return {"signature": self.signature}
+
     def save(self, trainer: L.Trainer) -> None:
         tmp = self.dirpath / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp, weights_only=False)  # the whole state (loops, callbacks): exact resume
-        if trainer.is_global_zero:
-            os.replace(tmp, self.last_path)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)  # the whole state (loops, callbacks): exact resume
+            if trainer.is_global_zero:
+                os.replace(tmp, self.last_path)
+        except (OSError, RuntimeError) as err:  # torch reports a failed write as a RuntimeError
+            if isinstance(err, RuntimeError) and "writ" not in str(err).lower():
+                raise
+            from ldsc.errors import DataError
+
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+            reason = getattr(err, "strerror", None) or str(err).splitlines()[0][:160]
+            kept = " (the previous one is kept)" if self.last_path.exists() else ""
+            raise DataError(f"Could not write the checkpoint {self.last_path} ({reason}){kept}: free space or fix the "
+                            f"folder, then run the same command with `resume=true`.") from None
         self.unsaved = False
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
@@ -165,7 +183,7 @@ class ExportEigenvectors(L.Callback):
     """At the end of training, write ``eigvecs.pt`` and the figures to ``output_dir`` and, when the
     logger is a ``WandbLogger``, log the figures as images (other loggers: files only)."""
 
-    def __init__(self, output_dir: str, figures: bool = True, max_images: int = 4, n_vectors: int = 12,
+    def __init__(self, output_dir: str, figures: bool = True, max_images: int | None = 16, n_vectors: int = 12,
                  grid_vectors: int = 15, grid_images: int = 8, run_config: dict | None = None):
         self.output_dir, self.figures, self.run_config = Path(output_dir), figures, run_config or {}
         self.fig_kwargs = dict(max_images=max_images, n_vectors=n_vectors, grid_vectors=grid_vectors,

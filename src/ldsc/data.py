@@ -143,6 +143,8 @@ class ImageDataModule(L.LightningDataModule):
         #: wall time and peak memory of each stage (see :mod:`ldsc.profiling`)
         self.stages: dict = {}
         self._device_graphs: tuple | None = None
+        #: bytes of the solver's own state (table, optimiser, EMA), set by ``run.py`` for the check
+        self.solver_state_bytes = 0
 
     # -- what subclasses provide -------------------------------------------------------------
     def find_images(self) -> list[str]:
@@ -195,6 +197,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.store is None:
             if self.backbone is None or self.graph_builder is None:
                 raise RuntimeError("call attach(backbone, graph_builder, base_size) before using the data module")
+            self.check_backbone_memory()
             with stage("features", self.stages):
                 self.store = open_or_build(self.store_options, self.prepare_files(), self.backbone,
                                            self.backbone_config, self.base_size, self.graph_builder.kinds,
@@ -202,20 +205,42 @@ class ImageDataModule(L.LightningDataModule):
                                            device=device or self._device(), num_workers=self.num_workers)
         return self.store
 
+    def check_backbone_memory(self) -> None:
+        """Refuse, with one sentence, a backbone pass that would not fit in memory (backbones that
+        can tell beforehand: :meth:`~ldsc.backbones.base.Backbone.pass_bytes`)."""
+        from ldsc.errors import ConfigError
+        from ldsc.graphs import PROCESS_BYTES
+
+        batch = max(1, min(self.batch_size, len(self.prepare_files())))
+        need = getattr(self.backbone, "pass_bytes", lambda b: None)(batch)
+        limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
+        if need and limit and need + PROCESS_BYTES > limit:
+            gb = 2**30
+            raise ConfigError(
+                f"The backbone pass over a batch of {batch} image(s) at base grid {self.base_size}x{self.base_size} "
+                f"needs about {(need + PROCESS_BYTES) / gb:.1f} GB but {limit / gb:.1f} GB are available: lower "
+                f"base_size or data.batch_size (or backbone.n_features), or raise data.memory_limit_gb.")
+
     def check_memory(self) -> dict:
         """Estimate the peak memory of the whole-data-set graphs and solver; refuse, with one
         sentence, a run that would not fit (see :func:`~ldsc.graphs.estimate_dataset_graph_bytes`)."""
         from ldsc.distributed import world_size
         from ldsc.errors import ConfigError
-        from ldsc.graphs import estimate_dataset_graph_bytes
+        from ldsc.graphs import PROCESS_BYTES, estimate_dataset_graph_bytes
 
         store = self.feature_store()
         b = self.graph_builder
-        k = getattr(b, "k_intra", 0) + (getattr(b, "k_inter", 0) if store.n_images > 1 else 0)
-        est = estimate_dataset_graph_bytes(store.n_images, store.layers, max(k, 1), store.draws,
+        # the batch scope builds one batch's graphs at a time and keeps the whole table (+ optimiser state)
+        n = store.n_images if self.scope == "dataset" else min(self.batch_size, store.n_images)
+        k = getattr(b, "k_intra", 0) + (getattr(b, "k_inter", 0) if n > 1 else 0)
+        est = estimate_dataset_graph_bytes(n, store.layers, max(k, 1), store.draws if self.scope == "dataset" else 1,
                                            getattr(b, "dim", None), getattr(b, "heads", "concat"),
                                            base_size=self.base_size, vectors=len(getattr(b, "kinds", [0])),
-                                           shards=world_size())
+                                           shards=world_size(),
+                                           chunk_elements=int(getattr(b, "max_chunk_elements", 2**24)))
+        if self.scope == "batch" and self.solver_state_bytes:
+            est["solver"] = max(est["solver"], self.solver_state_bytes)
+            est["peak"] = PROCESS_BYTES + max(est["build"], est["graphs"] + est["solver"])
         limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
         # the processes of one machine share its memory
         local = int(self.trainer.num_devices) if self.trainer is not None and world_size() > 1 else 1
@@ -269,6 +294,8 @@ class ImageDataModule(L.LightningDataModule):
         self.feature_store()
         if self.scope == "dataset":
             self.dataset_graphs()
+        elif hasattr(self.graph_builder, "dataset_graphs"):  # kNN graphs per batch: the same check, per batch
+            self.check_memory()
 
     def train_dataloader(self) -> DataLoader:
         n = self.num_images
@@ -320,6 +347,29 @@ def available_memory() -> int | None:
     return None
 
 
+#: the subfolders a run writes into its folder
+RUN_SUBFOLDERS = ("figures", "eval", "checkpoints", "csv", "wandb", ".hydra", "store")
+
+
+def ldsc_output_folders(root: Path) -> list[Path]:
+    """The folders under ``root`` that an ldsc run wrote: run folders, sweep folders and feature
+    stores (they hold ``eigvecs.pt``, ``stages.json``, ``.hydra/config.yaml``, a lock, or
+    ``meta.json`` beside ``.npy`` arrays); when ``root`` itself is a run folder (a run
+    wrote into the image folder), only its :data:`RUN_SUBFOLDERS`."""
+    marked = []
+    for folder, dirs, names in os.walk(root):
+        names = set(names)
+        is_run = any(m in names for m in ("eigvecs.pt", ".ldsc.lock", "stages.json")) or \
+            (".hydra" in dirs and os.path.isfile(os.path.join(folder, ".hydra", "config.yaml")))
+        is_store = "meta.json" in names and any(n.endswith(".npy") for n in names)
+        if is_run or is_store:
+            folder = Path(folder)
+            marked += [folder / sub for sub in RUN_SUBFOLDERS] if folder == root else [folder]
+            if folder != root:
+                dirs[:] = []  # (everything below is left out anyway)
+    return sorted(set(marked), key=lambda p: len(p.parts))
+
+
 class FolderDataModule(ImageDataModule):
     """Every image in ``root`` (recursively, sorted by path)."""
 
@@ -335,6 +385,13 @@ class FolderDataModule(ImageDataModule):
             raise DataError(f"'{root}' is a file, not a folder: use data=single data.path={root} for one image.")
         found = root.rglob("*") if self.recursive else root.glob("*")
         files = sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        outputs = ldsc_output_folders(root)
+        if outputs:  # an earlier run's figures are not images of the data set
+            inside = [f for f in files if any(Path(f).is_relative_to(o) for o in outputs)]
+            if inside:
+                log.info("left out %d image file(s) inside ldsc output folders under %s (e.g. %s)", len(inside),
+                         root, outputs[0])
+                files = [f for f in files if f not in set(inside)]
         if not files:
             raise DataError(f"Image folder '{root}' contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
         return files

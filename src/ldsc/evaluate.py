@@ -64,6 +64,10 @@ def load_run(run_dir: str | Path) -> dict:
     if E.dim() != 4 or len(run["files"]) != E.shape[0]:
         raise DataError(f"'{run_dir / 'eigvecs.pt'}' holds eigvecs of shape {tuple(E.shape)} for "
                         f"{len(run['files'])} files; expected (n_images, K, H, W) with one file per image.")
+    bad = int((~torch.isfinite(E)).sum()) if E.is_floating_point() else 0
+    if bad:
+        raise DataError(f"'{run_dir / 'eigvecs.pt'}' holds {bad} NaN or infinite values (of {E.numel()}): the file is "
+                        f"damaged or the run diverged; export it again (`resume=true`) or re-run.")
     return run
 
 
@@ -103,8 +107,11 @@ def load_labels(files: list[str], label_paths: list[Path], size: int, label_map:
     from ldsc.images import image_size
     from ldsc.segment_viz import resize_nearest
 
+    from ldsc.progress import bar
+
     out = np.empty((len(files), size, size), dtype=np.uint8)
-    for i, (f, lp) in enumerate(zip(files, label_paths)):
+    for i, (f, lp) in enumerate(bar(list(zip(files, label_paths)), desc="label maps", unit="img",
+                                    disable=len(files) < 50)):
         lab = read_label_map(lp, label_map)
         try:
             w, h = image_size(f)  # upright, as the run saw it
@@ -142,8 +149,10 @@ def assign_clusters(km, E: torch.Tensor, size: int, normalize: str = "rows") -> 
 
     n = E.shape[0]
     dtype = np.uint8 if km.n_clusters <= 255 else np.int16
+    from ldsc.progress import bar
+
     out = np.empty((n, size, size), dtype=dtype)
-    for i in range(n):
+    for i in bar(range(n), desc="clusters per pixel", unit="img", disable=n < 50):
         up = E[i : i + 1] if E.shape[-1] == size else F.interpolate(
             E[i : i + 1], size=(size, size), mode="bilinear", align_corners=False)
         out[i] = km.predict(segment.pixel_embedding(up, normalize=normalize)).reshape(size, size)
@@ -181,6 +190,7 @@ def evaluate_run(
     size = int(eval_size or min(4 * max(H, W), 320))
 
     Y = None
+    log.info("evaluating %d image(s) of %s (K=%d, base grid %dx%d)", n, run_dir, K, H, W)
     if labels is not None:
         Y = load_labels(files, label_files(files, labels), size, label_map)
         present = np.unique(Y[Y != segment.IGNORE_INDEX])
@@ -213,6 +223,10 @@ def evaluate_run(
     if Y is not None:
         t = time.perf_counter()
         C = int(clusters or num_classes)
+        if C > n * H * W:
+            raise DataError(f"--clusters={C} is more than the {n * H * W} base-grid pixels of the run's {n} image(s): "
+                            f"use at most {n * H * W}.")
+        log.info("k-means: %d clusters over %d pixels", C, n * H * W)
         km = segment.kmeans_fit(segment.pixel_embedding(E, normalize=normalize), C, seed=seed)
         pred = assign_clusters(km, E, size, normalize)
         timings["kmeans_s"] = time.perf_counter() - t
@@ -242,6 +256,7 @@ def evaluate_run(
     t = time.perf_counter()
     from ldsc.segment_viz import resize_nearest
 
+    log.info("what/where probes")
     y_base = None
     if Y is not None:
         y_base = np.stack([resize_nearest(y, (H, W)) for y in Y]).reshape(-1)
@@ -266,11 +281,12 @@ def evaluate_run(
 
 def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figures: int, seed: int) -> list[Path]:
     """The paper's four-panel figure for the first ``n_figures`` images."""
-    from ldsc.data import load_image
+    from ldsc.images import load_image
+    from ldsc.progress import bar
     from ldsc.segment_viz import four_panel_figure
 
     paths = []
-    for i in range(min(n_figures, len(files))):
+    for i in bar(range(min(n_figures, len(files))), desc="four-panel figures", unit="fig"):
         e = E[i].numpy()
         masks = segment.instance_masks(e, seed=seed)
         seg = segment.segment_image(e, seed=seed)

@@ -15,7 +15,7 @@ import torch
 
 from ldsc import viz
 from ldsc.atomic import atomic_torch_save, atomic_write_text
-from ldsc.data import load_image
+from ldsc.images import load_image
 from ldsc.spectral import svd_order
 
 
@@ -57,20 +57,32 @@ def load_eigenvectors(run_dir: str | Path) -> dict:
     return run
 
 
-def write_figures(out_dir: str | Path, eigvecs: torch.Tensor, files: list[str], max_images: int = 4,
+def write_figures(out_dir: str | Path, eigvecs: torch.Tensor, files: list[str], max_images: int | None = 16,
                   n_vectors: int = 12, grid_vectors: int = 15, grid_images: int = 8) -> list[Path]:
     """Per-image panels (input, first ``n_vectors`` eigenvectors, PCA-to-RGB) for the first
-    ``max_images`` images and, for several images, the leading-``grid_vectors`` grid."""
+    ``max_images`` images (``None``: every image) and, for several images, the
+    leading-``grid_vectors`` grid of the first ``grid_images`` images."""
+    from ldsc.progress import bar
+
     fig_dir = Path(out_dir) / "figures"
     paths = []
     n = len(files)
-    for i in range(min(max_images, n)):
+    shown = n if max_images is None else min(int(max_images), n)
+    for i in bar(range(shown), desc="figures", unit="fig", disable=shown < 8):
         img = load_image(files[i])
         fig = viz.eigenvector_panel(img, eigvecs[i], n_vectors=n_vectors, title=Path(files[i]).name)
         paths.append(viz.save(fig, fig_dir / f"eigenvectors_{i:04d}_{Path(files[i]).stem}.png"))
     if n > 1:
         m = min(grid_images, n)
-        imgs = [load_image(f).resize((eigvecs.shape[-1] * 2,) * 2) for f in files[:m]]
-        fig = viz.eigenvector_grid(imgs, eigvecs, n_vectors=grid_vectors, max_images=m)
+        imgs = [_thumbnail(load_image(f), 4 * eigvecs.shape[-1]) for f in files[:m]]
+        fig = viz.eigenvector_grid(imgs, eigvecs, n_vectors=grid_vectors, max_images=m,
+                                   names=[Path(f).name for f in files[:m]])
         paths.append(viz.save(fig, fig_dir / "eigenvector_grid.png"))
     return paths
+
+
+def _thumbnail(img, side: int):
+    """``img`` scaled so that its longer side is ``side`` pixels (its shape kept)."""
+    w, h = img.size
+    scale = side / max(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))))

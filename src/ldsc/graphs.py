@@ -753,7 +753,7 @@ class KnnGraphBuilder:
 
 def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1, dim: int | None = None,
                                  heads: str = "concat", solver_columns: int = 20, base_size: int = 32,
-                                 vectors: int = 1, shards: int = 1) -> dict:
+                                 vectors: int = 1, shards: int = 1, chunk_elements: int = 2**24) -> dict:
     """Bytes a whole-data-set run needs at its peak, by part (``N`` tokens of a layer, ``k``
     neighbours per token, lists of ``N·k`` int32 ids + float32 similarities = ``8·N·k`` bytes).
 
@@ -767,6 +767,8 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
     Lightning. Layers are built largest first. ``shards``: processes of a sharded run (each holds
     ``1/shards`` of the lists, graphs and solver blocks, but every layer's vectors whole).
+    ``chunk_elements``: similarities the intra-image search holds at once (``graph.max_chunk_elements``;
+    at least one query row against a whole image: ``T``), with their top-``k`` selection.
     """
     sizes, largest = [], 0
     for info in layers:
@@ -777,7 +779,9 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
         D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
         lists = 8 * N * k // shards
         g = int(1.5 * lists) + 16 * N // shards
-        transient = max(N * D * 4 * (vectors + 1) + lists + 6 * N * k, 2 * lists, 2 * lists + g)
+        T = h * w
+        intra = 3 * 4 * max(chunk_elements, T) if T * T > chunk_elements else 3 * 4 * max(chunk_elements, T * T)
+        transient = max(N * D * 4 * (vectors + 1) + lists + 6 * N * k + intra, 2 * lists, 2 * lists + g)
         for _ in range(per_graph * draws):
             sizes.append((g, transient))
     sizes.sort(reverse=True)

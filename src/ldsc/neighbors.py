@@ -62,7 +62,8 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
         tokens: tokens per image ``T``.
         k: neighbours per token (at most ``T - 1``).
         exclude_self: drop the token itself (the diagonal).
-        max_chunk_elements: similarities held at once (``images_per_block × T²``).
+        max_chunk_elements: similarities held at once (``images_per_block × T²``; an image whose
+            ``T²`` is larger is searched in blocks of query rows).
         out: ``(idx, sim)`` ``(N, k)`` tensors (or views) to write into (any integer dtype for ``idx``).
 
     Returns:
@@ -74,10 +75,23 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
     if k <= 0 or n == 0:
         return _empty(n, max(k, 0))
     xb, yb = x.view(n_images, tokens, -1), y.view(n_images, tokens, -1)
-    per = max(1, max_chunk_elements // (tokens * tokens))
     if out is None:
         out = (torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32))
     idx, sim = out
+    if tokens * tokens > max_chunk_elements:  # one image's T x T does not fit: blocks of its query rows
+        rows_per = max(1, max_chunk_elements // tokens)
+        for i in range(n_images):
+            for r0 in range(0, tokens, rows_per):
+                r1 = min(tokens, r0 + rows_per)
+                S = xb[i, r0:r1] @ yb[i].T  # (rows, T)
+                if exclude_self:
+                    S[torch.arange(r1 - r0), torch.arange(r0, r1)] = float("-inf")
+                v, j = S.topk(k, dim=1)
+                rows = slice(i * tokens + r0, i * tokens + r1)
+                sim[rows] = v.cpu()
+                idx[rows] = (j + i * tokens).cpu().to(idx.dtype)
+        return idx, sim
+    per = max(1, max_chunk_elements // (tokens * tokens))
     diag = torch.arange(tokens)
     for s in range(0, n_images, per):
         e = min(n_images, s + per)

@@ -67,15 +67,44 @@ def checkpoint_to_resume(cfg: DictConfig) -> str | None:
     return None
 
 
-def check_checkpoint(path: str, solver) -> None:
+def run_signature(cfg: DictConfig, files: list[str], base: int) -> dict:
+    """What a run's result depends on and a resume must not change: the images (path, size, time
+    and content), the backbone, graph and store settings, K, the base grid, the seed and the solver."""
+    import hashlib
+    import json
+
+    from ldsc.store import file_identity
+
+    images = hashlib.sha256(json.dumps([file_identity(f) for f in files]).encode()).hexdigest()[:20]
+    plain = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else None  # noqa: E731
+    return json.loads(json.dumps({
+        "images": {"count": len(files), "hash": images}, "backbone": plain(cfg.get("backbone")),
+        "graph": plain(cfg.get("graph")), "store": {"dtype": cfg.store.get("dtype")} if cfg.get("store") else None,
+        "K": int(cfg.K), "base_size": int(base), "seed": int(cfg.seed),
+        "solver": str(cfg.solver.get("_target_", "")) if cfg.get("solver") else None}, default=str))
+
+
+def _differences(a, b, prefix: str = "") -> list[str]:
+    """``key: theirs -> ours`` for every leaf where two signatures differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def check_checkpoint(path: str, solver, signature: dict | None = None, max_epochs: int | None = None) -> None:
     """Refuse, in one sentence, a checkpoint that cannot be read safely (``weights_only``), is
-    corrupt, or was written by a run with other images, K or base grid than ``solver``."""
+    corrupt, was written by a run with other images, settings (``signature``, see
+    :func:`run_signature`), K or base grid than ``solver``, or has run more epochs than ``max_epochs``."""
     import pickle
 
     import torch
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
+        whole = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = whole["state_dict"]
     except pickle.UnpicklingError as e:
         raise ConfigError(f"Checkpoint '{path}' holds objects other than tensors and plain containers, so it was "
                           f"not loaded (loading it could run code): {str(e).splitlines()[0][:160]}") from None
@@ -92,6 +121,20 @@ def check_checkpoint(path: str, solver) -> None:
     if missing:
         raise ConfigError(f"Checkpoint '{path}' was written by another solver (it lacks {', '.join(missing[:3])}): "
                           f"resume with the same solver=, or use a fresh hydra.run.dir.")
+    theirs = (whole.get("callbacks") or {}).get("SolverCheckpoint", {}).get("signature")
+    if signature is not None and theirs:
+        diff = _differences(theirs, signature)
+        if diff:
+            what = "other images" if any(d.startswith("images.") for d in diff) else "other settings"
+            raise ConfigError(f"Checkpoint '{path}' was written by a run with {what} ({'; '.join(diff[:3])}"
+                              f"{'; ...' if len(diff) > 3 else ''}): resume with the same settings, or start a new "
+                              f"run in a fresh hydra.run.dir.")
+    elif signature is not None:
+        log.warning("checkpoint %s records no settings (written by an older ldsc): resuming without checking them", path)
+    epoch = whole.get("epoch")
+    if max_epochs is not None and max_epochs > 0 and isinstance(epoch, int) and epoch > max_epochs:
+        raise ConfigError(f"Checkpoint '{path}' was saved at epoch {epoch}, beyond trainer.max_epochs={max_epochs}: "
+                          f"to continue it, set trainer.max_epochs above {epoch}.")
 
 
 def solver_class(cfg: DictConfig):
@@ -167,6 +210,8 @@ def _fit_inside(cfg: DictConfig):
     datamodule, base = build_datamodule(cfg)
     n_images = datamodule.num_images
     solver = instantiate(cfg.solver, n_images=n_images, K=int(cfg.K), base_size=base)
+    # the solver's state with an optimiser's two moments and the gradient (the memory check counts it)
+    datamodule.solver_state_bytes = 4 * sum(t.numel() * t.element_size() for t in solver.state_dict().values())
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
@@ -180,9 +225,14 @@ def _fit_inside(cfg: DictConfig):
     bars = [c for c in callbacks if isinstance(c, ProgressBar)]
     callbacks = [StageTimer(datamodule.stages, "solve"), *bars, *(c for c in callbacks if c not in bars),
                  StageTimer(datamodule.stages, "export")]
+    from ldsc.callbacks import SolverCheckpoint
+
+    signature = run_signature(cfg, datamodule.prepare_files(), base)
     for cb in callbacks:
         if isinstance(cb, ExportEigenvectors):
             cb.run_config = resolved
+        if isinstance(cb, SolverCheckpoint):
+            cb.signature = signature
     loggers = [instantiate(lg, **keep_earlier_logs(lg)) for lg in (cfg.get("logger") or {}).values() if lg is not None]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
@@ -190,7 +240,7 @@ def _fit_inside(cfg: DictConfig):
     try:
         ckpt = checkpoint_to_resume(cfg)
         if ckpt:
-            check_checkpoint(ckpt, solver)
+            check_checkpoint(ckpt, solver, signature, cfg.trainer.get("max_epochs"))
         with stage("fit", datamodule.stages):
             trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
         datamodule.stages["held_mb"] = held_memory(datamodule.graphs, solver)

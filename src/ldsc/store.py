@@ -7,9 +7,12 @@ Graphs are then built from the store, never from a backbone pass over all images
 
 A store lives in ``<dir>/<key>/``. The key is a hash of everything the vectors depend on: the
 backbone's settings, the base grid, the kinds, the number of draws, the seed, the dtype and the
-image files themselves (absolute path, size and modification time), so a second run over the same
-files with the same backbone reuses it, and any change builds a new one. ``meta.json`` is written
-last (atomically): a folder without it is an interrupted build and is rebuilt.
+image files themselves (absolute path, size, modification time and a hash of the content), so a
+second run over the same files with the same backbone reuses it, and any change builds a new one.
+``meta.json`` is written last (atomically) and records all of that: a folder without it is an
+interrupted build, and a store whose ``meta.json`` or arrays do not match what this run needs
+(damaged, edited, or another run's store under this key) is built again, with a line saying why.
+The arrays' disk space is reserved before the backbone runs, so a full disk is one sentence.
 
 Backbones with randomness (Stable Diffusion's timestep and noise) are run ``draws`` times per
 image; draw ``r`` of a batch uses a generator seeded by ``(seed, r, the batch's image indices)``,
@@ -18,6 +21,7 @@ so a rebuilt store is bit-identical. Each draw gives its own graphs.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -58,20 +62,79 @@ class StoreOptions:
             raise ConfigError(f"store.dtype must be one of {sorted(STORE_DTYPES)}, not {self.dtype!r}.")
 
 
+#: content hashes computed in this process, by (path, size, mtime_ns)
+_hashes: dict = {}
+
+
 def file_identity(path: str) -> list:
-    """``[absolute path, size, mtime_ns]`` of an image file: what the store key depends on."""
+    """``[absolute path, size, mtime_ns, content hash]`` of an image file: what the store key
+    depends on (the hash catches a file rewritten with the same size and time; it is computed
+    once per process)."""
     p = Path(path).resolve()
     st = p.stat()
-    return [str(p), st.st_size, st.st_mtime_ns]
+    key = (str(p), st.st_size, st.st_mtime_ns)
+    if key in _hashes:
+        return [*key, _hashes[key]]
+    digest = hashlib.blake2b(digest_size=12)
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    _hashes[key] = digest.hexdigest()
+    return [*key, _hashes[key]]
+
+
+def store_identity(backbone_config: dict, base_size: int, kinds: Sequence[str], draws: int, seed: int, dtype: str,
+                   files: Sequence[str]) -> dict:
+    """Everything the stored vectors depend on (see module docstring), as plain JSON values."""
+    payload = {"backbone": backbone_config, "base_size": int(base_size), "kinds": sorted(kinds),
+               "draws": int(draws), "seed": int(seed), "dtype": dtype,
+               "files": [file_identity(f) for f in files], "version": 2}
+    return json.loads(json.dumps(payload, sort_keys=True, default=str))
+
+
+def identity_key(identity: dict) -> str:
+    """The store's folder name: a hash of its :func:`store_identity`."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def store_key(backbone_config: dict, base_size: int, kinds: Sequence[str], draws: int, seed: int, dtype: str,
               files: Sequence[str]) -> str:
     """A hash of everything the stored vectors depend on (see module docstring)."""
-    payload = {"backbone": backbone_config, "base_size": int(base_size), "kinds": sorted(kinds),
-               "draws": int(draws), "seed": int(seed), "dtype": dtype,
-               "files": [file_identity(f) for f in files], "version": 1}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return identity_key(store_identity(backbone_config, base_size, kinds, draws, seed, dtype, files))
+
+
+def store_problem(path: str | Path, identity: dict | None = None) -> str | None:
+    """Why the store at ``path`` cannot be used for a run whose :func:`store_identity` is
+    ``identity`` (``None``: any complete store), or ``None`` when it can: ``meta.json`` unreadable
+    or of another run, an array missing, truncated, of another shape or dtype."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        layers, kinds = meta["layers"], meta["kinds"]
+        n, draws, dtype = int(meta["n_images"]), int(meta["draws"]), STORE_DTYPES[meta["dtype"]]
+        shapes = {(li, kind): (draws, n, int(layer["heads"]), *map(int, layer["grid"]))
+                  for li, layer in enumerate(layers) for kind in kinds}
+        if len(meta["files"]) != n:
+            return f"meta.json lists {len(meta['files'])} files for {n} images"
+    except FileNotFoundError:
+        return "meta.json is missing (an interrupted build)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"meta.json is unreadable ({type(err).__name__}: {str(err)[:80]})"
+    if identity is not None and meta.get("identity") != identity:
+        theirs = meta.get("identity") or {}
+        differs = sorted(k for k in set(identity) | set(theirs) if identity.get(k) != theirs.get(k))
+        return f"meta.json records other {', '.join(differs) or 'settings'} than this run's"
+    for (li, kind), shape in shapes.items():
+        f = path / f"{li}_{kind}.npy"
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except FileNotFoundError:
+            return f"{f.name} is missing"
+        except (OSError, ValueError, EOFError) as err:
+            return f"{f.name} is unreadable ({str(err)[:80]})"
+        if tuple(arr.shape[:5]) != shape or arr.dtype != dtype:
+            return f"{f.name} holds {arr.dtype} {tuple(arr.shape)}, meta.json says {np.dtype(dtype)} {shape + ('d',)}"
+    return None
 
 
 class FeatureStore:
@@ -93,7 +156,8 @@ class FeatureStore:
 
     @staticmethod
     def is_complete(path: str | Path) -> bool:
-        return (Path(path) / "meta.json").is_file()
+        """Whether ``path`` holds a finished, readable store (see :func:`store_problem`)."""
+        return store_problem(path) is None
 
     def array(self, layer: int, kind: str) -> np.ndarray:
         """The memory-mapped ``(draws, n_images, heads, h, w, d)`` array of one layer and kind."""
@@ -129,7 +193,7 @@ class FeatureStore:
 
 def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequence[str], draws: int = 1,
                 batch_size: int = 16, device: str | torch.device = "cpu", seed: int = 0, dtype: str = "float16",
-                num_workers: int = 0, progress: bool = True) -> FeatureStore:
+                num_workers: int = 0, progress: bool = True, identity: dict | None = None) -> FeatureStore:
     """Run ``backbone`` over ``files`` in batches of ``batch_size`` (``draws`` times each) and write
     the ``kinds`` of every layer to ``path`` (see module docstring); returns the finished store.
 
@@ -199,7 +263,7 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     distributed.barrier()  # every rank's rows are on disk
     if lead:
         meta = {"layers": layers, "kinds": sorted(kinds), "n_images": len(files), "draws": int(draws),
-                "files": list(files), "dtype": dtype}
+                "files": list(files), "dtype": dtype, "identity": identity}
         tmp = path / "meta.json.tmp"
         tmp.write_text(json.dumps(meta, indent=1))
         os.replace(tmp, path / "meta.json")
@@ -221,12 +285,27 @@ def _allocate(path: Path, feats: list[LayerFeatures], kinds: Sequence[str], draw
         for kind in kinds:
             t = layer.vectors(kind)
             shape = (draws, n, *t.shape[1:])
-            arrays[li, kind] = np.lib.format.open_memmap(path / f"{li}_{kind}.npy", mode="w+", dtype=np_dtype,
-                                                         shape=shape)
+            f = path / f"{li}_{kind}.npy"
+            arrays[li, kind] = np.lib.format.open_memmap(f, mode="w+", dtype=np_dtype, shape=shape)
+            _reserve(f)
         h, w = layer.grid
         layers.append({"name": layer.name, "grid": [h, w], "heads": layer.heads,
                        "dim": max(int(layer.vectors(kind).shape[-1]) for kind in kinds)})
     return layers
+
+
+def _reserve(f: Path) -> None:
+    """Reserve the disk blocks of a freshly created (sparse) memory-mapped file: without it a full
+    disk is found only when a page is written through the map, which kills the process (SIGBUS)."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(f, "r+b") as fh:
+        try:
+            os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
+        except OSError as err:
+            if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+                return
+            raise
 
 
 def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbone_config: dict, base_size: int,
@@ -239,15 +318,25 @@ def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbon
         raise ConfigError(f"backbone.draws must be at least 1, not {draws}.")
     from ldsc.distributed import broadcast_object
 
-    key = store_key(backbone_config, base_size, kinds, draws, seed, options.dtype, files)
-    path = Path(os.path.expanduser(options.dir)) / key
+    from ldsc.distributed import rank
+
+    identity = store_identity(backbone_config, base_size, kinds, draws, seed, options.dtype, files)
+    path = Path(os.path.expanduser(options.dir)) / identity_key(identity)
     # rank 0 decides for every process (they share the folder)
-    if broadcast_object(FeatureStore.is_complete(path) and not options.rebuild):
+    problem = None
+    if rank() == 0 and path.exists() and not options.rebuild:
+        problem = store_problem(path, identity)
+        if problem and not problem.startswith("meta.json is missing"):
+            log.warning("feature store %s cannot be used (%s): building it again", path, problem)
+    if broadcast_object(path.exists() and problem is None and not options.rebuild):
         log.info("feature store: reusing %s", path)
         return FeatureStore(path)
     log.info("feature store: writing %d image(s) x %d draw(s) to %s", len(files), draws, path)
     try:
-        return build_store(path, files, backbone, kinds, draws, batch_size, device, seed, options.dtype, num_workers)
+        return build_store(path, files, backbone, kinds, draws, batch_size, device, seed, options.dtype, num_workers,
+                           identity=identity)
     except OSError as err:
+        if rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)  # a partial store only takes space
         raise ConfigError(f"Could not write the feature store to '{path}' ({err.strerror or err}): set store.dir "
                           f"to a writable folder with enough space.") from err

@@ -89,6 +89,12 @@ class Backbone(nn.Module):
         """Told the solver's base grid before the run (the ``pixel`` backbone derives its grids from
         it); other backbones ignore it."""
 
+    def pass_bytes(self, batch_size: int) -> int | None:
+        """Bytes one pass over ``batch_size`` images holds at its peak, when the backbone can say
+        beforehand (the ``pixel`` backbone, whose grids grow with the base grid); ``None``: a
+        network whose input size fixes it (its weights dominate)."""
+        return None
+
     def freeze(self) -> "Backbone":
         self.eval()
         for p in self.parameters():

@@ -77,6 +77,15 @@ class PixelBackbone(Backbone):
             raise ValueError(f"pixel backbone grids must be positive sides, got {self.grids}")
         self.input_size = int(self.explicit_input or 2 * max(base_size, max(self.grids)))
 
+    def pass_bytes(self, batch_size: int) -> int:
+        """Every layer's ``q = k`` and ``v`` (float32, ``2·n_features`` each), the largest layer's
+        transients (projections, cosines, sines: about four more of its vectors), the input and
+        the float16 copies written to the store."""
+        D = int(self.omega_qk.shape[1])
+        layers = sum(g * g for g in self.grids) * 2 * D * 4 * 2
+        transient = 4 * max(self.grids) ** 2 * D * 4 * 2
+        return int(batch_size * (layers * 1.25 + transient + 3 * self.input_size ** 2 * 4))
+
     def extract(self, images: Tensor, generator: torch.Generator | None = None) -> list[LayerFeatures]:
         images = images.to(self.omega_qk.device, torch.float32)
         B = images.shape[0]
