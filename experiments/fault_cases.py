@@ -9,6 +9,8 @@ folder with two scikit-image photographs (nothing downloaded). Each ends in one 
 * ``clean``: a case that should be refused was: non-zero exit, no traceback, and the last line of
   stderr is one ``ldsc: error: ...`` sentence (Hydra's own message for an unknown key or choice);
 * ``traceback``: it ended in a Python traceback;
+* ``unclear``: refused, but the error sentence was printed more than once (stdout and stderr
+  together) or is not the last line;
 * ``silent``: it exited 0 where it should have refused, or its outputs are wrong or were lost;
 * ``hung``: it ran past its time limit.
 
@@ -36,12 +38,21 @@ DDP = ["trainer=ddp_cpu", "trainer.devices=2"]
 ENV = dict(os.environ, HYDRA_FULL_ERROR="0", WANDB_MODE="offline", WANDB_SILENT="true", HF_HUB_OFFLINE="1")
 
 
-def run(args: list[str], module: str = "ldsc.run", timeout: float = 300) -> dict:
-    """Run ``python -m module args``; returns exit code, stderr, seconds (``rc=None`` on timeout)."""
+def run(args: list[str], module: str = "ldsc.run", timeout: float = 300, env: dict | None = None,
+        file_limit: int | None = None) -> dict:
+    """Run ``python -m module args``; returns exit code, stderr, seconds (``rc=None`` on timeout).
+    ``file_limit``: the largest file the process may write, in bytes (``RLIMIT_FSIZE``: a write past
+    it fails with EFBIG, as a full disk fails with ENOSPC)."""
     t = time.perf_counter()
+
+    def limit():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
     try:
         p = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                           env=ENV)
+                           env=env or ENV, preexec_fn=limit if file_limit else None)
         return {"rc": p.returncode, "stderr": p.stderr, "stdout": p.stdout, "s": time.perf_counter() - t}
     except subprocess.TimeoutExpired as e:
         return {"rc": None, "stderr": (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or ""),
@@ -71,7 +82,10 @@ def classify(res: dict, expect: str, check=None) -> str:
     last = lines[-1] if lines else ""
     hydra_msg = any(s in res["stderr"] for s in ("Could not override", "Could not find", "Could not load", "Error merging override",
                                                   "Could not append", "mismatched input", "no viable alternative"))
-    return "clean" if last.startswith(("ldsc: error:", "ldsc.evaluate: error:")) or hydra_msg else "traceback"
+    if last.startswith(("ldsc: error:", "ldsc.evaluate: error:")):
+        sentence = last.split("error:", 1)[1].strip()
+        return "clean" if (res["stderr"] + res.get("stdout", "")).count(sentence) == 1 else "unclear"
+    return "clean" if hydra_msg else "unclear"
 
 
 
@@ -95,7 +109,7 @@ class Workspace:
 
     def folder_args(self, out: Path) -> list[str]:
         return ["data=folder", f"data.root={self.images}", *FAST, f"hydra.run.dir={out}",
-                f"paths.log_dir={self.root / 'logs'}"]
+                f"paths.log_dir={self.root / 'logs'}", f"store.dir={self.root / 'store'}"]
 
     def finished_run(self) -> Path:
         """A finished run on the images plus one label map per image (for the evaluate cases)."""
@@ -337,10 +351,10 @@ def checkpoint_cases(ws: Workspace):
     def long_args(out, epochs=100000, tol=0):
         return merge(ws.folder_args(out), [f"solver.tol={tol}", "solver.iters_per_step=1", f"trainer.max_epochs={epochs}"])
 
-    def wait_for(path, proc, limit=180):
+    def wait_for(path, proc, limit=180, poll=0.2):
         t = time.time()
         while not path.exists() and proc.poll() is None and time.time() - t < limit:
-            time.sleep(0.2)
+            time.sleep(poll)
 
     def signalled(sig, extra=()):
         def go():
@@ -368,8 +382,8 @@ def checkpoint_cases(ws: Workspace):
         run(long_args(full, 150))
         proc = subprocess.Popen([sys.executable, "-m", "ldsc.run", *long_args(split, 150)], env=ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_for(split / "checkpoints" / "last.ckpt", proc)
-        time.sleep(0.5)
+        wait_for(split / "checkpoints" / "last.ckpt", proc, poll=0.005)
+        proc.send_signal(signal.SIGSTOP)  # frozen at its first checkpoint (no race with its end)
         proc.kill()
         proc.communicate()
         res = run([*long_args(split, 150), "resume=true"])
@@ -394,7 +408,7 @@ def checkpoint_cases(ws: Workspace):
     def failed_export():
         out = ws.out("export")
         (out / "eigvecs.pt").mkdir(parents=True)  # the export cannot replace a folder
-        res = run(ws.folder_args(out))
+        res = run([*ws.folder_args(out), "overwrite=true"])
         kept = (out / "checkpoints" / "last.ckpt").is_file()
         return res, None if kept else (lambda: False)
 
@@ -470,6 +484,338 @@ def evaluate_cases(ws: Workspace):
     yield "evaluate: a finished run with its labels", "ok", ok
 
 
+def _eig(out: Path):
+    import torch
+
+    try:
+        return torch.load(out / "eigvecs.pt", weights_only=True)["eigvecs"]
+    except Exception:
+        return None
+
+
+def _same(a, b) -> bool:
+    """The same eigenvectors up to the sign of each (a reused store must give the fresh answer)."""
+    import torch
+
+    if a is None or b is None or a.shape != b.shape:
+        return False
+    sign = torch.sign((a * b).sum(dim=(0, 2, 3)))[None, :, None, None]
+    return torch.allclose(a, b * sign, atol=1e-4)
+
+
+def store_cases(ws: Workspace):
+    """The feature store under this run's key: damaged, edited, someone else's, stale; a full disk."""
+    import numpy as np
+
+    def fresh(name: str, extra=()):
+        """A run with its own new store; returns (run folder, its store folder)."""
+        out = ws.out(name)
+        args = merge(ws.folder_args(out), [f"store.dir={out / 'store'}", *extra])
+        res = run(args)
+        assert res["rc"] == 0, res["stderr"][-1500:]
+        return out, next((out / "store").iterdir())
+
+    def damaged(how: str):
+        def go():
+            ref, store = fresh(f"store_{how.replace(' ', '_')}")
+            arrays = sorted(store.glob("*.npy"))
+            if how == "truncated array":
+                arrays[0].write_bytes(arrays[0].read_bytes()[: arrays[0].stat().st_size // 2])
+            elif how == "header-zeroed array":
+                data = bytearray(arrays[0].read_bytes())
+                data[:128] = bytes(128)
+                arrays[0].write_bytes(bytes(data))
+            elif how == "missing array":
+                arrays[0].unlink()
+            elif how == "invalid meta.json":
+                (store / "meta.json").write_text("{not json")
+            elif how == "edited meta.json":
+                meta = json.loads((store / "meta.json").read_text())
+                meta["n_images"] = 5
+                (store / "meta.json").write_text(json.dumps(meta))
+            elif how in ("other settings", "other images"):  # another run's store moved under this key
+                other_extra = ["backbone.sigma_color=30"] if how == "other settings" else []
+                if how == "other images":
+                    single = ws.root / "one_image"
+                    single.mkdir(exist_ok=True)
+                    shutil.copy(ws.images / "coffee.png", single / "coffee.png")
+                    shutil.copy(ws.images / "coffee.png", single / "coffee2.png")
+                    other_extra = [f"data.root={single}"]
+                _, other = fresh(f"other_{how.replace(' ', '_')}", other_extra)
+                shutil.rmtree(store)
+                shutil.copytree(other, store)
+            out = ws.out("store_rerun")
+            res = run(merge(ws.folder_args(out), [f"store.dir={store.parent}"]))
+            return res, lambda: _same(_eig(out), _eig(ref))
+        return go
+
+    for how in ("truncated array", "header-zeroed array", "missing array", "invalid meta.json", "edited meta.json",
+                "other settings", "other images"):
+        yield f"store: {how} under this run's key is rebuilt", "ok", damaged(how)
+
+    def stale_content():
+        from PIL import Image
+
+        folder = ws.root / "bmp"
+        folder.mkdir(exist_ok=True)
+        a = np.zeros((48, 64, 3), np.uint8)
+        a[:, :32] = (200, 30, 30)
+        Image.fromarray(a).save(folder / "a.bmp")
+        shutil.copy(ws.images / "coffee.png", folder / "coffee.png")
+        store = ws.root / "bmp_store"
+        first = ws.out("bmp_first")
+        run(merge(ws.folder_args(first), [f"data.root={folder}", f"store.dir={store}"]))
+        st = (folder / "a.bmp").stat()
+        b = a.copy()
+        b[:24] = (20, 200, 20)  # new content, same size (uncompressed), same modification time
+        Image.fromarray(b).save(folder / "a.bmp")
+        os.utime(folder / "a.bmp", ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (folder / "a.bmp").stat().st_size == st.st_size
+        second, ref = ws.out("bmp_second"), ws.out("bmp_ref")
+        res = run(merge(ws.folder_args(second), [f"data.root={folder}", f"store.dir={store}"]))
+        run(merge(ws.folder_args(ref), [f"data.root={folder}", f"store.dir={ws.root / 'bmp_store_fresh'}"]))
+        return res, lambda: _same(_eig(second), _eig(ref)) and not _same(_eig(second), _eig(first))
+
+    yield "store: an image rewritten with the same size and time is read again", "ok", stale_content
+
+    def full_disk_store():
+        out = ws.out("full_store")
+        with small_disk(ws.root / "small_store", 200) as (folder, limit):
+            res = run(merge(ws.folder_args(out), [f"store.dir={folder}"]), file_limit=limit)
+            left = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return res, None if left == 0 else (lambda: False)
+
+    yield "store: a full disk while the store is written", "error", full_disk_store
+
+
+class small_disk:
+    """A folder on a tiny file system: a ``tmpfs`` of ``kb`` KiB when this process may mount one
+    (root), else an ordinary folder plus a file-size limit (``RLIMIT_FSIZE``) for the run.
+    ``with small_disk(path, kb) as (folder, file_limit)``."""
+
+    def __init__(self, path: Path, kb: int):
+        self.path, self.kb, self.mounted = Path(path), int(kb), False
+
+    def __enter__(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0 and shutil.which("mount"):
+            r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.kb}k", "tmpfs", str(self.path)],
+                               capture_output=True)
+            self.mounted = r.returncode == 0
+        return self.path, (None if self.mounted else self.kb * 1024)
+
+    def __exit__(self, *exc):
+        if self.mounted:
+            subprocess.run(["umount", str(self.path)], capture_output=True)
+
+
+def output_cases(ws: Workspace):
+    """The run folder: stubs, locks, overwrites, a full disk at the checkpoint, outputs among the images."""
+
+    def refused_leaves_nothing():
+        logs = ws.root / "stub_logs"
+        res = run(merge(ws.folder_args(ws.out("unused")), ["K=5000", f"paths.log_dir={logs}",
+                                                           "hydra.run.dir=${paths.log_dir}/runs/${now:%H-%M-%S}"]))
+        return res, None if not logs.exists() else (lambda: False)
+
+    yield "a refused run leaves no folder behind", "error", refused_leaves_nothing
+
+    def lock_released():
+        out = ws.out("lock")
+        res = run(ws.folder_args(out))
+        return res, lambda: not (out / ".ldsc.lock").exists()
+
+    yield "the lock file is removed when a run ends", "ok", lock_released
+
+    def stale_lock():
+        out = ws.out("stale_lock")
+        out.mkdir(parents=True)
+        (out / ".ldsc.lock").write_text("pid 999999")  # left by a killed run
+        res = run(ws.folder_args(out))
+        return res, lambda: (out / "eigvecs.pt").is_file() and "taking over the lock" in res["stdout"] + res["stderr"]
+
+    yield "a stale lock left by a killed run is taken over", "ok", stale_lock
+
+    def no_overwrite():
+        out = ws.out("no_overwrite")
+        run(ws.folder_args(out))
+        before = (out / "eigvecs.pt").read_bytes()
+        res = run(merge(ws.folder_args(out), ["K=3"]))
+        return res, None if (out / "eigvecs.pt").read_bytes() == before else (lambda: False)
+
+    yield "a second run into a finished folder without resume=true", "error", no_overwrite
+
+    def overwrite_ok():
+        out = ws.out("overwrite")
+        run(ws.folder_args(out))
+        res = run(merge(ws.folder_args(out), ["K=3", "overwrite=true"]))
+        return res, lambda: _eig(out) is not None and _eig(out).shape[1] == 3
+
+    yield "overwrite=true replaces a finished run", "ok", overwrite_ok
+
+    def full_disk_checkpoint():
+        out = ws.out("full_ckpt")
+        run(ws.folder_args(ws.out("warm_store")))  # the store exists: only the run's own files are written
+        with small_disk(ws.root / "small_ckpt", 64) as (folder, limit):
+            run_dir = folder / "run"
+            filler = folder / "filler"
+            if limit is None:  # a real small disk: leave ~24 KiB, less than a checkpoint
+                with open(filler, "wb") as fh:
+                    try:
+                        fh.write(b"\0" * (40 * 1024))
+                    except OSError:
+                        pass
+            res = run(merge(ws.folder_args(out), [f"hydra.run.dir={run_dir}", "hydra.output_subdir=null",
+                                                  "hydra.job_logging.root.handlers=[console]"]),
+                      file_limit=24 * 1024 if limit else None)
+            left = list(run_dir.rglob("*.tmp")) + list(run_dir.rglob(".*.tmp"))
+        return res, None if not left else (lambda: False)
+
+    yield "a full disk while the checkpoint is written", "error", full_disk_checkpoint
+
+    def outputs_in_image_folder():
+        images = ws.root / "images_with_outputs"
+        shutil.copytree(ws.images, images)
+        run(merge(ws.folder_args(ws.out("x")), [f"data.root={images}", f"hydra.run.dir={images / 'run1'}",
+                                                "callbacks.export.figures=true"]))
+        out = ws.out("after_outputs")
+        res = run(merge(ws.folder_args(out), [f"data.root={images}"]))
+        return res, lambda: _files(out) == ["astronaut.png", "coffee.png"]
+
+    yield "outputs written inside the image folder are not read as images", "ok", outputs_in_image_folder
+
+    def misspelt_group():
+        res = run([*ws.folder_args(ws.out("typo")), "grpah=vv"])
+        return res, None if "graph=vv" in res["stderr"] else (lambda: False)
+
+    yield "a misspelt group (grpah=vv) names the right one", "error", misspelt_group
+
+    def weights_online():
+        env = {k: v for k, v in ENV.items() if k != "HF_HUB_OFFLINE"}
+        res = run([*ws.folder_args(ws.out("dino")), "backbone=dino"], env=env)
+        quick = res["s"] < 30 and "Retrying" not in res["stderr"] + res["stdout"]
+        return res, None if quick else (lambda: False)
+
+    yield "backbone=dino without weights, online mode: quick and quiet", "error", weights_online
+
+
+def resume_cases(ws: Workspace):
+    """``resume=true`` with other settings, other images or fewer epochs; sweeps with a refused job."""
+
+    def resumed_with(extra, name, add_image=False):
+        def go():
+            images = ws.root / f"images_{name}"
+            shutil.copytree(ws.images, images)
+            out = ws.out(f"resume_{name}")
+            args = merge(ws.folder_args(out), [f"data.root={images}", "trainer.max_epochs=4", "solver.tol=0",
+                                               "solver.iters_per_step=1"])
+            run(args)
+            before = (out / "eigvecs.pt").read_bytes()
+            if add_image:
+                shutil.copy(ws.images / "coffee.png", images / "coffee_copy.png")
+            res = run(merge(args, ["resume=true", *extra]))
+            return res, None if (out / "eigvecs.pt").read_bytes() == before else (lambda: False)
+        return go
+
+    yield "resume=true with another graph setting", "error", resumed_with(["graph.k_intra=5", "trainer.max_epochs=8"], "graph")
+    yield "resume=true with other images", "error", resumed_with(["trainer.max_epochs=8"], "images", add_image=True)
+    yield "resume=true with a lower trainer.max_epochs", "error", resumed_with(["trainer.max_epochs=2"], "epochs")
+
+    def sweep_with_refused_job():
+        out = ws.out("sweep")
+        res = run(["-m", *merge(ws.folder_args(out), ["K=3,5000", f"hydra.sweep.dir={out}"])])
+        return res, None if (out / "0_pixel_qk_K3" / "eigvecs.pt").is_file() else (lambda: False)
+
+    yield "a sweep (-m) in which one job is refused", "error", sweep_with_refused_job
+
+
+def more_signal_cases(ws: Workspace):
+    """SIGINT twice, SIGINT before the solver, SIGHUP."""
+
+    def long_args(out):
+        return merge(ws.folder_args(out), ["solver.tol=0", "solver.iters_per_step=1", "trainer.max_epochs=100000"])
+
+    def start(args):
+        return subprocess.Popen([sys.executable, "-m", "ldsc.run", *args], env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def finish(proc, expect_rc):
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return {"rc": None, "stderr": "", "stdout": ""}, None
+        res = {"rc": proc.returncode, "stderr": err, "stdout": out}
+        return res, None if proc.returncode == expect_rc else (lambda: False)
+
+    def sigint_twice():
+        out = ws.out("sigint2")
+        proc = start(long_args(out))
+        t = time.time()
+        while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() - t < 180:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        return finish(proc, 130)
+
+    yield "SIGINT twice (Ctrl-C Ctrl-C)", "error", sigint_twice
+
+    def sigint_early():
+        many = ws.root / "many_images"
+        if not many.exists():
+            many.mkdir()
+            for i in range(300):
+                shutil.copy(ws.images / "coffee.png", many / f"c{i:03d}.png")
+        out = ws.out("sigint_early")
+        proc = start(merge(ws.folder_args(out), [f"data.root={many}"]))
+        first = proc.stdout.readline()  # the run's first line: Hydra is up, the images come next
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGINT)
+        res, check = finish(proc, 130)
+        res["stdout"] = first + res["stdout"]
+        return res, check
+
+    yield "SIGINT while the images are being checked", "error", sigint_early
+
+    def sighup():
+        out = ws.out("sighup")
+        proc = start(long_args(out))
+        t = time.time()
+        while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() - t < 180:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGHUP)
+        return finish(proc, 128 + signal.SIGHUP)
+
+    yield "SIGHUP (the terminal closed)", "error", sighup
+
+
+def more_evaluate_cases(ws: Workspace):
+    """``--clusters`` above the pixels, NaN in ``eigvecs.pt``; memory of a single huge image."""
+    import torch
+
+    def clusters_too_many():
+        run_dir, labels = ws.copy_run("ev_many_clusters")
+        return run([str(run_dir), "--labels", str(labels), "--figures", "0", "--clusters", "100000"],
+                   "ldsc.evaluate"), None
+
+    yield "evaluate: --clusters above the number of pixels", "error", clusters_too_many
+
+    def nan_eigvecs():
+        run_dir, labels = ws.copy_run("ev_nan")
+        state = torch.load(run_dir / "eigvecs.pt", weights_only=True)
+        state["eigvecs"][0, 0, 0, 0] = float("nan")
+        torch.save(state, run_dir / "eigvecs.pt")
+        return run([str(run_dir), "--labels", str(labels), "--figures", "0"], "ldsc.evaluate"), None
+
+    yield "evaluate: NaN in eigvecs.pt", "error", nan_eigvecs
+
+    def huge_single():
+        args = [a for a in ws.folder_args(ws.out("huge")) if not a.startswith(("data=", "data.root=", "base_size"))]
+        return run(["data=single", f"data.path={ws.images / 'astronaut.png'}", *args, "base_size=2048"]), None
+
+    yield "a single image with base_size=2048 (memory)", "error", huge_single
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
@@ -481,7 +827,8 @@ def main(argv=None) -> None:
     counts: dict[str, int] = {}
     lines = []
     try:
-        for group in (ok_cases, config_cases, data_cases, checkpoint_cases, evaluate_cases):
+        for group in (ok_cases, config_cases, data_cases, checkpoint_cases, evaluate_cases, store_cases, output_cases,
+                      resume_cases, more_signal_cases, more_evaluate_cases):
             for name, expect, go in group(ws):
                 if args.only and not any(s in name for s in args.only.split(",")):
                     continue

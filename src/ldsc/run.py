@@ -373,15 +373,18 @@ def main() -> None:
         print("ldsc: error: Stopped by SIGINT (Ctrl-C) before the run started; nothing was written.", file=sys.stderr)
         sys.exit(130)
     if _failed_jobs:
-        done = _jobs_run - len(_failed_jobs)
-        print(f"ldsc: error: {len(_failed_jobs)} of {_jobs_run} jobs of the sweep were refused, each for the reason "
-              f"printed above ({'; '.join(_failed_jobs)}); {done} finished.", file=sys.stderr)
+        done = len(_job_overrides) - len(_failed_jobs)
+        common = set.intersection(*(set(o) for o in _job_overrides.values()))  # shown once: only what varies
+        named = "; ".join(f"job {num}: {' '.join(o for o in _job_overrides[num] if o not in common) or 'the defaults'}"
+                          for num in _failed_jobs)
+        print(f"ldsc: error: {len(_failed_jobs)} of {len(_job_overrides)} jobs of the sweep were refused, each for the "
+              f"reason printed above ({named}); {done} finished.", file=sys.stderr)
         sys.exit(1)
 
 
-#: sweep bookkeeping (``-m``): jobs run, and a short description of each refused one
-_jobs_run = 0
-_failed_jobs: list[str] = []
+#: sweep bookkeeping (``-m``): the overrides of every job run, and the numbers of the refused ones
+_job_overrides: dict[int, list[str]] = {}
+_failed_jobs: list[int] = []
 def report_error(err: LdscError, cfg: DictConfig, console: bool = True) -> None:
     """Print ``err`` once, as one sentence on stderr, and put it into the run's log file (not on the
     console a second time)."""
@@ -412,13 +415,13 @@ def refuse_local_sweep_on_several_processes(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def run_main(cfg: DictConfig) -> None:
-    global _jobs_run
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get() if HydraConfig.initialized() else None
     sweep = hc is not None and hc.mode == RunMode.MULTIRUN
-    _jobs_run += 1
+    if sweep:
+        _job_overrides[int(hc.job.num)] = list(hc.overrides.task)
     log.info("ldsc %s: %s", "job %d of the sweep" % hc.job.num if sweep else "run",
              cfg.paths.output_dir)  # the first line, before the heavy imports
     try:
@@ -449,7 +452,7 @@ def run_main(cfg: DictConfig) -> None:
         report_error(err, cfg)
         remove_stub_folder(cfg.paths.output_dir)
         if sweep:  # the other jobs still run; the sweep exits non-zero at the end (see main)
-            _failed_jobs.append(f"job {hc.job.num}: {' '.join(hc.overrides.task) or 'the defaults'}")
+            _failed_jobs.append(int(hc.job.num))
             return
         sys.exit(getattr(err, "exit_code", 1))
 

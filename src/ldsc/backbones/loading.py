@@ -8,6 +8,7 @@ whose message names the id, the cache directory and how to provide the files.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import logging
@@ -24,6 +25,26 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether a TCP connection to the Hugging Face hub (``$HF_ENDPOINT``) opens within ``timeout``
+    seconds. Behind a proxy (``HTTPS_PROXY`` / ``ALL_PROXY``) the answer is left to the libraries
+    (``True``). Asked once per process: without it an offline machine spends ~20 s in the hub
+    client's retries, each warning printed, before the one sentence that matters."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
 def load_pretrained(
     cls: Any,
     model_id: str,
@@ -35,9 +56,10 @@ def load_pretrained(
 ):
     """``cls.from_pretrained(model_id, ...)`` that fails with one clear sentence.
 
-    ``model_id`` is a hub id or a local directory. With ``HF_HUB_OFFLINE=1`` and a hub id,
-    only the local cache is consulted (``local_files_only=True``), so a missing model fails
-    at once instead of after network time-outs. The libraries' load reports and progress bars
+    ``model_id`` is a hub id or a local directory. With ``HF_HUB_OFFLINE=1``, or when the hub
+    cannot be reached (:func:`hub_reachable`), only the local cache is consulted
+    (``local_files_only=True``), so a missing model fails at once instead of after network
+    time-outs and retries. The libraries' load reports and progress bars
     are silenced (checkpoints routinely hold parts we do not load: the text tower of CLIP,
     the MAE decoder, the DINO pooler); for models (``weights=True``) weights *missing* from
     the checkpoint are still reported, in one logged line.
@@ -50,6 +72,9 @@ def load_pretrained(
     model_id = str(model_id)
     if not os.path.isdir(model_id) and _offline():
         kwargs.setdefault("local_files_only", True)
+    elif not os.path.isdir(model_id) and not kwargs.get("local_files_only") and not hub_reachable():
+        logger.info("the Hugging Face hub cannot be reached: looking for '%s' in the local cache only", model_id)
+        kwargs["local_files_only"] = True
     if subfolder:
         kwargs["subfolder"] = subfolder
     if weights:
