@@ -183,3 +183,17 @@ def test_relabelled_graph_applies_the_same_operator_in_token_order():
     assert torch.allclose(moved.apply(Y), plain.apply(Y), atol=1e-5)
     assert abs(moved.sym_scipy() - plain.sym_scipy()).max() < 1e-6
     assert torch.allclose(moved.degree, plain.degree)
+
+
+def test_intra_image_search_in_row_blocks_equals_whole_images():
+    """An image whose T x T similarities exceed graph.max_chunk_elements is searched in blocks of
+    its query rows (bounded memory at any base grid), with the same neighbours."""
+    from ldsc.neighbors import intra_image_knn, normalize_rows
+
+    g = torch.Generator().manual_seed(0)
+    x = normalize_rows(torch.randn(3 * 100, 8, generator=g))
+    y = normalize_rows(torch.randn(3 * 100, 8, generator=g))
+    whole = intra_image_knn(x, y, 100, 5)
+    blocks = intra_image_knn(x, y, 100, 5, max_chunk_elements=250)  # 2 query rows at a time
+    assert torch.equal(whole[0], blocks[0]) and torch.allclose(whole[1], blocks[1])
+    assert bool(((blocks[0] // 100) == (torch.arange(300) // 100)[:, None]).all())  # same image only

@@ -74,7 +74,7 @@ class SolverProgress(ProgressBar):
         from ldsc.progress import bar
 
         total = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else None
-        self._bar = bar(total=total, desc="solve", unit="epoch", disable=not self._enabled, leave=True)
+        self._bar = bar(total=total, desc="solve", unit="epochs", disable=not self._enabled, leave=True)
         if trainer.current_epoch:  # a resumed run starts where the checkpoint stopped
             self._bar.update(trainer.current_epoch)
 

@@ -352,7 +352,8 @@ def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
         first = name.split(".", 1)[0].split("/", 1)[0]
         if not first or first in known:
             continue
-        close = difflib.get_close_matches(first, sorted(known - {"hydra"}), n=1, cutoff=0.5)
+        close = [k for k in sorted(known) if k.lower() == first.lower()] or \
+            difflib.get_close_matches(first, sorted(known - {"hydra"}), n=1, cutoff=0.5)
         hint = f"did you mean {name.replace(first, close[0], 1)}={value}? " if close else ""
         return (f"'{first}' is neither a config group nor a setting: {hint}(groups: {', '.join(groups)}; "
                 f"top-level settings: {', '.join(keys)}; `python -m ldsc.run --help` lists them).")
