@@ -140,7 +140,7 @@ def test_default_solver_agrees_with_the_exact_solver_on_a_small_folder(compose, 
     """Three photographs: the default solver's eigenvectors (on graphs from exact or approximate
     neighbour search) span the exact solver's eigenspace of the brute-force graphs."""
     over = ["data.names=[astronaut.png,coffee.png,chelsea.png]", *TINY[1:], "trainer.max_epochs=30"]
-    ref = run_fit(compose([*over, "solver=exact", "graph.search=exact"], out=tmp_path / "exact")).eigenvectors()
+    ref = run_fit(compose([*over, "solver=exact", "graph.search=exact"], out=tmp_path / "reference")).eigenvectors()
     cfg = compose([*over, f"graph.search={search}", "graph.nlist=16", "graph.nprobe=8"], out=tmp_path / search)
     fast = run_fit(cfg).eigenvectors()
     assert subspace_alignment(fast, ref) >= 0.99
@@ -176,7 +176,7 @@ def test_default_run_on_101_coco_images_aligns_with_the_exact_reference(compose,
     default config, against brute-force graphs + eigsh: alignment >= 0.99."""
     over = ["data=folder", f"data.root={coco_dir}", "graph=vv", "K=15", "logger=none",
             "callbacks.export.figures=false", "callbacks.alignment.enabled=false"]
-    ref = run_fit(compose([*over, "solver=exact", "graph.search=exact"], out=tmp_path / "exact")).eigenvectors()
+    ref = run_fit(compose([*over, "solver=exact", "graph.search=exact"], out=tmp_path / "reference")).eigenvectors()
     fast = run_fit(compose(over, out=tmp_path / "default")).eigenvectors()
     assert subspace_alignment(fast, ref) >= 0.99
 

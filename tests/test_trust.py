@@ -360,3 +360,15 @@ def test_an_unreachable_hub_means_the_local_cache_only(monkeypatch, tmp_path, ca
         loading.load_pretrained(ViTModel, "nobody/no-such-model", cache_dir=str(tmp_path))
     assert any("cannot be reached" in r.getMessage() for r in caplog.records)
     loading.hub_reachable.cache_clear()
+
+
+def test_a_misspelt_nested_key_names_the_closest_setting_of_its_group():
+    from ldsc.run import misspelt_nested_key
+
+    msg = misspelt_nested_key(["graph=vv", "graph.kinter=3"])
+    assert msg is not None and "did you mean graph.k_inter=3?" in msg
+    msg = misspelt_nested_key(["trainer.max_epoch=3"])
+    assert msg is not None and "did you mean trainer.max_epochs=3?" in msg
+    assert misspelt_nested_key(["graph.k_inter=3", "callbacks.export.figures=false", "trainer.max_epochs=2",
+                                "experiment=cocostuff27", "callbacks.evaluate.clusters=27"]) is None
+    assert misspelt_nested_key(["data=folder", "data.root=/x"]) is None  # a mandatory (???) value exists

@@ -779,8 +779,10 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
         D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
         lists = 8 * N * k // shards
         g = int(1.5 * lists) + 16 * N // shards
-        T = h * w
-        intra = 3 * 4 * max(chunk_elements, T) if T * T > chunk_elements else 3 * 4 * max(chunk_elements, T * T)
+        T = h * w  # the intra-image search's similarity block: whole images, or query rows of one
+        block = max(1, chunk_elements // T) * T if T * T > chunk_elements else \
+            min(n_images, max(1, chunk_elements // (T * T))) * T * T
+        intra = 3 * 4 * block
         transient = max(N * D * 4 * (vectors + 1) + lists + 6 * N * k + intra, 2 * lists, 2 * lists + g)
         for _ in range(per_graph * draws):
             sizes.append((g, transient))

@@ -360,11 +360,56 @@ def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
     return None
 
 
+def misspelt_nested_key(argv: list[str], conf: str | None = None) -> str | None:
+    """A sentence for a dotted override naming a setting its group does not have
+    (``graph.kinter=3``), with the closest valid one; ``None`` when all exist. The config is
+    composed once without those overrides (Hydra's own answer would be "append with +graph.kinter",
+    which adds a key nothing reads)."""
+    import difflib
+
+    from omegaconf import DictConfig
+
+    plain = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/"))]
+    dotted = [a for a in plain if not a.startswith(("+", "~")) and "." in a.split("=", 1)[0]]
+    if not dotted:
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=conf or config_dir(), version_base="1.3"):
+            cfg = compose("config", overrides=[a for a in plain if a not in dotted])
+    except Exception:  # noqa: BLE001 - another problem: Hydra reports it in its own words
+        return None
+    finally:
+        GlobalHydra.instance().clear()
+    for arg in dotted:
+        key, value = arg.split("=", 1)
+        parts, node = key.split("."), cfg
+        for i, part in enumerate(parts):
+            if not isinstance(node, DictConfig):
+                break
+            keys = sorted(str(k) for k in node.keys())  # (``in`` would miss a mandatory ``???`` value)
+            if part in keys:
+                try:
+                    node = node[part]
+                except Exception:  # noqa: BLE001 - a mandatory value not set yet: it exists
+                    break
+                continue
+            close = [k for k in keys if k.lower() == part.lower()] or difflib.get_close_matches(part, keys, n=1,
+                                                                                               cutoff=0.5)
+            parent = ".".join(parts[:i])
+            hint = f"did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1:]])}={value}? " if close else ""
+            return f"'{key}' is not a setting: {parent} has no '{part}'; {hint}({parent} has: {', '.join(keys)})."
+    return None
+
+
 def main() -> None:
     """``python -m ldsc.run [overrides]``: check the command line and the output folder, then run
     (see :func:`run_main`); a sweep (``-m``) whose jobs were refused exits non-zero after the rest."""
     args = sys.argv[1:]
-    problem = unwritable_output(args) or misspelt_override(args)
+    problem = unwritable_output(args) or misspelt_override(args) or misspelt_nested_key(args)
     if problem:
         print(f"ldsc: error: {problem}", file=sys.stderr)
         sys.exit(1)
