@@ -748,12 +748,17 @@ def more_signal_cases(ws: Workspace):
         res = {"rc": proc.returncode, "stderr": err, "stdout": out}
         return res, None if proc.returncode == expect_rc else (lambda: False)
 
-    def sigint_twice():
-        out = ws.out("sigint2")
+    def training(name: str):
+        """A long run, once it is training (its first checkpoint is written)."""
+        out = ws.out(name)
         proc = start(long_args(out))
         t = time.time()
         while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() - t < 180:
             time.sleep(0.05)
+        return proc
+
+    def sigint_twice():
+        proc = training("sigint2")
         proc.send_signal(signal.SIGINT)
         proc.send_signal(signal.SIGINT)
         return finish(proc, 130)
@@ -778,11 +783,7 @@ def more_signal_cases(ws: Workspace):
     yield "SIGINT while the images are being checked", "error", sigint_early
 
     def sighup():
-        out = ws.out("sighup")
-        proc = start(long_args(out))
-        t = time.time()
-        while not (out / "checkpoints" / "last.ckpt").exists() and proc.poll() is None and time.time() - t < 180:
-            time.sleep(0.05)
+        proc = training("sighup")
         proc.send_signal(signal.SIGHUP)
         return finish(proc, 128 + signal.SIGHUP)
 
