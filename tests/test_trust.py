@@ -107,6 +107,10 @@ def test_cli_refusal_is_one_sentence_once_and_leaves_no_folder(tmp_path):
     assert res.stderr.strip().splitlines()[-1].startswith("ldsc: error: K=5000 must be smaller")
     assert (res.stdout + res.stderr).count("K=5000 must be smaller") == 1
     assert not logs.exists(), list(logs.rglob("*"))
+    # refused later, after the logger wrote its hyper-parameters: still no run folder
+    res = run_cli([*TINY, "logger=csv", "graph.threshold=0.9999", f"paths.log_dir={logs}"], cwd=tmp_path)
+    assert res.returncode == 1 and "has no edges" in res.stderr.strip().splitlines()[-1]
+    assert not (logs / "runs").exists(), list(logs.rglob("*"))
 
 
 def test_a_sweep_with_a_refused_job_runs_the_rest_and_exits_nonzero(tmp_path):

@@ -58,8 +58,8 @@ class OutputFolderWatch:
 
 
 def remove_stub_folder(folder: str | Path) -> None:
-    """Remove a refused run's folder when this run created it and it holds nothing but Hydra's
-    stub (``.hydra/``, the log file), then its parents that this run created and left empty; in
+    """Remove a refused run's folder when this run created it and it holds nothing but a stub
+    (:func:`_stub_entry`: ``.hydra/``, the log file, ``csv/hparams.yaml``), then its parents that this run created and left empty; in
     an earlier run's folder, put back that run's ``.hydra/`` record that Hydra replaced."""
     folder = Path(folder).absolute()
     for f, data in _earlier_hydra.items():
@@ -70,7 +70,7 @@ def remove_stub_folder(folder: str | Path) -> None:
     new = set(_new_folders)
     if not folder.is_dir() or not (folder in new or folder.parent in new):
         return
-    if any(p.name not in STUB_ENTRIES and not p.name.endswith(".log") for p in folder.iterdir()):
+    if not all(_stub_entry(p) for p in folder.iterdir()):
         return
     shutil.rmtree(folder, ignore_errors=True)
     for parent in sorted((p for p in new if p != folder), key=lambda p: len(p.parts), reverse=True):
@@ -78,6 +78,14 @@ def remove_stub_folder(folder: str | Path) -> None:
             parent.rmdir()  # only when empty (another job of a sweep may have written there)
         except OSError:
             pass
+
+
+def _stub_entry(p: Path) -> bool:
+    """Whether ``p`` is something a run writes before any result: Hydra's record and log, the
+    lock, a logger folder holding only the hyper-parameters (``csv/hparams.yaml``)."""
+    if p.name in STUB_ENTRIES or p.name.endswith(".log"):
+        return True
+    return p.is_dir() and p.name == "csv" and all(f.name == "hparams.yaml" for f in p.rglob("*") if f.is_file())
 
 
 def refuse_overwrite(folder: str | Path, resume: bool = False, overwrite: bool = False) -> None:
