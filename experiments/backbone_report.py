@@ -13,7 +13,7 @@ warm-up batch), plus the graph-building time for ``graph=qk``.
     python experiments/backbone_report.py --size base --device cuda --dtype bfloat16
 
 Random weights give the real layer layout and the real cost; they do not give meaningful
-eigenvectors (that needs the pretrained weights, see the README's "Getting the weights").
+eigenvectors (that needs the pretrained weights, see docs/data-and-backbones.md, "Getting the weights").
 """
 
 from __future__ import annotations
