@@ -431,6 +431,36 @@ def main() -> None:
 #: sweep bookkeeping (``-m``): the overrides of every job run, and the numbers of the refused ones
 _job_overrides: dict[int, list[str]] = {}
 _failed_jobs: list[int] = []
+def quiet_exit(code: int) -> None:
+    """End a process launched by rank 0 at once, after flushing its logs: a normal interpreter exit
+    with the process group's threads still running can end in C++'s "terminate called without an
+    active exception", printed after rank 0's sentence."""
+    for handler in logging.getLogger().handlers:
+        try:
+            handler.flush()
+        except Exception:  # noqa: BLE001 - a closed stream: nothing left to flush
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def wait_for_launched_processes(timeout: float = 30.0) -> None:
+    """Rank 0 of a run on several processes: wait (at most ``timeout`` s) for the processes it
+    launched, which Lightning stops when the run fails, so that their last output precedes the
+    error sentence (the last line a user or a script reads)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:  # none left
+            return
+        if pid == 0:
+            time.sleep(0.05)
+
+
 def report_error(err: LdscError, cfg: DictConfig, console: bool = True) -> None:
     """Print ``err`` once, as one sentence on stderr, and put it into the run's log file (not on the
     console a second time)."""
@@ -488,13 +518,17 @@ def run_main(cfg: DictConfig) -> None:
 
         err = user_error(exc)
         if err is None and launch_rank() != 0 and interrupt.requested and "closed by peer" in str(exc):
-            sys.exit(128 + interrupt.signal_number(interrupt.requested))  # the first process stopped on the signal
+            quiet_exit(128 + interrupt.signal_number(interrupt.requested))  # the first process stopped on the signal
         if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":  # the whole traceback when asked for
             raise
 
         if launch_rank() != 0:  # a process launched by the first: the first says it (once), this one logs it
             report_error(err, cfg, console=False)
-            sys.exit(getattr(err, "exit_code", 1))
+            quiet_exit(getattr(err, "exit_code", 1))
+        from ldsc.validate import runs_on_several_processes
+
+        if runs_on_several_processes(cfg):  # whatever they print on their way out comes before the sentence
+            wait_for_launched_processes()
         report_error(err, cfg)
         remove_stub_folder(cfg.paths.output_dir)
         if sweep:  # the other jobs still run; the sweep exits non-zero at the end (see main)
