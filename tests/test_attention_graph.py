@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldsc.attention_graph import AttentionGraphBuilder, block_diagonal, layer_attention
-from ldsc.backbones.hooks import grid_features
+from ldsc.features.backbones.hooks import grid_features
 from ldsc.errors import ConfigError
 
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldsc.backbones.base import WeightsNotFoundError
-from ldsc.backbones.hooks import (
+from ldsc.features.backbones.base import WeightsNotFoundError
+from ldsc.features.backbones.hooks import (
     QKVCapture,
     attention_probs,
     grid_features,
@@ -43,13 +43,13 @@ def tiny_dir():
 
 
 def vit_class(name: str):
-    from ldsc.backbones import vit
+    from ldsc.features.backbones import vit
 
     return {"clip": vit.CLIPBackbone, "dino": vit.DINOBackbone, "mae": vit.MAEBackbone}[name]
 
 
 def make_sd(tiny_dir, **kwargs):
-    from ldsc.backbones.sd import StableDiffusionBackbone
+    from ldsc.features.backbones.sd import StableDiffusionBackbone
 
     kwargs.setdefault("input_size", TINY_SD_INPUT)
     return StableDiffusionBackbone(tiny_dir("sd"), **kwargs)
@@ -80,7 +80,7 @@ def assert_frozen(backbone: nn.Module, features) -> None:
 
 def test_import_is_cheap():
     code = (
-        "import sys, ldsc.backbones, ldsc.backbones.vit, ldsc.backbones.sd, ldsc.backbones.hooks;"
+        "import sys, ldsc.features.backbones, ldsc.features.backbones.vit, ldsc.features.backbones.sd, ldsc.features.backbones.hooks;"
         "heavy = [m for m in ('diffusers', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy"
     )
@@ -182,7 +182,7 @@ def test_vit_hooks_reproduce_the_models_attention(tiny_dir, name):
     model.set_attn_implementation("eager")
     pixel_values = backbone.preprocess(x)
     kwargs = {"noise": backbone._noise(2, 16, "cpu")} if name == "mae" else {}
-    from ldsc.backbones.hooks import attention_modules
+    from ldsc.features.backbones.hooks import attention_modules
 
     modules = dict(zip(["layer.0", "layer.1"], attention_modules(model).values()))
     with torch.no_grad(), QKVCapture(modules) as capture:
@@ -218,7 +218,7 @@ def test_vit_frozen_and_not_in_checkpoints(tiny_dir, name):
 
 
 def test_vit_normalisation_from_preprocessor_or_defaults(tiny_dir):
-    from ldsc.backbones.vit import IMAGENET_MEAN, OPENAI_CLIP_MEAN
+    from ldsc.features.backbones.vit import IMAGENET_MEAN, OPENAI_CLIP_MEAN
 
     assert torch.allclose(vit_class("clip")(tiny_dir("clip")).mean.flatten(), torch.tensor(OPENAI_CLIP_MEAN))
     assert not os.path.exists(os.path.join(tiny_dir("dino"), "preprocessor_config.json"))
@@ -304,7 +304,7 @@ def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
 
 
 def test_sd_timestep_schedules():
-    from ldsc.backbones.sd import schedule_timesteps
+    from ldsc.features.backbones.sd import schedule_timesteps
 
     def sequence(schedule, steps=7, **kw):
         return [schedule_timesteps(schedule, s, 1, 0, 100, 5, **kw).item() for s in range(steps)]
@@ -351,7 +351,7 @@ def test_sd_parts_and_frozen(tiny_dir, tmp_path):
     no_scheduler.mkdir()
     for part in ("vae", "unet", "text_encoder", "tokenizer"):
         os.symlink(os.path.join(tiny_dir("sd"), part), no_scheduler / part)
-    from ldsc.backbones.sd import StableDiffusionBackbone
+    from ldsc.features.backbones.sd import StableDiffusionBackbone
 
     other = StableDiffusionBackbone(str(no_scheduler), input_size=TINY_SD_INPUT, max_grid=4)
     assert torch.allclose(other.scheduler.alphas_cumprod, backbone.scheduler.alphas_cumprod)
@@ -368,7 +368,7 @@ def test_missing_weights_fail_fast_with_one_sentence(monkeypatch, tmp_path, name
     start = time.perf_counter()
     with pytest.raises(WeightsNotFoundError) as info:
         if name == "sd":
-            from ldsc.backbones.sd import StableDiffusionBackbone
+            from ldsc.features.backbones.sd import StableDiffusionBackbone
 
             StableDiffusionBackbone(model_id, cache_dir=str(tmp_path))
         else:

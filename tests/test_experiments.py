@@ -58,7 +58,7 @@ def test_single_image_figure_preset_runs_with_pixel_backbone(compose, single_ima
 
 
 def fake_metrics(folder: Path, backbone: str, pair: str, miou: float | None) -> Path:
-    m = {"n_images": 3, "backbone": f"ldsc.backbones.x.{backbone}", "graph_pair": pair,
+    m = {"n_images": 3, "backbone": f"ldsc.features.backbones.x.{backbone}", "graph_pair": pair,
          "what_where": {"position_r2": 0.5, "variance_from_position": 0.25}}
     if miou is not None:
         m.update(miou=miou, pixel_accuracy=0.75)

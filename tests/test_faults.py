@@ -162,7 +162,7 @@ def test_exif_orientation_is_applied_when_images_are_read(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from ldsc.images import image_size, load_image
+    from ldsc.features.images import image_size, load_image
 
     pixels = np.zeros((20, 40, 3), dtype=np.uint8)  # stored 40 wide, 20 high
     pixels[:, :20] = 255  # left half white

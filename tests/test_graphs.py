@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldsc.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import LayerFeatures
 from ldsc.graphs import KnnGraphBuilder, head_vectors, knn_affinity, random_walk
 
 

@@ -59,7 +59,7 @@ def test_whole_data_set_graphs_built_on_a_gpu_equal_the_cpu_ones(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from ldsc.graphs import KnnGraphBuilder
-    from ldsc.store import FeatureStore
+    from ldsc.features.store import FeatureStore
 
     store = _tiny_store(tmp_path)
     builder = KnnGraphBuilder(pair="vv", k_intra=5, k_inter=5, search="auto")
@@ -70,8 +70,8 @@ def test_whole_data_set_graphs_built_on_a_gpu_equal_the_cpu_ones(tmp_path):
 
 
 def _tiny_store(tmp_path):
-    from ldsc.backbones.pixel import PixelBackbone
-    from ldsc.store import build_store
+    from ldsc.features.backbones.pixel import PixelBackbone
+    from ldsc.features.store import build_store
 
     import numpy as np
     from PIL import Image
@@ -91,7 +91,7 @@ def test_approximate_search_recall_on_real_images(coco_dir, method):
     """Pixel-backbone value vectors of 12 COCO images (32x32 tokens each): the clustered search,
     FAISS IVF and HNSW find at least 95 % of the exact inter-image neighbours, and never the
     query's own image."""
-    from ldsc.backbones.pixel import PixelBackbone
+    from ldsc.features.backbones.pixel import PixelBackbone
     from ldsc.data import image_tensor
 
     files = sorted(coco_dir.iterdir())[:12]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import TINY
 
-from ldsc.backbones.pixel import PixelBackbone
+from ldsc.features.backbones.pixel import PixelBackbone
 from ldsc.errors import ConfigError
 from ldsc.run import build_datamodule
-from ldsc.store import FeatureStore, StoreOptions, open_or_build
+from ldsc.features.store import FeatureStore, StoreOptions, open_or_build
 
 
 class CountingPixel(PixelBackbone):

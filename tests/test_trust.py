@@ -128,7 +128,7 @@ def test_a_sweep_with_a_refused_job_runs_the_rest_and_exits_nonzero(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncated", "zeroed header", "missing", "bad meta", "edited meta", "other run"])
 def test_a_damaged_or_foreign_store_under_the_key_is_rebuilt_with_a_line(tmp_path, damage, caplog):
-    from ldsc.store import open_or_build, StoreOptions
+    from ldsc.features.store import open_or_build, StoreOptions
 
     files = sample_files(2)
     bb = CountingPixel()
@@ -157,7 +157,7 @@ def test_a_damaged_or_foreign_store_under_the_key_is_rebuilt_with_a_line(tmp_pat
         shutil.rmtree(first.path)
         shutil.copytree(other.path, first.path)
     CountingPixel.calls = 0
-    with caplog.at_level(logging.WARNING, logger="ldsc.store"):
+    with caplog.at_level(logging.WARNING, logger="ldsc.features.store"):
         again = open_or_build(opts, files, bb, {"name": "pixel"}, 8, ["v"])
     assert CountingPixel.calls == 2, "the store was used as it was"
     assert torch.equal(again.vectors(0, "v"), want)
@@ -167,7 +167,7 @@ def test_a_damaged_or_foreign_store_under_the_key_is_rebuilt_with_a_line(tmp_pat
 def test_an_image_rewritten_with_the_same_size_and_time_is_another_store(tmp_path):
     from PIL import Image
 
-    from ldsc.store import store_key
+    from ldsc.features.store import store_key
 
     f = tmp_path / "a.bmp"
     a = np.zeros((8, 8, 3), np.uint8)
@@ -178,7 +178,7 @@ def test_an_image_rewritten_with_the_same_size_and_time_is_another_store(tmp_pat
     Image.fromarray(a).save(f)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert f.stat().st_size == st.st_size
-    from ldsc import store
+    from ldsc.features import store
 
     store._hashes.clear()  # (a new process)
     assert store_key({}, 8, ["v"], 1, 0, "float16", [str(f)]) != key
@@ -191,9 +191,9 @@ def test_a_full_disk_while_the_store_is_written_is_one_sentence_and_leaves_nothi
 import resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_store import sample_files
-from ldsc.backbones.pixel import PixelBackbone
+from ldsc.features.backbones.pixel import PixelBackbone
 from ldsc.errors import ConfigError
-from ldsc.store import StoreOptions, open_or_build
+from ldsc.features.store import StoreOptions, open_or_build
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))
 bb = PixelBackbone(); bb.set_base_size(16)
 try:
@@ -353,14 +353,14 @@ def test_every_image_gets_its_figure_up_to_the_documented_cap(tmp_path):
 def test_an_unreachable_hub_means_the_local_cache_only(monkeypatch, tmp_path, caplog):
     from transformers import ViTModel
 
-    from ldsc.backbones import loading
-    from ldsc.backbones.base import WeightsNotFoundError
+    from ldsc.features.backbones import loading
+    from ldsc.features.backbones.base import WeightsNotFoundError
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     loading.hub_reachable.cache_clear()
     assert loading.hub_reachable() is False
-    with caplog.at_level(logging.INFO, logger="ldsc.backbones.loading"), pytest.raises(WeightsNotFoundError):
+    with caplog.at_level(logging.INFO, logger="ldsc.features.backbones.loading"), pytest.raises(WeightsNotFoundError):
         loading.load_pretrained(ViTModel, "nobody/no-such-model", cache_dir=str(tmp_path))
     assert any("cannot be reached" in r.getMessage() for r in caplog.records)
     loading.hub_reachable.cache_clear()

@@ -33,7 +33,7 @@ from collections import deque
 import torch
 from torch import Tensor
 
-from ldsc.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import LayerFeatures
 from ldsc.errors import ConfigError
 from ldsc.graphs import LayerGraph
 

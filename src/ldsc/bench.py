@@ -63,9 +63,9 @@ def ncut_process(args) -> None:
     import torch
     from ncut_pytorch import Ncut
 
-    from ldsc.backbones.pixel import PixelBackbone
+    from ldsc.features.backbones.pixel import PixelBackbone
     from ldsc.graphs import head_vectors
-    from ldsc.images import IMAGE_EXTENSIONS, image_tensor
+    from ldsc.features.images import IMAGE_EXTENSIONS, image_tensor
 
     root = Path(args.root)
     files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -182,7 +182,7 @@ class CocoStuff:
         return len(self.pairs)
 
     def __getitem__(self, i: int):
-        from ldsc.images import load_image
+        from ldsc.features.images import load_image
 
         image_path, label_path = self.pairs[i]
         return load_image(image_path), read_label_map(label_path, self.label_map)

@@ -2,7 +2,7 @@
 
 Datasets only read and resize images (that is all worker processes do). The
 :class:`ImageDataModule` runs the frozen backbone over the images in batches into the feature
-store (:mod:`ldsc.store`), builds the graphs from the store, and hands the solver
+store (:mod:`ldsc.features.store`), builds the graphs from the store, and hands the solver
 ``{"index": (B,), "graphs": [...]}``.
 
 Images are resized to the backbone's square ``input_size`` without cropping (aspect ratio is not
@@ -11,7 +11,6 @@ kept), so the eigenvectors cover the whole image; figures and evaluation resize 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -23,40 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldsc.errors import DataError
-from ldsc.images import IMAGE_EXTENSIONS, SAMPLE_FILES, image_tensor, load_image  # noqa: F401 (re-exported)
+from ldsc.features.images import (IMAGE_EXTENSIONS, SAMPLE_FILES, ImageFiles, batch_seed,  # noqa: F401 (re-exported)
+                                  image_tensor, load_image, readable_images)
 
 log = logging.getLogger(__name__)
-
-def readable_images(paths: Sequence[str], check: bool = True) -> tuple[list[str], list[str]]:
-    """Split ``paths`` into ``(readable, unreadable)``, decoding each once (with a progress bar
-    for large sets) when ``check`` is true."""
-    if not check:
-        return list(paths), []
-    from ldsc.progress import bar
-
-    good, bad = [], []
-    for p in bar(paths, desc="checking images", unit="img", disable=len(paths) < 200, leave=False):
-        try:
-            load_image(p)
-            good.append(p)
-        except DataError:
-            bad.append(p)
-    return good, bad
-
-
-class ImageFiles(Dataset):
-    """A list of image files, each read and resized to ``size``; items are
-    ``{"image": (3, size, size), "index": int}``."""
-
-    def __init__(self, files: Sequence[str], size: int):
-        self.files, self.size = list(files), int(size)
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": image_tensor(self.files[i], self.size), "index": i}
-
 
 class EpochShuffleSampler(Sampler[int]):
     """A fresh permutation each epoch, a pure function of ``(seed, epoch)``, so a run resumed from a
@@ -76,13 +45,6 @@ class EpochShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
-
-
-def batch_seed(seed: int, epoch: int, index: torch.Tensor) -> int:
-    """A seed for the backbone's randomness that depends only on the run seed, the epoch and the
-    images of the batch (so resumed runs redraw the same noise)."""
-    key = f"{seed}:{epoch}:{','.join(map(str, index.tolist()))}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
 
 
 class _Steps(Dataset):
@@ -105,7 +67,7 @@ class ImageDataModule(L.LightningDataModule):
     the graph builder, the base grid and the scope the solver works on, before fitting.
 
     * ``scope="dataset"`` (the default and exact solvers): :meth:`setup` fills the feature store
-      (:mod:`ldsc.store`; reused when it exists) and builds the whole data set's graphs once
+      (:mod:`ldsc.features.store`; reused when it exists) and builds the whole data set's graphs once
       (:meth:`~ldsc.graphs.KnnGraphBuilder.dataset_graphs`), after a memory estimate; every epoch
       is one batch ``{"index": all images, "graphs": the graphs}``.
     * ``scope="batch"`` (the paper's recipes): batches of ``batch_size`` images, reshuffled every
@@ -155,9 +117,9 @@ class ImageDataModule(L.LightningDataModule):
                store=None, backbone_config: dict | None = None) -> None:
         """Give the data module its backbone, graph builder and base grid; ``scope`` is
         ``dataset`` or ``batch`` (see class docstring); ``store`` the
-        :class:`~ldsc.store.StoreOptions`; ``backbone_config`` the backbone's settings (part of
+        :class:`~ldsc.features.store.StoreOptions`; ``backbone_config`` the backbone's settings (part of
         the store's key)."""
-        from ldsc.store import StoreOptions
+        from ldsc.features.store import StoreOptions
 
         if scope not in ("dataset", "batch"):
             raise ValueError(f"scope must be 'dataset' or 'batch', not {scope!r}")
@@ -190,9 +152,9 @@ class ImageDataModule(L.LightningDataModule):
         return torch.device("cpu")
 
     def feature_store(self, device=None):
-        """The :class:`~ldsc.store.FeatureStore` of this data set (opened or built once)."""
+        """The :class:`~ldsc.features.store.FeatureStore` of this data set (opened or built once)."""
         from ldsc.profiling import stage
-        from ldsc.store import open_or_build
+        from ldsc.features.store import open_or_build
 
         if self.store is None:
             if self.backbone is None or self.graph_builder is None:
@@ -207,7 +169,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def check_backbone_memory(self) -> None:
         """Refuse, with one sentence, a backbone pass that would not fit in memory (backbones that
-        can tell beforehand: :meth:`~ldsc.backbones.base.Backbone.pass_bytes`)."""
+        can tell beforehand: :meth:`~ldsc.features.backbones.base.Backbone.pass_bytes`)."""
         from ldsc.errors import ConfigError
         from ldsc.graphs import PROCESS_BYTES
 

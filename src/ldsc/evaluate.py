@@ -104,7 +104,7 @@ def load_labels(files: list[str], label_paths: list[Path], size: int, label_map:
     """``(n, size, size)`` uint8 label maps, each checked against its image's size and resized
     (nearest) the way the data pipeline resized the image."""
     from ldsc.cocostuff import read_label_map
-    from ldsc.images import image_size
+    from ldsc.features.images import image_size
     from ldsc.segment_viz import resize_nearest
 
     from ldsc.progress import bar
@@ -281,7 +281,7 @@ def evaluate_run(
 
 def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figures: int, seed: int) -> list[Path]:
     """The paper's four-panel figure for the first ``n_figures`` images."""
-    from ldsc.images import load_image
+    from ldsc.features.images import load_image
     from ldsc.progress import bar
     from ldsc.segment_viz import four_panel_figure
 

@@ -15,7 +15,7 @@ import torch
 
 from ldsc import viz
 from ldsc.atomic import atomic_torch_save, atomic_write_text
-from ldsc.images import load_image
+from ldsc.features.images import load_image
 from ldsc.spectral import svd_order
 
 

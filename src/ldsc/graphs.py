@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import LayerFeatures
 
 #: graph types built from token vectors: (row vectors, column vectors)
 PAIRS = {"qk": ("q", "k"), "vv": ("v", "v"), "kk": ("k", "k"), "qq": ("q", "q")}

@@ -73,7 +73,7 @@ def run_signature(cfg: DictConfig, files: list[str], base: int) -> dict:
     import hashlib
     import json
 
-    from ldsc.store import file_identity
+    from ldsc.features.store import file_identity
 
     images = hashlib.sha256(json.dumps([file_identity(f) for f in files]).encode()).hexdigest()[:20]
     plain = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else None  # noqa: E731

@@ -10,8 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import hashlib
+from typing import Sequence
+
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 from PIL import Image, ImageFile, ImageOps
 
 from ldsc.errors import DataError
@@ -70,3 +74,39 @@ def image_tensor(path: str | os.PathLike, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def readable_images(paths: Sequence[str], check: bool = True) -> tuple[list[str], list[str]]:
+    """Split ``paths`` into ``(readable, unreadable)``, decoding each once (with a progress bar
+    for large sets) when ``check`` is true."""
+    if not check:
+        return list(paths), []
+    from ldsc.progress import bar
+
+    good, bad = [], []
+    for p in bar(paths, desc="checking images", unit="img", disable=len(paths) < 200, leave=False):
+        try:
+            load_image(p)
+            good.append(p)
+        except DataError:
+            bad.append(p)
+    return good, bad
+
+
+class ImageFiles(Dataset):
+    """A list of image files, each read and resized to ``size``; items are
+    ``{"image": (3, size, size), "index": int}``."""
+
+    def __init__(self, files: Sequence[str], size: int):
+        self.files, self.size = list(files), int(size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": image_tensor(self.files[i], self.size), "index": i}
+
+
+def batch_seed(seed: int, epoch: int, index: torch.Tensor) -> int:
+    """A seed for the backbone's randomness that depends only on the run seed, the epoch and the
+    images of the batch (so resumed runs redraw the same noise)."""
+    key = f"{seed}:{epoch}:{','.join(map(str, index.tolist()))}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)

@@ -12,7 +12,7 @@ Example::
     q = capture.outputs["layer.0"]["q"]          # (B, N, heads * d), as the projection returned it
 
 :func:`grid_features` then turns one layer's captured projections into
-:class:`~ldsc.backbones.base.LayerFeatures` on the token grid — the one place where heads are
+:class:`~ldsc.features.backbones.base.LayerFeatures` on the token grid — the one place where heads are
 split, class tokens dropped, tokens sub-sampled and (optionally) attention probabilities formed.
 """
 
@@ -24,7 +24,7 @@ import functools
 import torch
 from torch import Tensor, nn
 
-from ldsc.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import LayerFeatures
 
 #: child-module names of the q/k/v projections, per library convention
 PROJECTION_NAMES: tuple[tuple[str, str, str], ...] = (

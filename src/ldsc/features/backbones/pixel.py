@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.backbones.base import Backbone, LayerFeatures
+from ldsc.features.backbones.base import Backbone, LayerFeatures
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:

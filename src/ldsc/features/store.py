@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldsc.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import LayerFeatures
 from ldsc.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     once all have finished."""
     from torch.utils.data import DataLoader
     from ldsc import distributed
-    from ldsc.data import ImageFiles, batch_seed
+    from ldsc.features.images import ImageFiles, batch_seed
 
     path = Path(path)
     lead, parts = distributed.rank() == 0, distributed.world_size()

@@ -1,7 +1,7 @@
 """Load pretrained parts from a Hugging Face model id or a local directory, one way for all.
 
 Every failure to get the files (no such directory, hub unreachable or offline, gated or missing
-repository, missing subfolder) becomes one :class:`~ldsc.backbones.base.WeightsNotFoundError`
+repository, missing subfolder) becomes one :class:`~ldsc.features.backbones.base.WeightsNotFoundError`
 whose message names the id, the cache directory and how to provide the files.
 """
 
@@ -16,7 +16,7 @@ import os
 import warnings
 from typing import Any
 
-from ldsc.backbones.base import weights_error
+from ldsc.features.backbones.base import weights_error
 
 logger = logging.getLogger(__name__)
 

@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ldsc.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
-from ldsc.backbones.hooks import QKVCapture, grid_features, qkv_projections, select_layers
-from ldsc.backbones.loading import load_pretrained, resolve_dtype
+from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
+from ldsc.features.backbones.hooks import QKVCapture, grid_features, qkv_projections, select_layers
+from ldsc.features.backbones.loading import load_pretrained, resolve_dtype
 
 log = logging.getLogger(__name__)
 

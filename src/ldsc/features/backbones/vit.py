@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.backbones.base import Backbone, LayerFeatures, check_capture_options
-from ldsc.backbones.hooks import QKVCapture, attention_modules, grid_features, select_layers
-from ldsc.backbones.loading import load_pretrained, read_config_file, resolve_dtype
+from ldsc.features.backbones.base import Backbone, LayerFeatures, check_capture_options
+from ldsc.features.backbones.hooks import QKVCapture, attention_modules, grid_features, select_layers
+from ldsc.features.backbones.loading import load_pretrained, read_config_file, resolve_dtype
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,7 +41,7 @@ class VisionTransformerBackbone(Backbone):
             are returned in float32.
         cache_dir: Hugging Face cache directory (``None`` = the default one).
         compute_attn: also return the softmax attention between grid tokens (see
-            :func:`~ldsc.backbones.hooks.grid_features` for how the class token is handled).
+            :func:`~ldsc.features.backbones.hooks.grid_features` for how the class token is handled).
     """
 
     name = "vit"
