@@ -31,7 +31,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from ldsc.bench import compose
-    from ldsc.neighbors import inter_image_knn, knn_recall
+    from ldsc.graphs.search import inter_image_knn, knn_recall
     from ldsc.run import build_datamodule
     from ldsc.spectral import LayerOperator, lobpcg_top, subspace_alignment, unflatten_channels
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldsc.attention_graph import AttentionGraphBuilder, block_diagonal, layer_attention
+from ldsc.graphs.attention import AttentionGraphBuilder, block_diagonal, layer_attention
 from ldsc.features.backbones.hooks import grid_features
 from ldsc.errors import ConfigError
 

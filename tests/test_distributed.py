@@ -25,7 +25,7 @@ def test_shards_are_contiguous_balanced_and_cover_every_image():
 
 @pytest.mark.parametrize("method", ["exact", "cluster", "ivf", "hnsw"])
 def test_a_share_of_the_queries_finds_the_same_neighbours_as_all_of_them(method):
-    from ldsc.neighbors import inter_image_knn
+    from ldsc.graphs.search import inter_image_knn
 
     g = torch.Generator().manual_seed(0)
     T = 48
@@ -49,8 +49,8 @@ def _sharded_work(rank: int, port: int, idx, sim, bounds, x, T, out_dir) -> None
     import torch.distributed as dist
 
     from ldsc.distributed import all_gather_rows
-    from ldsc.graphs import sharded_symmetric_normalized
-    from ldsc.neighbors import inter_image_knn
+    from ldsc.graphs.knn import sharded_symmetric_normalized
+    from ldsc.graphs.search import inter_image_knn
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(bounds) - 1)
     try:
@@ -69,8 +69,8 @@ def test_sharded_symmetrisation_and_search_equal_one_process_on_two_gloo_process
     the leaves of its own rows only, gives every query the neighbours it gets in one process."""
     import torch.multiprocessing as mp
 
-    from ldsc.graphs import symmetric_normalized_blocks
-    from ldsc.neighbors import inter_image_knn
+    from ldsc.graphs.knn import symmetric_normalized_blocks
+    from ldsc.graphs.search import inter_image_knn
 
     g = torch.Generator().manual_seed(1)
     n, k = 300, 7

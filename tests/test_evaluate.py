@@ -44,7 +44,7 @@ def fake_run(tmp_path: Path, n_images=4, base=16, img_size=(48, 64), noise=0.02,
         z = 0.5 / K + 0.5 * onehot + noise * rng.standard_normal(onehot.shape)
         Z.append(z.transpose(2, 0, 1))
     Z = torch.tensor(np.stack(Z), dtype=torch.float32)
-    save_eigenvectors(run_dir, Z, files, {"graph": {"_target_": "ldsc.graphs.KnnGraphBuilder", "pair": "vv"}})
+    save_eigenvectors(run_dir, Z, files, {"graph": {"_target_": "ldsc.graphs.knn.KnnGraphBuilder", "pair": "vv"}})
     return run_dir, lab_dir
 
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ldsc.features.backbones.base import LayerFeatures
-from ldsc.graphs import KnnGraphBuilder, head_vectors, knn_affinity, random_walk
+from ldsc.graphs.knn import KnnGraphBuilder, head_vectors, knn_affinity, random_walk
 
 
 def dense_knn(x, y, ids, k_intra, k_inter, threshold):

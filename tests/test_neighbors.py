@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldsc.graphs import head_vectors, knn_affinity, symmetric_normalized_blocks
-from ldsc.neighbors import choose_search, inter_image_knn, intra_image_knn, knn_recall, normalize_rows
+from ldsc.graphs.knn import head_vectors, knn_affinity, symmetric_normalized_blocks
+from ldsc.graphs.search import choose_search, inter_image_knn, intra_image_knn, knn_recall, normalize_rows
 
 
 def brute_force(x, y, tokens, k, same_image: bool):
@@ -43,7 +43,7 @@ def test_exact_inter_image_search_equals_brute_force_and_never_returns_the_own_i
 
 def test_torch_brute_force_the_gpu_path_equals_the_faiss_one():
     """The GPU's exact search (torch brute force) written for any device, checked on the CPU."""
-    from ldsc.neighbors import _exact_inter, _torch_exact_inter
+    from ldsc.graphs.search import _exact_inter, _torch_exact_inter
 
     x, y = random_tokens(n_images=7, seed=4), random_tokens(n_images=7, seed=5)
     for queries in (None, (32, 96)):
@@ -58,7 +58,7 @@ def test_torch_brute_force_the_gpu_path_equals_the_faiss_one():
 def test_whole_data_set_graphs_built_on_a_gpu_equal_the_cpu_ones(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from ldsc.graphs import KnnGraphBuilder
+    from ldsc.graphs.knn import KnnGraphBuilder
     from ldsc.features.store import FeatureStore
 
     store = _tiny_store(tmp_path)
@@ -129,7 +129,7 @@ def test_cluster_tree_beam_search_finds_the_nearest_leaf(branching, depth):
     every vector, flat (up to `branching` leaves), with two levels (the default from ~6·10⁴ to
     ~3·10⁷ tokens) and deeper; each
     leaf's `near` list starts with itself."""
-    from ldsc.neighbors import ClusterTree
+    from ldsc.graphs.search import ClusterTree
 
     y = random_tokens(n_images=40, tokens=64, d=8, seed=7)
     tree = ClusterTree(y, 16, branching=branching)
@@ -168,7 +168,7 @@ def test_recall_counts_found_neighbours():
 def test_relabelled_graph_applies_the_same_operator_in_token_order():
     """Storing the nodes in a locality order (as the clustered search does) changes only how S is
     kept: S Y, the scipy export and the degrees are those of the graph stored in token order."""
-    from ldsc.graphs import DatasetGraph, relabel_lists
+    from ldsc.graphs.knn import DatasetGraph, relabel_lists
 
     x = random_tokens(n_images=6, tokens=16, d=6, seed=7)
     ia, sa = intra_image_knn(x, x, 16, 4)
@@ -188,7 +188,7 @@ def test_relabelled_graph_applies_the_same_operator_in_token_order():
 def test_intra_image_search_in_row_blocks_equals_whole_images():
     """An image whose T x T similarities exceed graph.max_chunk_elements is searched in blocks of
     its query rows (bounded memory at any base grid), with the same neighbours."""
-    from ldsc.neighbors import intra_image_knn, normalize_rows
+    from ldsc.graphs.search import intra_image_knn, normalize_rows
 
     g = torch.Generator().manual_seed(0)
     x = normalize_rows(torch.randn(3 * 100, 8, generator=g))

@@ -10,7 +10,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from torch.utils.data import DataLoader
 
-from ldsc.graphs import LayerGraph, random_walk
+from ldsc.graphs.knn import LayerGraph, random_walk
 from ldsc.spectral import svd_order
 
 BASE = 16

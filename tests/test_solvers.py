@@ -13,7 +13,7 @@ from test_planted import PlantedData, fit
 from torch.utils.data import DataLoader
 
 from ldsc.errors import ConfigError
-from ldsc.graphs import LayerGraph, knn_affinity, random_walk
+from ldsc.graphs.knn import LayerGraph, knn_affinity, random_walk
 from ldsc.run import fit as run_fit
 from ldsc.solvers.fast import FastSolver
 from ldsc.spectral import exact_eigenvectors, subspace_alignment

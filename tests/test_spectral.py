@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldsc.graphs import LayerGraph, knn_affinity, random_walk
+from ldsc.graphs.knn import LayerGraph, knn_affinity, random_walk
 from ldsc.spectral import (LayerOperator, exact_eigenvectors, exact_operator, flatten_channels, lobpcg_top,
                            paper_objective, pool_operator, subspace_alignment)
 

@@ -64,7 +64,7 @@ def ncut_process(args) -> None:
     from ncut_pytorch import Ncut
 
     from ldsc.features.backbones.pixel import PixelBackbone
-    from ldsc.graphs import head_vectors
+    from ldsc.graphs.knn import head_vectors
     from ldsc.features.images import IMAGE_EXTENSIONS, image_tensor
 
     root = Path(args.root)

@@ -68,7 +68,7 @@ class ImageDataModule(L.LightningDataModule):
 
     * ``scope="dataset"`` (the default and exact solvers): :meth:`setup` fills the feature store
       (:mod:`ldsc.features.store`; reused when it exists) and builds the whole data set's graphs once
-      (:meth:`~ldsc.graphs.KnnGraphBuilder.dataset_graphs`), after a memory estimate; every epoch
+      (:meth:`~ldsc.graphs.knn.KnnGraphBuilder.dataset_graphs`), after a memory estimate; every epoch
       is one batch ``{"index": all images, "graphs": the graphs}``.
     * ``scope="batch"`` (the paper's recipes): batches of ``batch_size`` images, reshuffled every
       epoch; each batch's graphs are built from the store's vectors of its images (draw
@@ -171,7 +171,7 @@ class ImageDataModule(L.LightningDataModule):
         """Refuse, with one sentence, a backbone pass that would not fit in memory (backbones that
         can tell beforehand: :meth:`~ldsc.features.backbones.base.Backbone.pass_bytes`)."""
         from ldsc.errors import ConfigError
-        from ldsc.graphs import PROCESS_BYTES
+        from ldsc.graphs.knn import PROCESS_BYTES
 
         batch = max(1, min(self.batch_size, len(self.prepare_files())))
         need = getattr(self.backbone, "pass_bytes", lambda b: None)(batch)
@@ -185,10 +185,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def check_memory(self) -> dict:
         """Estimate the peak memory of the whole-data-set graphs and solver; refuse, with one
-        sentence, a run that would not fit (see :func:`~ldsc.graphs.estimate_dataset_graph_bytes`)."""
+        sentence, a run that would not fit (see :func:`~ldsc.graphs.knn.estimate_dataset_graph_bytes`)."""
         from ldsc.distributed import world_size
         from ldsc.errors import ConfigError
-        from ldsc.graphs import PROCESS_BYTES, estimate_dataset_graph_bytes
+        from ldsc.graphs.knn import PROCESS_BYTES, estimate_dataset_graph_bytes
 
         store = self.feature_store()
         b = self.graph_builder

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldsc.distributed import all_gather_rows, shard, shard_bounds
-from ldsc.graphs import LayerGraph
+from ldsc.graphs.knn import LayerGraph
 
 
 def flatten_channels(Z: Tensor) -> Tensor:
@@ -261,7 +261,7 @@ class LayerOperator:
     Calling it maps ``X`` ``(B·H·W, m)`` (rows ``(b, y, x)``) to ``M X`` of the same shape.
     ``shift`` is ``Σ_l w_l``, a bound on ``|λ(M)|``: ``M + shift·I`` is positive semi-definite.
 
-    Sharded graphs (a run on several processes: each :class:`~ldsc.graphs.DatasetGraph` holds the
+    Sharded graphs (a run on several processes: each :class:`~ldsc.graphs.knn.DatasetGraph` holds the
     rows of its ``image_range`` only) make a sharded operator: ``X`` and ``M X`` are this process's
     images' rows; each layer's pooled rows are all-gathered (``N_l × m`` dense floats) before
     the product with the local rows of ``S_l``.

@@ -92,7 +92,7 @@ def validate(cfg: DictConfig) -> None:
         _integer(cfg, "graph.gpu_exact_max_tokens", 0, optional=True)
         if graph.get("dim") is not None:
             _integer(cfg, "graph.dim", 1)
-        from ldsc.neighbors import SEARCH_METHODS
+        from ldsc.graphs.search import SEARCH_METHODS
 
         if "search" in graph and graph.search not in SEARCH_METHODS:
             raise ConfigError(f"graph.search must be one of {list(SEARCH_METHODS)}, not {graph.search!r}.")

@@ -15,7 +15,7 @@ of the head-averaged vectors, not the network's.
 Attention matrices are dense (``h·w × h·w`` per image), so only layers with few tokens are
 allowed (``max_tokens``). ``P`` is not symmetric, so the graph keeps two things: ``P`` itself
 (the paper's objective uses ``P``) and the symmetric affinity ``W = (P + Pᵀ)/2`` with its degrees,
-from which :meth:`~ldsc.graphs.LayerGraph.sym` forms ``D^{-1/2} W D^{-1/2}`` for the eigen-solvers
+from which :meth:`~ldsc.graphs.knn.LayerGraph.sym` forms ``D^{-1/2} W D^{-1/2}`` for the eigen-solvers
 (default, exact) and the alignment monitor, which need a symmetric operator. ``P`` of these
 graphs is the network's attention, not ``D⁻¹W``.
 
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ldsc.features.backbones.base import LayerFeatures
 from ldsc.errors import ConfigError
-from ldsc.graphs import LayerGraph
+from ldsc.graphs.knn import LayerGraph
 
 
 def layer_attention(layer: LayerFeatures) -> Tensor:

@@ -522,7 +522,7 @@ class KnnGraphBuilder:
     Two uses: ``builder(features, base_size)`` builds a *batch's* graphs from features in memory
     (:func:`knn_affinity`; the paper solver's batches), and :meth:`dataset_graphs` builds the
     *whole data set's* graphs from a feature store by nearest-neighbour search
-    (:mod:`ldsc.neighbors`): intra-image neighbours exact, inter-image neighbours by ``search``.
+    (:mod:`ldsc.graphs.search`): intra-image neighbours exact, inter-image neighbours by ``search``.
 
     Args:
         pair: which vectors to compare: ``qk``, ``vv``, ``kk`` or ``qq``.
@@ -549,7 +549,7 @@ class KnnGraphBuilder:
                  nprobe: int = 12, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                  dim: int | None = None, reduce: str = "pca", seed: int = 0):
-        from ldsc.neighbors import SEARCH_METHODS
+        from ldsc.graphs.search import SEARCH_METHODS
 
         if pair not in PAIRS:
             raise ValueError(f"graph pair must be one of {sorted(PAIRS)}, not {pair!r}")
@@ -593,7 +593,7 @@ class KnnGraphBuilder:
 
     # -- the whole data set, from a feature store ------------------------------------------------
     def search_method(self, n_tokens: int, device=None) -> str:
-        from ldsc.neighbors import choose_search
+        from ldsc.graphs.search import choose_search
 
         on_gpu = device is not None and torch.device(device).type == "cuda"
         return choose_search(self.search, n_tokens, self.exact_max_tokens, on_gpu, self.gpu_exact_max_tokens)
@@ -659,7 +659,7 @@ class KnnGraphBuilder:
         import time
 
         from ldsc.distributed import all_gather_rows, shard, shard_bounds, world_size
-        from ldsc.neighbors import inter_image_knn, intra_image_knn
+        from ldsc.graphs.search import inter_image_knn, intra_image_knn
         from ldsc.profiling import release_free_memory
 
         graphs, self.timings = [], {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
