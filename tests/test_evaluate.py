@@ -1,4 +1,4 @@
-"""Tests of ldsc.evaluate (on fake run folders), ldsc.cocostuff and experiments/composite.py."""
+"""Tests of ldsc.evaluate (on fake run folders), ldsc.evaluation.cocostuff and experiments/composite.py."""
 
 import importlib.util
 import json
@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ldsc import cocostuff, evaluate
+from ldsc import evaluate
+from ldsc.evaluation import cocostuff
 from ldsc.export import save_eigenvectors
 
 REPO = Path(__file__).resolve().parents[1]

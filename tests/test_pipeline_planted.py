@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ldsc import segment
+from ldsc.evaluation import segment
 from ldsc.run import fit
 
 #: four flat Lab-distinct colours; region 0 is the background

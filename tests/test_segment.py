@@ -1,10 +1,10 @@
-"""Tests of ldsc.segment: k-means/silhouette, instance masks, Hungarian mIoU, what/where."""
+"""Tests of ldsc.evaluation.segment: k-means/silhouette, instance masks, Hungarian mIoU, what/where."""
 
 import numpy as np
 import pytest
 import torch
 
-from ldsc import segment
+from ldsc.evaluation import segment
 
 
 def planted_eigvecs(H=32, W=32, seed=0):

@@ -9,7 +9,7 @@ Reads ``RUN_DIR/eigvecs.pt`` and writes ``RUN_DIR/eval/`` (or ``--out``):
 * ``per_class_iou.csv``, ``confusion.npy`` and ``confusion.png``;
 * ``figures/four_panel_<i>_<name>.png`` — the paper's per-image figure for the first images.
 
-Method (docs/method.md, Evaluation). The embedding is :func:`ldsc.segment.pixel_embedding` (channel 0 dropped;
+Method (docs/method.md, Evaluation). The embedding is :func:`ldsc.evaluation.segment.pixel_embedding` (channel 0 dropped;
 rows normalised to unit length unless short, ``--normalize rows``, as for per-image
 segmentation: on the composite benchmark it raised mIoU from 0.28 to 0.35). k-means with ``C`` clusters (default: the number of classes) is
 fitted on *all base-grid pixels of all images* (MiniBatchKMeans above 50k pixels). For scoring,
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ldsc import segment
+from ldsc.evaluation import segment
 from ldsc.errors import DataError, LdscError
 
 log = logging.getLogger("ldsc.evaluate")
@@ -103,9 +103,9 @@ def label_files(files: list[str], labels_dir: str | Path) -> list[Path]:
 def load_labels(files: list[str], label_paths: list[Path], size: int, label_map: str | None) -> np.ndarray:
     """``(n, size, size)`` uint8 label maps, each checked against its image's size and resized
     (nearest) the way the data pipeline resized the image."""
-    from ldsc.cocostuff import read_label_map
+    from ldsc.evaluation.cocostuff import read_label_map
     from ldsc.features.images import image_size
-    from ldsc.segment_viz import resize_nearest
+    from ldsc.evaluation.segment_viz import resize_nearest
 
     from ldsc.progress import bar
 
@@ -126,7 +126,7 @@ def load_labels(files: list[str], label_paths: list[Path], size: int, label_map:
 
 
 def class_names(labels_dir: str | Path | None, label_map: str | None, num_classes: int) -> list[str]:
-    from ldsc.cocostuff import LABEL_NAMES
+    from ldsc.evaluation.cocostuff import LABEL_NAMES
 
     if label_map in LABEL_NAMES:
         return list(LABEL_NAMES[label_map])
@@ -199,7 +199,7 @@ def evaluate_run(
                             f"there is nothing to score.")
         inferred = int(present.max()) + 1 if present.size else 1
         if label_map is not None:
-            from ldsc.cocostuff import LABEL_NAMES
+            from ldsc.evaluation.cocostuff import LABEL_NAMES
 
             inferred = len(LABEL_NAMES[label_map])
         num_classes = int(num_classes or inferred)
@@ -248,13 +248,13 @@ def evaluate_run(
             w.writerow(["class_id", "name", "iou", "pixels"])
             for i, (nm, v) in enumerate(zip(names, scores["per_class_iou"])):
                 w.writerow([i, nm, "" if np.isnan(v) else f"{v:.4f}", int(pixels[i])])
-        from ldsc.segment_viz import confusion_figure
+        from ldsc.evaluation.segment_viz import confusion_figure
 
         confusion_figure(scores["confusion"], names, out / "confusion.png",
                          title=f"mIoU {scores['miou']:.3f}, accuracy {scores['pixel_accuracy']:.3f}")
 
     t = time.perf_counter()
-    from ldsc.segment_viz import resize_nearest
+    from ldsc.evaluation.segment_viz import resize_nearest
 
     log.info("what/where probes")
     y_base = None
@@ -283,7 +283,7 @@ def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figure
     """The paper's four-panel figure for the first ``n_figures`` images."""
     from ldsc.features.images import load_image
     from ldsc.progress import bar
-    from ldsc.segment_viz import four_panel_figure
+    from ldsc.evaluation.segment_viz import four_panel_figure
 
     paths = []
     for i in bar(range(min(n_figures, len(files))), desc="four-panel figures", unit="fig"):
@@ -382,7 +382,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--figures", type=int, default=4, help="four-panel figures for the first N images")
     p.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--normalize", choices=["rows", "none", "channels"], default="rows",
-                   help="embedding rows for k-means (see ldsc.segment.pixel_embedding; default: rows)")
+                   help="embedding rows for k-means (see ldsc.evaluation.segment.pixel_embedding; default: rows)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", dest="wandb", action="store_true", default=None,
                    help="log to W&B (default: only if RUN_DIR/wandb exists)")

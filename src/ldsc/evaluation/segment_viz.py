@@ -114,8 +114,8 @@ def four_panel_figure(
     Args:
         image: PIL image or ``(H, W, 3)`` array (the original image).
         eigvecs: ``(K, h, w)`` eigenvectors of the image.
-        masks: output of :func:`ldsc.segment.instance_masks` (or bare masks), best first.
-        segmentation: ``(h, w)`` label map, e.g. :func:`ldsc.segment.segment_image`.
+        masks: output of :func:`ldsc.evaluation.segment.instance_masks` (or bare masks), best first.
+        segmentation: ``(h, w)`` label map, e.g. :func:`ldsc.evaluation.segment.segment_image`.
         path: where to save the PNG (the figure is closed and the path returned); ``None``
             returns the figure.
     """
