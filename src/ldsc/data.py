@@ -167,6 +167,10 @@ class ImageDataModule(L.LightningDataModule):
                                            device=device or self._device(), num_workers=self.num_workers)
         return self.store
 
+    def memory_limit(self) -> int | None:
+        """Bytes a run may use: ``memory_limit_gb``, else what the OS says is available."""
+        return int(self.memory_limit_gb * 2**30) if self.memory_limit_gb else available_memory()
+
     def check_backbone_memory(self) -> None:
         """Refuse, with one sentence, a backbone pass that would not fit in memory (backbones that
         can tell beforehand: :meth:`~ldsc.features.backbones.base.Backbone.pass_bytes`)."""
@@ -175,7 +179,7 @@ class ImageDataModule(L.LightningDataModule):
 
         batch = max(1, min(self.batch_size, len(self.prepare_files())))
         need = getattr(self.backbone, "pass_bytes", lambda b: None)(batch)
-        limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
+        limit = self.memory_limit()
         if need and limit and need + PROCESS_BYTES > limit:
             gb = 2**30
             raise ConfigError(
@@ -203,7 +207,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.scope == "batch" and self.solver_state_bytes:
             est["solver"] = max(est["solver"], self.solver_state_bytes)
             est["peak"] = PROCESS_BYTES + max(est["build"], est["graphs"] + est["solver"])
-        limit = self.memory_limit_gb * 2**30 if self.memory_limit_gb else available_memory()
+        limit = self.memory_limit()
         # the processes of one machine share its memory
         local = int(self.trainer.num_devices) if self.trainer is not None and world_size() > 1 else 1
         if limit and est["peak"] * local > limit:
@@ -313,23 +317,16 @@ def available_memory() -> int | None:
 RUN_SUBFOLDERS = ("figures", "eval", "checkpoints", "csv", "wandb", ".hydra", "store")
 
 
-def ldsc_output_folders(root: Path) -> list[Path]:
-    """The folders under ``root`` that an ldsc run wrote: run folders, sweep folders and feature
-    stores (they hold ``eigvecs.pt``, ``stages.json``, ``.hydra/config.yaml``, a lock, or
-    ``meta.json`` beside ``.npy`` arrays); when ``root`` itself is a run folder (a run
-    wrote into the image folder), only its :data:`RUN_SUBFOLDERS`."""
-    marked = []
-    for folder, dirs, names in os.walk(root):
-        names = set(names)
-        is_run = any(m in names for m in ("eigvecs.pt", ".ldsc.lock", "stages.json")) or \
-            (".hydra" in dirs and os.path.isfile(os.path.join(folder, ".hydra", "config.yaml")))
-        is_store = "meta.json" in names and any(n.endswith(".npy") for n in names)
-        if is_run or is_store:
-            folder = Path(folder)
-            marked += [folder / sub for sub in RUN_SUBFOLDERS] if folder == root else [folder]
-            if folder != root:
-                dirs[:] = []  # (everything below is left out anyway)
-    return sorted(set(marked), key=lambda p: len(p.parts))
+def is_ldsc_output(folder: str, dirs: Sequence[str], names: Sequence[str]) -> bool:
+    """Whether ``folder`` (with its subfolders ``dirs`` and files ``names``) is an ldsc run folder
+    (``eigvecs.pt``, ``stages.json``, a lock, or ``.hydra/config.yaml``) or a feature store
+    (``meta.json`` beside ``.npy`` arrays)."""
+    names = set(names)
+    if any(m in names for m in ("eigvecs.pt", ".ldsc.lock", "stages.json")):
+        return True
+    if ".hydra" in dirs and os.path.isfile(os.path.join(folder, ".hydra", "config.yaml")):
+        return True
+    return "meta.json" in names and any(n.endswith(".npy") for n in names)
 
 
 class FolderDataModule(ImageDataModule):
@@ -345,15 +342,20 @@ class FolderDataModule(ImageDataModule):
             raise DataError(f"Image folder '{root}' does not exist.")
         if not root.is_dir():
             raise DataError(f"'{root}' is a file, not a folder: use data=single data.path={root} for one image.")
-        found = root.rglob("*") if self.recursive else root.glob("*")
-        files = sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        outputs = ldsc_output_folders(root)
-        if outputs:  # an earlier run's figures are not images of the data set
-            inside = [f for f in files if any(Path(f).is_relative_to(o) for o in outputs)]
-            if inside:
-                log.info("left out %d image file(s) inside ldsc output folders under %s (e.g. %s)", len(inside),
-                         root, outputs[0])
-                files = [f for f in files if f not in set(inside)]
+        files, skipped = [], []
+        for folder, dirs, names in os.walk(root, followlinks=True):  # one walk: the images, minus ldsc's own outputs
+            if is_ldsc_output(folder, dirs, names):
+                skipped.append(folder)
+                if Path(folder) != root:
+                    dirs[:] = []
+                    continue
+                dirs[:] = [d for d in dirs if d not in RUN_SUBFOLDERS]  # a run written into the image folder
+            files += [os.path.join(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_EXTENSIONS]
+            if not self.recursive:
+                break
+        files = sorted(f for f in files if os.path.isfile(f))
+        if skipped:  # an earlier run's figures are not images of the data set
+            log.info("left out %d ldsc output folder(s) under %s (e.g. %s)", len(skipped), root, skipped[0])
         if not files:
             raise DataError(f"Image folder '{root}' contains no images (looked for {', '.join(IMAGE_EXTENSIONS)}).")
         return files

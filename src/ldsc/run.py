@@ -215,13 +215,11 @@ def _fit_inside(cfg: DictConfig):
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if not cfg.trainer.get("enable_progress_bar", True):  # (Lightning refuses a progress bar callback then)
-        from lightning.pytorch.callbacks import ProgressBar
-
-        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
-    # the solver's bar first: it closes when the solver stops, before the export's work
     from lightning.pytorch.callbacks import ProgressBar
 
+    if not cfg.trainer.get("enable_progress_bar", True):  # (Lightning refuses a progress bar callback then)
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    # the solver's bar first: it closes when the solver stops, before the export's work
     bars = [c for c in callbacks if isinstance(c, ProgressBar)]
     callbacks = [StageTimer(datamodule.stages, "solve"), *bars, *(c for c in callbacks if c not in bars),
                  StageTimer(datamodule.stages, "export")]
@@ -330,12 +328,21 @@ def unwritable_output(argv: list[str]) -> str | None:
     return None
 
 
+def closest_name(name: str, candidates) -> str | None:
+    """The candidate ``name`` most likely misspells: the same name in another case, else the
+    closest by ``difflib`` (``None`` when none is close)."""
+    import difflib
+
+    candidates = sorted(candidates)
+    same = [c for c in candidates if c.lower() == name.lower()]
+    close = same or difflib.get_close_matches(name, candidates, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
     """A sentence for an override whose first name is neither a config group nor a top-level key
     (``grpah=vv``, ``grpah.k_inter=5``), naming the closest valid one; ``None`` when all are known.
     (Hydra's own advice for these, "append with +grpah=vv", would add a key nothing reads.)"""
-    import difflib
-
     import yaml
 
     folder = Path(conf or config_dir())
@@ -352,9 +359,8 @@ def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
         first = name.split(".", 1)[0].split("/", 1)[0]
         if not first or first in known:
             continue
-        close = [k for k in sorted(known) if k.lower() == first.lower()] or \
-            difflib.get_close_matches(first, sorted(known - {"hydra"}), n=1, cutoff=0.5)
-        hint = f"did you mean {name.replace(first, close[0], 1)}={value}? " if close else ""
+        close = closest_name(first, known - {"hydra"})
+        hint = f"did you mean {name.replace(first, close, 1)}={value}? " if close else ""
         return (f"'{first}' is neither a config group nor a setting: {hint}(groups: {', '.join(groups)}; "
                 f"top-level settings: {', '.join(keys)}; `python -m ldsc.run --help` lists them).")
     return None
@@ -365,8 +371,6 @@ def misspelt_nested_key(argv: list[str], conf: str | None = None) -> str | None:
     (``graph.kinter=3``), with the closest valid one; ``None`` when all exist. The config is
     composed once without those overrides (Hydra's own answer would be "append with +graph.kinter",
     which adds a key nothing reads)."""
-    import difflib
-
     from omegaconf import DictConfig
 
     plain = [a for a in argv if "=" in a and not a.startswith(("-", "hydra.", "hydra/"))]
@@ -397,10 +401,9 @@ def misspelt_nested_key(argv: list[str], conf: str | None = None) -> str | None:
                 except Exception:  # noqa: BLE001 - a mandatory value not set yet: it exists
                     break
                 continue
-            close = [k for k in keys if k.lower() == part.lower()] or difflib.get_close_matches(part, keys, n=1,
-                                                                                               cutoff=0.5)
+            close = closest_name(part, keys)
             parent = ".".join(parts[:i])
-            hint = f"did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1:]])}={value}? " if close else ""
+            hint = f"did you mean {'.'.join([*parts[:i], close, *parts[i + 1:]])}={value}? " if close else ""
             return f"'{key}' is not a setting: {parent} has no '{part}'; {hint}({parent} has: {', '.join(keys)})."
     return None
 
@@ -431,6 +434,8 @@ def main() -> None:
 #: sweep bookkeeping (``-m``): the overrides of every job run, and the numbers of the refused ones
 _job_overrides: dict[int, list[str]] = {}
 _failed_jobs: list[int] = []
+
+
 def quiet_exit(code: int) -> None:
     """End a process launched by rank 0 at once, after flushing its logs: a normal interpreter exit
     with the process group's threads still running can end in C++'s "terminate called without an
@@ -461,7 +466,7 @@ def wait_for_launched_processes(timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
-def report_error(err: LdscError, cfg: DictConfig, console: bool = True) -> None:
+def report_error(err: LdscError, console: bool = True) -> None:
     """Print ``err`` once, as one sentence on stderr, and put it into the run's log file (not on the
     console a second time)."""
     root = logging.getLogger()
@@ -523,13 +528,13 @@ def run_main(cfg: DictConfig) -> None:
             raise
 
         if launch_rank() != 0:  # a process launched by the first: the first says it (once), this one logs it
-            report_error(err, cfg, console=False)
+            report_error(err, console=False)
             quiet_exit(getattr(err, "exit_code", 1))
         from ldsc.validate import runs_on_several_processes
 
         if runs_on_several_processes(cfg):  # whatever they print on their way out comes before the sentence
             wait_for_launched_processes()
-        report_error(err, cfg)
+        report_error(err)
         remove_stub_folder(cfg.paths.output_dir)
         if sweep:  # the other jobs still run; the sweep exits non-zero at the end (see main)
             _failed_jobs.append(int(hc.job.num))
