@@ -23,7 +23,7 @@ STAGES = {
 #: helpers every stage may use: errors, collectives (no-ops in one process), progress, timings, safe writes
 UTILITIES = {"ldsc.errors", "ldsc.distributed", "ldsc.progress", "ldsc.profiling", "ldsc.atomic"}
 #: the stages that are laid out as packages so far (the rest of the layout moves in later steps)
-PACKAGED = ["features", "graphs", "evaluation"]
+PACKAGED = ["features", "graphs", "spectral", "evaluation"]
 
 
 def _stage(module: str) -> int | None:

@@ -22,7 +22,7 @@ from ldsc.spectral import svd_order
 def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], config: dict | None = None,
                       keep_order: bool = False) -> torch.Tensor:
     """SVD-order ``Z`` (``(n, K, H, W)``; ``keep_order``: it is orthonormal and eigenvalue-ordered
-    already, see :func:`~ldsc.spectral.svd_order`), write ``eigvecs.pt`` and ``files.json``;
+    already, see :func:`~ldsc.spectral.alignment.svd_order`), write ``eigvecs.pt`` and ``files.json``;
     returns the ordered eigenvectors."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """``solver=exact``: the exact reference (``docs/method.md``, "Exact reference").
 
 The first training step receives the whole data set's graphs from the data module, forms
-``M = Σ_l w_l U_lᵀ S_l U_l`` as a scipy sparse matrix (:func:`~ldsc.spectral.exact_operator`) and
+``M = Σ_l w_l U_lᵀ S_l U_l`` as a scipy sparse matrix (:func:`~ldsc.spectral.exact.exact_operator`) and
 writes its top-``K`` eigenvectors (``scipy.sparse.linalg.eigsh``) into the table; the run stops
 there. Export and figures then work as for any solver. With ``graph.search=exact`` the graphs
 are those of brute-force neighbour search: the reference other solvers are measured against.

@@ -5,8 +5,8 @@ the whole data set); this solver finds the leading ``K`` eigenvectors of
 
 ``M = Σ_l w_l U_lᵀ S_l U_l``  (averaged over draws)
 
-by LOBPCG (:func:`~ldsc.spectral.lobpcg_step`), applied as sparse products
-(:class:`~ldsc.spectral.LayerOperator`). The eigenvector table *is* the iterate: a training step
+by LOBPCG (:func:`~ldsc.spectral.lobpcg.lobpcg_step`), applied as sparse products
+(:class:`~ldsc.spectral.operator.LayerOperator`). The eigenvector table *is* the iterate: a training step
 runs ``iters_per_step`` LOBPCG iterations on it, the progress bar shows the residual, and the run
 stops once every one of the ``K`` residuals ``‖Mx − θx‖`` is at most ``tol · θ_max``. The
 iteration's whole state (the table ``X``, ``MX``, the search directions ``P`` and ``MP``, the Ritz
