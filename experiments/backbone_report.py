@@ -49,7 +49,7 @@ def compose_backbone(name: str, overrides: list[str]):
 
 def images(n: int, size: int) -> torch.Tensor:
     """``n`` real photographs (../shared/data if present, else scikit-image's) as ``(n,3,size,size)``."""
-    from ldsc.data import image_tensor
+    from ldsc.runtime.data import image_tensor
 
     shared = REPO.parent / "shared" / "data" / "coco_val2017_first100"
     if shared.is_dir():

@@ -84,7 +84,7 @@ def test_folder_recursive_switch(tmp_path):
     """data.recursive: images in subfolders are found unless it is false."""
     from PIL import Image
 
-    from ldsc.data import FolderDataModule
+    from ldsc.runtime.data import FolderDataModule
 
     (tmp_path / "sub").mkdir()
     for p in (tmp_path / "a.png", tmp_path / "sub" / "b.png"):

@@ -30,7 +30,7 @@ def test_presets_compose_with_every_backbone(compose, preset, backbone):
     command line (the COCO-Stuff table and the no-download pixel runs do that)."""
     cfg = compose([f"experiment={preset}", f"backbone={backbone}", "++data.path=/tmp/x.jpg"])
     c = OmegaConf.to_container(cfg, resolve=True)
-    assert c["K"] == 15 and c["callbacks"]["evaluate"]["_target_"] == "ldsc.callbacks.EvaluateRun"
+    assert c["K"] == 15 and c["callbacks"]["evaluate"]["_target_"] == "ldsc.runtime.callbacks.EvaluateRun"
     assert list(c["callbacks"]).index("evaluate") > list(c["callbacks"]).index("export")
     default = compose([f"experiment={preset}", "++data.path=/tmp/x.jpg"])
     assert default.backbone._target_.endswith("StableDiffusionBackbone")

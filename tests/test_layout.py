@@ -17,13 +17,18 @@ STAGES = {
     "ldsc.features": 1,
     "ldsc.graphs": 2,
     "ldsc.spectral": 3,
-    "ldsc.solvers": 4,
-    "ldsc.evaluation": 5, "ldsc.viz": 5,
+    "ldsc.estimator": 4, "ldsc.solvers": 4,
+    "ldsc.evaluation": 5, "ldsc.export": 5,
+    "ldsc.runtime": 6,
+    "ldsc.run": 7, "ldsc.extend": 7, "ldsc.evaluate": 7, "ldsc.bench": 7,
 }
-#: helpers every stage may use: errors, collectives (no-ops in one process), progress, timings, safe writes
-UTILITIES = {"ldsc.errors", "ldsc.distributed", "ldsc.progress", "ldsc.profiling", "ldsc.atomic"}
-#: the stages that are laid out as packages so far (the rest of the layout moves in later steps)
-PACKAGED = ["features", "graphs", "spectral", "evaluation"]
+#: helpers every stage may use: errors, collectives (no-ops in one process), progress, timings, safe
+#: writes, the signal flag long loops check
+UTILITIES = {"ldsc.errors", "ldsc.distributed", "ldsc.progress", "ldsc.profiling", "ldsc.atomic", "ldsc.interrupt"}
+#: the stages laid out as packages
+PACKAGED = ["features", "graphs", "spectral", "solvers", "evaluation", "runtime"]
+#: the packages and modules that may import Lightning or Hydra
+FRAMEWORK = {"solvers", "runtime"}
 
 
 def _stage(module: str) -> int | None:
@@ -47,6 +52,10 @@ def _imports(path: Path) -> list[str]:
 
 
 def _modules(package: str):
+    package = package.removeprefix("ldsc.")
+    if (SRC / f"{package}.py").is_file():
+        yield f"ldsc.{package}", SRC / f"{package}.py"
+        return
     for f in sorted((SRC / package).rglob("*.py")):
         yield "ldsc." + ".".join(f.relative_to(SRC).with_suffix("").parts), f
 
@@ -62,7 +71,7 @@ def test_a_stage_imports_only_earlier_stages_and_the_utilities(package):
             assert stage is not None and stage <= own, f"{name} imports {imported} (a later stage or the runtime)"
 
 
-@pytest.mark.parametrize("package", PACKAGED)
+@pytest.mark.parametrize("package", [p for p in PACKAGED if p not in FRAMEWORK] + ["estimator", "export", *sorted(UTILITIES)])
 def test_the_stages_below_the_runtime_import_neither_lightning_nor_hydra(package):
     for name, path in _modules(package):
         bad = [m for m in _imports(path) if m.split(".")[0] in ("lightning", "pytorch_lightning", "hydra")]
@@ -72,6 +81,26 @@ def test_the_stages_below_the_runtime_import_neither_lightning_nor_hydra(package
 def test_no_module_sits_where_its_stage_has_a_package():
     """The moved modules are gone from the top level (no second copy, no alias module)."""
     for old in ("images", "store", "neighbors", "graphs", "attention_graph", "segment", "segment_viz",
-                "cocostuff"):
+                "cocostuff", "spectral", "viz", "data", "callbacks", "validate", "run_folder", "strategies"):
         assert not (SRC / f"{old}.py").exists(), old
     assert (SRC / "features" / "backbones").is_dir() and not (SRC / "backbones").exists()
+
+
+def test_every_module_belongs_to_a_stage_or_is_a_utility():
+    """No module outside the layout: each file under src/ldsc is in a stage or a utility."""
+    for f in sorted(SRC.rglob("*.py")):
+        parts = f.relative_to(SRC).with_suffix("").parts
+        if parts == ("__init__",):
+            continue
+        name = "ldsc." + ".".join(p for p in parts if p != "__init__")
+        assert name in UTILITIES or _stage(name) is not None, f"{name} belongs to no stage"
+
+
+@pytest.mark.parametrize("module", ["ldsc.run", "ldsc.extend", "ldsc.evaluate", "ldsc.bench", "ldsc.estimator", "ldsc.export"])
+def test_top_level_modules_import_only_their_own_or_earlier_stages(module):
+    own = _stage(module)
+    for name, path in _modules(module):
+        for imported in _imports(path):
+            if imported.startswith("ldsc.") and imported not in UTILITIES:
+                stage = _stage(imported)
+                assert stage is not None and stage <= own, f"{name} imports {imported}"

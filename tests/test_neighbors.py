@@ -92,7 +92,7 @@ def test_approximate_search_recall_on_real_images(coco_dir, method):
     FAISS IVF and HNSW find at least 95 % of the exact inter-image neighbours, and never the
     query's own image."""
     from ldsc.features.backbones.pixel import PixelBackbone
-    from ldsc.data import image_tensor
+    from ldsc.runtime.data import image_tensor
 
     files = sorted(coco_dir.iterdir())[:12]
     bb = PixelBackbone()

@@ -67,7 +67,7 @@ def test_store_holds_fp16_vectors_per_layer_and_draw(tmp_path):
     arr = store.array(0, "v")
     assert arr.dtype == np.float16 and arr.shape[:2] == (2, 2)
     assert [layer["grid"] for layer in store.layers] == [[16, 16], [8, 8], [4, 4]]
-    fresh = bb(torch.stack([__import__("ldsc.data", fromlist=["x"]).image_tensor(f, bb.input_size) for f in files]))
+    fresh = bb(torch.stack([__import__("ldsc.runtime.data", fromlist=["x"]).image_tensor(f, bb.input_size) for f in files]))
     assert torch.allclose(store.vectors(1, "q"), fresh[1].q, atol=2e-3)
     feats = store.features([1, 0])  # any order
     assert torch.allclose(feats[0].v[0], store.vectors(0, "v", images=[1])[0])

@@ -245,7 +245,7 @@ def test_a_full_disk_at_the_checkpoint_is_one_sentence_and_leaves_no_temporary(c
 
 
 def test_outputs_inside_the_image_folder_are_not_images(tmp_path):
-    from ldsc.data import FolderDataModule
+    from ldsc.runtime.data import FolderDataModule
 
     images = tmp_path / "images"
     images.mkdir()
@@ -320,7 +320,7 @@ def test_the_memory_estimate_counts_the_intra_image_similarity_block():
 def test_figures_keep_the_image_shape_and_share_one_labelled_colour_scale(tmp_path):
     from PIL import Image
 
-    from ldsc import viz
+    from ldsc.evaluation import figures as viz
 
     wide = Image.new("RGB", (200, 100))
     E = torch.randn(2, 5, 16, 16)

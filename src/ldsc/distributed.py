@@ -1,5 +1,5 @@
 """Several processes, one run: the collectives of a row-sharded run (the processes themselves are
-started by Lightning: :class:`ldsc.strategies.ShardedDDPStrategy`, ``trainer=ddp`` on GPUs with
+started by Lightning: :class:`ldsc.runtime.strategies.ShardedDDPStrategy`, ``trainer=ddp`` on GPUs with
 NCCL, ``trainer=ddp_cpu`` on gloo).
 
 A run on ``P`` processes splits the images into ``P`` contiguous ranges (:func:`shard`); rank

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ldsc import viz
+from ldsc.evaluation import figures as viz
 from ldsc.atomic import atomic_torch_save, atomic_write_text
 from ldsc.features.images import load_image
 from ldsc.spectral import svd_order

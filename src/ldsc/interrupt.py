@@ -3,7 +3,7 @@ terminal closed) end a run with a checkpoint and a non-zero exit instead of a lo
 exit 0.
 
 While the solver trains, the first signal only sets :data:`requested`; the solver stops at its next
-iteration, :class:`~ldsc.callbacks.SolverCheckpoint` saves ``last.ckpt`` and raises
+iteration, :class:`~ldsc.runtime.callbacks.SolverCheckpoint` saves ``last.ckpt`` and raises
 :class:`RunInterrupted`, and the entry point prints one sentence (how to resume) and exits with
 ``128 + signal number``. A second Ctrl-C stops at once (one sentence too, no traceback). Before
 training has started there is no state worth saving, so a signal stops the run immediately.

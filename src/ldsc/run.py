@@ -18,10 +18,10 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ldsc.atomic import folder_lock
-from ldsc.run_folder import refuse_overwrite, remove_stub_folder
+from ldsc.runtime.run_folder import refuse_overwrite, remove_stub_folder
 from ldsc.errors import ConfigError, LdscError
 from ldsc.interrupt import graceful_signals
-from ldsc.validate import validate
+from ldsc.runtime.validate import validate
 
 log = logging.getLogger("ldsc")
 # FAISS reports at INFO which CPU build it loaded (and a failed AVX2 probe) on every import
@@ -203,7 +203,7 @@ def _fit_inside(cfg: DictConfig):
 
     if launch_rank() != 0:  # the other processes of a run on several: warnings and errors only, no repeats
         logging.getLogger("ldsc").setLevel(logging.WARNING)
-    from ldsc.callbacks import ExportEigenvectors, StageTimer
+    from ldsc.runtime.callbacks import ExportEigenvectors, StageTimer
     from ldsc.profiling import stage
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -223,7 +223,7 @@ def _fit_inside(cfg: DictConfig):
     bars = [c for c in callbacks if isinstance(c, ProgressBar)]
     callbacks = [StageTimer(datamodule.stages, "solve"), *bars, *(c for c in callbacks if c not in bars),
                  StageTimer(datamodule.stages, "export")]
-    from ldsc.callbacks import SolverCheckpoint
+    from ldsc.runtime.callbacks import SolverCheckpoint
 
     signature = run_signature(cfg, datamodule.prepare_files(), base)
     for cb in callbacks:
@@ -486,7 +486,7 @@ def refuse_local_sweep_on_several_processes(cfg: DictConfig) -> None:
 
     if not HydraConfig.initialized():
         return
-    from ldsc.validate import runs_on_several_processes
+    from ldsc.runtime.validate import runs_on_several_processes
 
     hc = HydraConfig.get()
     if hc.mode == RunMode.MULTIRUN and runs_on_several_processes(cfg) and "BasicLauncher" in str(hc.launcher.get("_target_", "")):
@@ -530,7 +530,7 @@ def run_main(cfg: DictConfig) -> None:
         if launch_rank() != 0:  # a process launched by the first: the first says it (once), this one logs it
             report_error(err, console=False)
             quiet_exit(getattr(err, "exit_code", 1))
-        from ldsc.validate import runs_on_several_processes
+        from ldsc.runtime.validate import runs_on_several_processes
 
         if runs_on_several_processes(cfg):  # whatever they print on their way out comes before the sentence
             wait_for_launched_processes()

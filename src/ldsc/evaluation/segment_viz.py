@@ -34,11 +34,11 @@ def resize_nearest(a: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def embedding_rgb(eigvecs) -> np.ndarray:
-    """``(K, h, w)`` -> ``(h, w, 3)``: :func:`ldsc.viz.pca_rgb` of the eigenvectors without the
+    """``(K, h, w)`` -> ``(h, w, 3)``: :func:`ldsc.evaluation.figures.pca_rgb` of the eigenvectors without the
     near-constant channel 0 (as in the paper's figure)."""
     import torch
 
-    from ldsc.viz import pca_rgb
+    from ldsc.evaluation.figures import pca_rgb
 
     E = torch.as_tensor(np.asarray(eigvecs, dtype=np.float32))
     return pca_rgb(E[1:] if E.shape[0] > 1 else E)
@@ -144,7 +144,7 @@ def four_panel_figure(
         fig.suptitle(title)
     if path is None:
         return fig
-    from ldsc.viz import save
+    from ldsc.evaluation.figures import save
 
     return save(fig, path, dpi=100)
 
@@ -173,6 +173,6 @@ def confusion_figure(
     fig.tight_layout()
     if path is None:
         return fig
-    from ldsc.viz import save
+    from ldsc.evaluation.figures import save
 
     return save(fig, path, dpi=100)

@@ -340,3 +340,46 @@ def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbon
             shutil.rmtree(path, ignore_errors=True)  # a partial store only takes space
         raise ConfigError(f"Could not write the feature store to '{path}' ({err.strerror or err}): set store.dir "
                           f"to a writable folder with enough space.") from err
+
+
+class MemoryStore:
+    """The read interface of :class:`FeatureStore` over token vectors already in memory (what
+    :class:`ldsc.LDSC` fits on): the same graph code reads either.
+
+    Args:
+        features: one :class:`LayerFeatures` per layer, each holding every image (``(n, heads, h,
+            w, d)`` tensors); draws: always 1 (one backbone pass per image).
+    """
+
+    draws = 1
+
+    def __init__(self, features: Sequence[LayerFeatures], kinds: Sequence[str]):
+        if not features:
+            raise ConfigError("no layers given: pass one tensor (or q/k/v dict) per layer.")
+        self.source = list(features)
+        self.kinds = list(kinds)
+        self.files: list[str] = []
+        self.n_images = features[0].batch_size
+        self.layers = []
+        for layer in self.source:
+            if layer.batch_size != self.n_images:
+                raise ConfigError(f"layer {layer.name} holds {layer.batch_size} images, the first layer {self.n_images}: "
+                                  f"every layer must hold the same images.")
+            for kind in self.kinds:
+                layer.vectors(kind)  # one sentence now if a kind is missing
+            t = layer.vectors(self.kinds[0])
+            self.layers.append({"name": layer.name, "grid": list(layer.grid), "heads": layer.heads, "dim": int(t.shape[-1])})
+
+    def vectors(self, layer: int, kind: str, draw: int = 0, images: slice | Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, heads, h, w, d)`` float32 vectors of ``images`` (default all)."""
+        t = self.source[layer].vectors(kind)
+        t = t if images is None else t[images if isinstance(images, slice) else torch.as_tensor(np.asarray(images))]
+        return t.float()
+
+    def features(self, images: Sequence[int], draw: int = 0) -> list[LayerFeatures]:
+        """The :class:`LayerFeatures` of a subset of images (as :meth:`FeatureStore.features`)."""
+        idx = torch.as_tensor(np.asarray(list(images)), dtype=torch.long)
+        return [LayerFeatures(name=layer.name, **{k: layer.vectors(k)[idx] for k in self.kinds}) for layer in self.source]
+
+    def release(self) -> None:
+        """Nothing to unmap."""

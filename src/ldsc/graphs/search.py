@@ -491,3 +491,51 @@ def knn_recall(approx: Tensor, exact: Tensor) -> float:
     hit = (e.unsqueeze(2) == a.unsqueeze(1)).any(2) & valid
     return float(hit.sum()) / max(int(valid.sum()), 1)
 
+
+
+class TokenIndex:
+    """The fitted tokens of one layer, searchable by tokens of *new* images (out-of-sample
+    extension): ``search(q, k)`` returns each query's ``k`` most similar fitted tokens.
+
+    ``method`` as :func:`inter_image_knn`, resolved from ``auto`` by :func:`choose_search` on the
+    number of fitted tokens: ``exact`` is FAISS's flat inner-product search; ``cluster`` (a search
+    *within* a data set, which has no index for outside queries) becomes ``ivf``: FAISS
+    ``IndexIVFFlat`` with ``nlist`` lists (default ``2·√N``) of which ``nprobe`` are visited per
+    query; ``hnsw`` is ``IndexHNSWFlat``. The cost of a query does not grow with the queries
+    answered before it.
+
+    Args:
+        y: ``(N, d)`` unit rows of the fitted tokens (CPU).
+    """
+
+    def __init__(self, y: Tensor, method: str = "auto", exact_max_tokens: int = 16384, nlist: int | None = None,
+                 nprobe: int = 12, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64, seed: int = 0):
+        import faiss
+
+        method = choose_search(method, y.shape[0], exact_max_tokens)
+        self.method = "ivf" if method == "cluster" else method
+        self.nprobe, self.ef_search = int(nprobe), int(ef_search)
+        self.n = int(y.shape[0])
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        ya = np.ascontiguousarray(y.detach().float().cpu().numpy())
+        if self.method == "exact":
+            self.index = faiss.IndexFlatIP(ya.shape[1])
+            self.index.add(ya)
+        else:
+            self.index = _faiss_index(ya, self.method, nlist, hnsw_m, ef_construction, seed)
+
+    def search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``(idx (m, k) int64, sim (m, k) float32)`` of the unit query rows ``q`` ``(m, d)``;
+        ``-1`` / ``-inf`` where fewer than ``k`` tokens were found."""
+        import faiss
+
+        k = min(int(k), self.n)
+        qa = np.ascontiguousarray(q.detach().float().cpu().numpy())
+        params = None
+        if self.method == "ivf":
+            params = faiss.SearchParametersIVF(nprobe=self.nprobe)
+        elif self.method == "hnsw":
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+        D, Ii = self.index.search(qa, k, params=params)
+        D[Ii < 0] = -np.inf
+        return torch.from_numpy(Ii), torch.from_numpy(D)

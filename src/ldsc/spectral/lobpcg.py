@@ -173,3 +173,40 @@ def lobpcg_top(
         theta, X, P, AP, _ = lobpcg_step(apply, X, AX, theta, P, AP, reduce=reduce)
         it += 1
     return theta, X, it
+
+
+def random_start(seed: int, rows: slice, m: int, dtype: torch.dtype = torch.float32, chunk: int = 1 << 14) -> Tensor:
+    """Rows ``rows`` of a Gaussian ``(n, m)`` starting block, drawn in fixed chunks of ``chunk`` rows
+    (chunk ``c`` from a generator seeded by ``(seed, c)``): any process's share of the rows is the
+    same as in a one-process run."""
+    out = torch.empty(rows.stop - rows.start, m, dtype=dtype)
+    for c in range(rows.start // chunk, -(-rows.stop // chunk)):
+        lo, hi = max(rows.start, c * chunk), min(rows.stop, (c + 1) * chunk)
+        g = torch.Generator().manual_seed((int(seed) + 1_000_003 * c) % 2**63)
+        block = torch.randn(chunk, m, generator=g, dtype=dtype)
+        out[lo - rows.start:hi - rows.start] = block[lo - c * chunk:hi - c * chunk]
+    return out
+
+
+def converged(residual: Tensor, theta: Tensor, K: int, tol: float) -> bool:
+    """Whether the ``K`` leading residuals ``‖Ax − θx‖`` are at most ``tol · max|θ|``."""
+    return bool((residual[:K] <= tol * theta.abs().max()).all())
+
+
+def lobpcg_iterate(apply, X: Tensor, AX: Tensor, P: Tensor, AP: Tensor, theta: Tensor, residual: Tensor, K: int,
+                   tol: float, iters: int, use_directions: bool, reduce=None, stop=None) -> tuple[int, bool]:
+    """Up to ``iters`` :func:`lobpcg_step` iterations, in place on the buffers (``theta`` and
+    ``residual`` too), stopping early once :func:`converged` or when ``stop()`` says so: the
+    loop of both the CLI's default solver and :meth:`ldsc.LDSC.fit`.
+
+    Returns ``(iterations run, use_directions)`` (``P``/``AP`` hold directions after the first)."""
+    done = 0
+    for _ in range(int(iters)):
+        if converged(residual, theta, K, tol) or (stop is not None and stop()):
+            break
+        new_theta, _, _, _, rn = lobpcg_step(apply, X, AX, theta, P, AP, use_directions=use_directions, reduce=reduce)
+        use_directions = True
+        theta.copy_(new_theta)
+        residual.copy_(rn.double())
+        done += 1
+    return done, use_directions

@@ -64,6 +64,39 @@ def pool_operator(base: tuple[int, int], grid: tuple[int, int]) -> Tensor:
 
 
 
+def pool_rows(X: Tensor, base: tuple[int, int], grid: tuple[int, int], n_images: int, U: Tensor | None) -> Tensor:
+    """``U_l X`` up to a factor: ``(B·H·W, m)`` rows -> ``(B·h·w, m)`` layer rows. For grids that
+    divide the base grid, the mean over each window (``U_l X / √area``, undone by
+    :func:`add_unpooled`); otherwise ``U`` (:func:`pool_operator` as CSR) applied per image."""
+    (H, W), (h, w), B, m = base, grid, n_images, X.shape[1]
+    if U is None:
+        fy, fx = H // h, W // w
+        if fy == fx == 1:
+            return X
+        X6 = X.reshape(B, h, fy, w, fx, m)
+        out = X6[:, :, 0, :, 0].clone()
+        for i in range(fy):  # a sum of strided slices: much faster than .mean((2, 4))
+            for j in range(fx):
+                if i or j:
+                    out += X6[:, :, i, :, j]
+        return out.div_(fy * fx).reshape(B * h * w, m)
+    Xi = X.reshape(B, H * W, m).permute(1, 0, 2).reshape(H * W, B * m)
+    return (U @ Xi).reshape(h * w, B, m).permute(1, 0, 2).reshape(B * h * w, m)
+
+
+def add_unpooled(out: Tensor, Y: Tensor, base: tuple[int, int], grid: tuple[int, int], n_images: int,
+                 U: Tensor | None, weight: float) -> None:
+    """``out += weight · U_lᵀ Y`` (``Y`` ``(B·h·w, m)``, ``out`` ``(B·H·W, m)``; see :func:`pool_rows`):
+    for divisible grids a broadcast add of each layer value onto its pixels (no upsampled copy)."""
+    (H, W), (h, w), B, m = base, grid, n_images, Y.shape[1]
+    if U is None:
+        out.view(B, h, H // h, w, W // w, m).add_(Y.view(B, h, 1, w, 1, m), alpha=weight)
+        return
+    Yi = Y.reshape(B, h * w, m).permute(1, 0, 2).reshape(h * w, B * m)
+    up = (U.transpose(0, 1) @ Yi).reshape(H * W, B, m).permute(1, 0, 2).reshape(B * H * W, m)
+    out.add_(up, alpha=weight)
+
+
 class LayerOperator:
     """``M = Σ_l w_l U_lᵀ S_l U_l`` of one batch's graphs (docs/method.md, Exact reference), applied as sparse products.
 

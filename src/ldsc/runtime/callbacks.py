@@ -223,7 +223,7 @@ class ExportEigenvectors(L.Callback):
 
 
 class EvaluateRun(L.Callback):
-    """After :class:`ExportEigenvectors` has written ``eigvecs.pt``, run :func:`ldsc.evaluate.evaluate_run`
+    """After :class:`ExportEigenvectors` has written ``eigvecs.pt``, run :func:`ldsc.evaluation.dataset.evaluate_run`
     on the output folder: four-panel figures, what/where and, with ``labels``, mIoU — the same as
     ``python -m ldsc.evaluate OUTPUT_DIR`` afterwards. Add it with ``+callbacks.evaluate=...`` or
     an experiment preset (``conf/experiment/paper_*.yaml``); it must come after ``export``."""
@@ -237,7 +237,7 @@ class EvaluateRun(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        from ldsc.evaluate import evaluate_run, format_summary
+        from ldsc.evaluation.dataset import evaluate_run, format_summary
 
         m = evaluate_run(self.output_dir, labels=self.labels, label_map=self.label_map,
                          clusters=self.clusters, n_figures=self.figures, use_wandb=False)
