@@ -92,8 +92,8 @@ def test_paper_single_image_recipe_separates_planted_blocks():
 
 
 def test_fast_solver_separates_planted_blocks():
-    from ldsc.solvers.fast import FastSolver
+    from ldsc.solvers.lobpcg import LobpcgSolver
 
     L.seed_everything(0, verbose=False)
-    solver = fit(FastSolver(n_images=1, K=4, base_size=BASE), epochs=3)
+    solver = fit(LobpcgSolver(n_images=1, K=4, base_size=BASE), epochs=3)
     assert blocks_recovered(solver) > 0.95

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ldsc.errors import ConfigError
 from ldsc.graphs.knn import LayerGraph, knn_affinity, random_walk
 from ldsc.run import fit as run_fit
-from ldsc.solvers.fast import FastSolver
+from ldsc.solvers.lobpcg import LobpcgSolver
 from ldsc.spectral import exact_eigenvectors, subspace_alignment
 
 
@@ -23,7 +23,7 @@ def test_fast_solver_reaches_the_exact_eigenspace_of_a_planted_graph():
     data = PlantedData()
     _, ref = exact_eigenvectors(data.graphs, (16, 16), 4)
     L.seed_everything(0, verbose=False)
-    solver = fit(FastSolver(n_images=1, K=4, base_size=16, tol=1e-5), epochs=4)
+    solver = fit(LobpcgSolver(n_images=1, K=4, base_size=16, tol=1e-5), epochs=4)
     assert subspace_alignment(solver.eigenvectors(), ref) >= 0.999
     assert solver.eigenvectors().shape == (1, 4, 16, 16)
 
@@ -82,7 +82,7 @@ def test_fast_solver_reaches_the_exact_eigenspace_of_data_set_graphs():
     data = PlantedFeatures()
     _, ref = exact_eigenvectors(data.graphs, (8, 8), 4)
     L.seed_everything(0, verbose=False)
-    solver = FastSolver(n_images=data.n, K=4, base_size=8, tol=1e-5, iters_per_step=5)
+    solver = LobpcgSolver(n_images=data.n, K=4, base_size=8, tol=1e-5, iters_per_step=5)
     trainer = fit_planted(solver, epochs=40)
     assert solver.converged() and trainer.current_epoch < 40  # stopped by the tolerance
     assert subspace_alignment(solver.eigenvectors(), ref) >= 0.9999
@@ -92,14 +92,14 @@ def test_resume_mid_solve_equals_an_uninterrupted_run(tmp_path):
     """Two steps, a checkpoint, then the rest in a new process-like trainer: the same iterate and
     the same eigenvectors as one uninterrupted run (the iteration's whole state is checkpointed)."""
     L.seed_everything(0, verbose=False)
-    whole = FastSolver(n_images=6, K=4, base_size=8, tol=1e-5, iters_per_step=2)
+    whole = LobpcgSolver(n_images=6, K=4, base_size=8, tol=1e-5, iters_per_step=2)
     fit_planted(whole, epochs=6)
     L.seed_everything(0, verbose=False)
-    first = FastSolver(n_images=6, K=4, base_size=8, tol=1e-5, iters_per_step=2)
+    first = LobpcgSolver(n_images=6, K=4, base_size=8, tol=1e-5, iters_per_step=2)
     fit_planted(first, epochs=2, save_to=tmp_path / "mid.ckpt")
     assert int(first.iterations) == 4 and not first.converged()  # really stopped mid-solve
     L.seed_everything(1, verbose=False)  # another seed: the start must come from the checkpoint
-    resumed = FastSolver(n_images=6, K=4, base_size=8, tol=1e-5, iters_per_step=2)
+    resumed = LobpcgSolver(n_images=6, K=4, base_size=8, tol=1e-5, iters_per_step=2)
     fit_planted(resumed, epochs=6, ckpt_path=tmp_path / "mid.ckpt")
     assert int(resumed.iterations) == int(whole.iterations) > 4
     assert torch.equal(resumed.eigenvectors(), whole.eigenvectors())
@@ -127,7 +127,7 @@ def test_exact_solver_end_to_end_and_the_alignment_monitor(compose):
 
 def test_default_solver_is_fast_converges_and_logs_its_alignment(compose):
     cfg = compose([*TINY, "logger=csv", "trainer.max_epochs=20"])
-    assert cfg.solver._target_.endswith("FastSolver")
+    assert cfg.solver._target_.endswith("LobpcgSolver")
     solver = run_fit(cfg)
     assert solver.converged() and solver.trainer.current_epoch < 20
     rows = metrics(cfg)
@@ -166,7 +166,7 @@ def test_alignment_monitor_can_be_switched_off_and_skips_large_runs(compose, tmp
 
 def test_exact_solver_refuses_a_graph_set_too_large(compose):
     cfg = compose([*TINY, "solver=exact", "solver.max_tokens=100"])
-    with pytest.raises(ConfigError, match="above solver.max_tokens=100: use solver=fast"):
+    with pytest.raises(ConfigError, match="above solver.max_tokens=100: use solver=lobpcg"):
         run_fit(cfg)
 
 

@@ -2,7 +2,7 @@
 
 ``eigvecs.pt`` holds ``eigvecs`` ``(n_images, K, H, W)`` (channel 0 first: SVD-ordered for the
 paper's solver, whose pseudo-eigenvectors are not orthogonal; in order of decreasing eigenvalue
-for the fast and exact solvers, whose output is), ``singular_values`` ``(K,)``, ``files`` (index -> image path), ``K``,
+for the LOBPCG and exact solvers, whose output is), ``singular_values`` ``(K,)``, ``files`` (index -> image path), ``K``,
 ``base_size`` and the resolved ``config``.
 """
 
@@ -20,13 +20,17 @@ from ldsc.spectral import svd_order
 
 
 def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], config: dict | None = None,
-                      keep_order: bool = False) -> torch.Tensor:
+                      keep_order: bool = False, keep_signs: bool = False) -> torch.Tensor:
     """SVD-order ``Z`` (``(n, K, H, W)``; ``keep_order``: it is orthonormal and eigenvalue-ordered
     already, see :func:`~ldsc.spectral.alignment.svd_order`), write ``eigvecs.pt`` and ``files.json``;
-    returns the ordered eigenvectors."""
+    returns the ordered eigenvectors. ``keep_signs``: write ``Z`` exactly as given (new images
+    embedded into a run: their signs are the run's)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    E, s = svd_order(Z, keep_order=keep_order)
+    if keep_signs:
+        E, s = Z.float(), Z.double().pow(2).sum((0, 2, 3)).sqrt().float()
+    else:
+        E, s = svd_order(Z, keep_order=keep_order)
     payload = {"eigvecs": E, "singular_values": s, "files": list(files), "K": E.shape[1],
                "base_size": E.shape[-1], "config": config or {}}
     atomic_torch_save(payload, out / "eigvecs.pt")

@@ -51,7 +51,7 @@ def take_over_sigterm(forward=None) -> None:
     """On several processes: handle SIGTERM here rather than in Lightning, whose handler runs a
     collective (a broadcast) inside the signal handler, which can interleave with the solver's own
     collectives and hang every process. This handler only sets :data:`requested` (the processes
-    agree on it at the solver's next iteration, :meth:`~ldsc.solvers.fast.FastSolver.stop_requested`)
+    agree on it at the solver's next iteration, :meth:`~ldsc.solvers.lobpcg.LobpcgSolver.stop_requested`)
     and passes the signal once to the processes this one launched (``forward(signum)``)."""
     global _forward
     _forward = forward

@@ -11,7 +11,7 @@ Pure functions on arrays/tensors — no Lightning, no Hydra — usable from a no
 
 Conventions: eigenvectors are those of ``RUN_DIR/eigvecs.pt``, channel 0 first: for the paper's
 solver SVD-ordered and scaled by their singular values (``U·Σ``, so Euclidean distances between
-rows equal distances between its pseudo-eigenvectors ``Z``); for the fast and exact solvers
+rows equal distances between its pseudo-eigenvectors ``Z``); for the LOBPCG and exact solvers
 orthonormal eigenvectors in order of decreasing eigenvalue (channel 0: the leading, degree-like
 one).
 Label maps use ``ignore_index`` (255) for unlabelled pixels.

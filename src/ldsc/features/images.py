@@ -110,3 +110,15 @@ def batch_seed(seed: int, epoch: int, index: torch.Tensor) -> int:
     images of the batch (so resumed runs redraw the same noise)."""
     key = f"{seed}:{epoch}:{','.join(map(str, index.tolist()))}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_paths(names: Sequence[str] = SAMPLE_FILES) -> list[str]:
+    """Paths of the colour photographs scikit-image ships (nothing to download)."""
+    import skimage.data
+
+    folder = Path(skimage.data.__file__).parent
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"scikit-image's sample images {missing} are not in '{folder}'; "
+                        f"available: {sorted(p.name for p in folder.iterdir() if p.suffix in IMAGE_EXTENSIONS)}.")
+    return [str(folder / n) for n in names]

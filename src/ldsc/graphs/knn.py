@@ -110,6 +110,15 @@ class DatasetGraph:
         if order is not None and rank is None:
             rank = self.inverse(order)
         self.rank = rank  # rank[token] = its stored node
+        #: ``(layer, head, draw)`` the graph was built from (head ``None`` unless ``heads="separate"``)
+        self.source: tuple[int, int | None, int] = (0, None, 0)
+        #: per token (token order): the similarity a new token must exceed to enter its inter-image
+        #: list (:func:`ldsc.graphs.extension.inter_radius`)
+        self.radius: Tensor | None = None
+        #: the reduction applied to the raw vectors before normalising (``graph.dim``), or ``None``
+        self.projection: Tensor | None = None
+        #: the fitted ``(x, y)`` unit vectors, kept with ``dataset_graphs(keep_vectors=True)``
+        self.vectors: tuple[Tensor, Tensor] | None = None
 
     @staticmethod
     def inverse(order: Tensor) -> Tensor:
@@ -610,6 +619,8 @@ class KnnGraphBuilder:
         projections: list = [None] * n_graphs
         if self.dim:
             projections = self._fit_projections(store, layer, draw, n_graphs)
+        #: the projections of the last :meth:`layer_vectors`, one per graph (``None``: no reduction)
+        self.projections = projections
         out = []
         for kind in dict.fromkeys((a, b)):
             full = None
@@ -651,11 +662,17 @@ class KnnGraphBuilder:
             projs.append(V[: self.dim].T.contiguous())
         return projs
 
-    def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None) -> list["DatasetGraph"]:
+    def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None,
+                       keep_vectors: bool = False) -> list["DatasetGraph"]:
         """The graphs of every layer (and draw) of ``store`` over all its images (see class
         docstring); with several draws each layer's graphs are weighted ``w_l / draws``, so the
         operator averages over draws. On a GPU ``device`` the intra-image search and the exact
-        inter-image search run there (the other methods on the CPU); the graphs stay on the CPU."""
+        inter-image search run there (the other methods on the CPU); the graphs stay on the CPU.
+        Each graph also records what new tokens need to join it (:mod:`ldsc.graphs.extension`):
+        its source, the inter-image radius of every token, the projection, and with
+        ``keep_vectors`` the unit vectors themselves (:class:`ldsc.LDSC` keeps them)."""
+        from ldsc.graphs.extension import inter_radius
+
         import time
 
         from ldsc.distributed import all_gather_rows, shard, shard_bounds, world_size
@@ -674,6 +691,7 @@ class KnnGraphBuilder:
                 T = h * w
                 t0 = time.perf_counter()
                 pairs = self.layer_vectors(store, li, draw)
+                projections = self.projections
                 if hasattr(store, "release"):
                     store.release()  # the vectors are in memory now: unmap the store's pages
                 self.timings["vectors"] += time.perf_counter() - t0
@@ -684,6 +702,7 @@ class KnnGraphBuilder:
                 for j in range(len(pairs)):
                     x, y = pairs[j]
                     pairs[j] = None  # freed after the search, before the symmetrisation
+                    kept = (x, y) if keep_vectors else None
                     xd, yd = x, y  # the vectors on the run's device (a GPU searches there)
                     if on_gpu:
                         xd = x.to(device)
@@ -716,6 +735,9 @@ class KnnGraphBuilder:
                             gather=all_gather_rows if sharded else None)[2]  # (keeping no view of the lists)
                         bar.close()
                     del x, y, xd, yd
+                    radius = inter_radius(sim[:, k_a:], k_e, self.threshold)
+                    if sharded:
+                        radius = all_gather_rows(radius)
                     release_free_memory()  # the search's temporaries, before the lists are copied
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
@@ -742,6 +764,9 @@ class KnnGraphBuilder:
                         name = f"{name}@draw{draw}"
                     graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws,
                                                order=order, rank=rank, image_range=(first, last) if sharded else None))
+                    graphs[-1].source = (li, j if n_graphs > 1 else None, draw)
+                    graphs[-1].radius, graphs[-1].projection, graphs[-1].vectors = radius, projections[j], kept
+                    del kept
                     t2 = time.perf_counter()
                     self.layer_timings.append({
                         "name": name, "tokens": n * T, "rows": q1 - q0, "dim": dims, "search": method,

@@ -498,24 +498,30 @@ class TokenIndex:
     extension): ``search(q, k)`` returns each query's ``k`` most similar fitted tokens.
 
     ``method`` as :func:`inter_image_knn`, resolved from ``auto`` by :func:`choose_search` on the
-    number of fitted tokens: ``exact`` is FAISS's flat inner-product search; ``cluster`` (a search
-    *within* a data set, which has no index for outside queries) becomes ``ivf``: FAISS
-    ``IndexIVFFlat`` with ``nlist`` lists (default ``2·√N``) of which ``nprobe`` are visited per
-    query; ``hnsw`` is ``IndexHNSWFlat``. The cost of a query does not grow with the queries
-    answered before it.
+    number of fitted tokens: ``exact`` is FAISS's flat inner-product search; ``cluster`` is the
+    fit's own clustered search (a :class:`ClusterTree` over the fitted tokens, built once; the new
+    queries of one leaf pick their ``nprobe`` most similar leaves among the leaf's nearest, and the
+    union is scored in one matrix product); ``ivf`` and ``hnsw`` are FAISS indexes. The cost of a
+    query does not grow with the queries answered before it.
 
     Args:
         y: ``(N, d)`` unit rows of the fitted tokens (CPU).
     """
 
     def __init__(self, y: Tensor, method: str = "auto", exact_max_tokens: int = 16384, nlist: int | None = None,
-                 nprobe: int = 12, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64, seed: int = 0):
-        import faiss
-
-        method = choose_search(method, y.shape[0], exact_max_tokens)
-        self.method = "ivf" if method == "cluster" else method
+                 nprobe: int = 12, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
+                 list_size: int = 128, seed: int = 0):
+        self.method = choose_search(method, y.shape[0], exact_max_tokens)
         self.nprobe, self.ef_search = int(nprobe), int(ef_search)
         self.n = int(y.shape[0])
+        if self.method == "cluster":
+            self.tree = ClusterTree(y, list_size, seed, neighbours=max(32, 4 * self.nprobe))
+            self.order, offsets = _by_list(self.tree.assign(y), self.tree.nlist)
+            self.starts = offsets.tolist()
+            self.keys = y[self.order].contiguous()  # in leaf order: a leaf's keys are one block
+            return
+        import faiss
+
         faiss.omp_set_num_threads(torch.get_num_threads())
         ya = np.ascontiguousarray(y.detach().float().cpu().numpy())
         if self.method == "exact":
@@ -527,9 +533,11 @@ class TokenIndex:
     def search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """``(idx (m, k) int64, sim (m, k) float32)`` of the unit query rows ``q`` ``(m, d)``;
         ``-1`` / ``-inf`` where fewer than ``k`` tokens were found."""
+        k = min(int(k), self.n)
+        if self.method == "cluster":
+            return self._cluster_search(q.float(), k)
         import faiss
 
-        k = min(int(k), self.n)
         qa = np.ascontiguousarray(q.detach().float().cpu().numpy())
         params = None
         if self.method == "ivf":
@@ -539,3 +547,19 @@ class TokenIndex:
         D, Ii = self.index.search(qa, k, params=params)
         D[Ii < 0] = -np.inf
         return torch.from_numpy(Ii), torch.from_numpy(D)
+
+    def _cluster_search(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The queries of one leaf scored together against the keys of that leaf's ``nprobe``
+        nearest leaves (itself first): one dense product per leaf, ``nprobe·list_size`` keys a query."""
+        tree = self.tree
+        qorder, qoff = _by_list(tree.assign(q), tree.nlist)
+        idx = torch.full((q.shape[0], k), -1, dtype=torch.long)
+        sim = torch.full((q.shape[0], k), float("-inf"))
+        for leaf in torch.nonzero(qoff[1:] > qoff[:-1]).squeeze(1).tolist():
+            rows = qorder[qoff[leaf]:qoff[leaf + 1]]
+            pos = torch.cat([torch.arange(self.starts[p], self.starts[p + 1]) for p in tree.near[leaf, :self.nprobe].tolist()])
+            kk = min(k, pos.numel())
+            if kk:
+                v, j = (q[rows] @ self.keys[pos].T).topk(kk, dim=1)
+                idx[rows, :kk], sim[rows, :kk] = self.order[pos[j]], v
+        return idx, sim

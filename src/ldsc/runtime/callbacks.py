@@ -199,6 +199,7 @@ class ExportEigenvectors(L.Callback):
             E = save_eigenvectors(self.output_dir, Z, files, self.run_config,
                                   keep_order=pl_module.eigenvalue_ordered)
             log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
+            self._save_model(trainer, pl_module, E)
             if self.figures:
                 self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)
                 log.info("figures written to %s", self.output_dir / "figures")
@@ -210,6 +211,22 @@ class ExportEigenvectors(L.Callback):
                             f"command with `resume=true hydra.run.dir={self.output_dir}` to export.") from None
         if self.figures:
             self._log_images(trainer)
+
+    def _save_model(self, trainer: L.Trainer, pl_module, E) -> None:
+        """``fit.safetensors``: what ``python -m ldsc.extend`` needs to embed new images into this
+        run (eigenvalues, each graph's degrees and radii; the token vectors stay in the feature
+        store) — written for solvers with eigenvalues on whole-data-set kNN graphs."""
+        dm = trainer.datamodule
+        graphs = getattr(dm, "graphs", None)
+        if not graphs or getattr(graphs[0], "radius", None) is None or getattr(pl_module, "theta", None) is None:
+            return
+        from ldsc.estimator import LDSC
+
+        model = LDSC.from_solution(dm.graph_builder, E, pl_module.theta[: pl_module.K], graphs, dm.store.layers,
+                                   store_path=str(dm.store.path), tol=pl_module.tol, oversample=pl_module.m - pl_module.K)
+        model.save(self.output_dir / "fit.safetensors", vectors=False)
+        log.info("fitted model written to %s (new images: python -m ldsc.extend %s data.root=...)",
+                 self.output_dir / "fit.safetensors", self.output_dir)
 
     def _log_images(self, trainer: L.Trainer) -> None:
         try:

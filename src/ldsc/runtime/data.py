@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ldsc.errors import DataError
-from ldsc.features.images import (IMAGE_EXTENSIONS, SAMPLE_FILES, ImageFiles, batch_seed,  # noqa: F401 (re-exported)
+from ldsc.features.images import (IMAGE_EXTENSIONS, SAMPLE_FILES, ImageFiles, batch_seed, sample_paths,  # noqa: F401 (re-exported)
                                   image_tensor, load_image, readable_images)
 
 log = logging.getLogger(__name__)
@@ -386,14 +386,7 @@ class SamplesDataModule(ImageDataModule):
         self.names = list(names)
 
     def find_images(self) -> list[str]:
-        import skimage.data
-
-        folder = Path(skimage.data.__file__).parent
-        missing = [n for n in self.names if not (folder / n).is_file()]
-        if missing:
-            raise DataError(f"scikit-image's sample images {missing} are not in '{folder}'; "
-                            f"available: {sorted(p.name for p in folder.iterdir() if p.suffix in IMAGE_EXTENSIONS)}.")
-        return [str(folder / n) for n in self.names]
+        return sample_paths(self.names)
 
 
 class CocoDataModule(FolderDataModule):

@@ -8,8 +8,8 @@ from lightning.pytorch.strategies import DDPStrategy
 class ShardedDDPStrategy(DDPStrategy):
     """Lightning's DDP: one process per device (and node), the process group, the launch (also
     under SLURM) — without the ``DistributedDataParallel`` wrapper. The solvers are not trained by
-    gradients (the fast solver's table has ``requires_grad=False``, which DDP refuses to wrap):
-    the fast solver holds its images' rows and exchanges rows and projected matrices itself
+    gradients (the LOBPCG solver's table has ``requires_grad=False``, which DDP refuses to wrap):
+    the LOBPCG solver holds its images' rows and exchanges rows and projected matrices itself
     (:mod:`ldsc.distributed`, ``docs/distributed.md``). Arguments are ``DDPStrategy``'s, e.g.
     ``process_group_backend`` (``nccl`` / ``gloo``)."""
 

@@ -124,9 +124,9 @@ def _several_processes(cfg) -> None:
     devices = _get(cfg, "trainer.devices")
     solver = _get(cfg, "solver")
     target = str(solver.get("_target_", "")) if solver is not None else ""
-    if target and not target.endswith("FastSolver"):
+    if target and not target.endswith("LobpcgSolver"):
         raise ConfigError(f"solver={target.rsplit('.', 1)[-1]} runs in one process only: use the default solver "
-                          f"(solver=fast) with trainer.devices > 1, or set trainer.devices=1.")
+                          f"(solver=lobpcg) with trainer.devices > 1, or set trainer.devices=1.")
     strategy = _get(cfg, "trainer.strategy")
     if not (hasattr(strategy, "get") and str(strategy.get("_target_", "")).endswith("ShardedDDPStrategy")):
         raise ConfigError(f"trainer.devices={devices} needs the sharded strategy: use trainer=ddp (GPUs) or "

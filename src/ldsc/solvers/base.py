@@ -41,7 +41,7 @@ class EigenSolver(L.LightningModule):
                  table: bool = True):
         super().__init__()
         self.n_images, self.K, self.base_size = int(n_images), int(K), int(base_size)
-        if table:  # subclasses with their own layout (the fast solver's flat iterate) pass False
+        if table:  # subclasses with their own layout (the LOBPCG solver's flat iterate) pass False
             self.table = nn.Parameter(init_scale * torch.randn(self.n_images, self.K, self.base_size, self.base_size))
         self.ema_decay = float(ema) if ema else 0.0
         if self.ema_decay:
@@ -53,7 +53,7 @@ class EigenSolver(L.LightningModule):
 
         if world_size() > 1 and not self.shards_rows:
             raise ConfigError(f"solver={type(self).__name__} runs in one process only: use the default solver "
-                              f"(solver=fast) with trainer=ddp / ddp_cpu, or a single-process trainer.")
+                              f"(solver=lobpcg) with trainer=ddp / ddp_cpu, or a single-process trainer.")
 
     # -- parametrisation --------------------------------------------------------------------
     def pseudo_eigenvectors(self, rows: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ are those of brute-force neighbour search: the reference other solvers are measu
 Memory: ``M`` has roughly ``Σ_l N_l·k·(H/h_l)²`` non-zeros in float64 (27.6M, ~330 MB, for 101
 images at 32×32 with layers 32/16 and 25 + 25 neighbours; eigsh then takes ~10 s on 2 cores), so
 ``max_tokens`` (base-grid nodes of the whole data set) guards against runs that would not
-finish; past it the run stops with one sentence pointing to ``solver=fast``.
+finish; past it the run stops with one sentence pointing to ``solver=lobpcg``.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class ExactSolver(EigenSolver):
 
             raise ConfigError(
                 f"solver=exact: {self.n_images} images at {self.base_size}x{self.base_size} have {tokens} base-grid "
-                f"nodes, above solver.max_tokens={self.max_tokens}: use solver=fast (the default), fewer images "
+                f"nodes, above solver.max_tokens={self.max_tokens}: use solver=lobpcg (the default), fewer images "
                 f"(data.limit) or a smaller base_size, or raise the limit.")
 
     @torch.no_grad()

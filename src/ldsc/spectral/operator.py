@@ -148,33 +148,12 @@ class LayerOperator:
         self.size = self.local_images * self.base[0] * self.base[1]
 
     def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
-        """``U_l X``: ``(B·H·W, m)`` -> ``(B·h·w, m)``, up to the factor ``√area`` that
-        :meth:`add_unpooled` divides back out for divisible grids."""
-        (H, W), (h, w), B, m = self.base, grid, self.local_images, X.shape[1]
-        if U is None:
-            fy, fx = H // h, W // w
-            if fy == fx == 1:
-                return X
-            X6 = X.reshape(B, h, fy, w, fx, m)
-            out = X6[:, :, 0, :, 0].clone()
-            for i in range(fy):  # a sum of strided slices: much faster than .mean((2, 4))
-                for j in range(fx):
-                    if i or j:
-                        out += X6[:, :, i, :, j]
-            return out.div_(fy * fx).reshape(B * h * w, m)
-        Xi = X.reshape(B, H * W, m).permute(1, 0, 2).reshape(H * W, B * m)
-        return (U @ Xi).reshape(h * w, B, m).permute(1, 0, 2).reshape(B * h * w, m)
+        """``U_l X`` of this operator's rows (:func:`pool_rows`)."""
+        return pool_rows(X, self.base, grid, self.local_images, U)
 
     def add_unpooled(self, out: Tensor, Y: Tensor, grid: tuple[int, int], U: Tensor | None, weight: float) -> None:
-        """``out += weight · U_lᵀ Y`` (``Y`` ``(B·h·w, m)``, ``out`` ``(B·H·W, m)``; see :meth:`pool`):
-        for divisible grids a broadcast add of each layer value onto its pixels (no upsampled copy)."""
-        (H, W), (h, w), B, m = self.base, grid, self.local_images, Y.shape[1]
-        if U is None:
-            out.view(B, h, H // h, w, W // w, m).add_(Y.view(B, h, 1, w, 1, m), alpha=weight)
-            return
-        Yi = Y.reshape(B, h * w, m).permute(1, 0, 2).reshape(h * w, B * m)
-        up = (U.transpose(0, 1) @ Yi).reshape(H * W, B, m).permute(1, 0, 2).reshape(B * H * W, m)
-        out.add_(up, alpha=weight)
+        """``out += weight · U_lᵀ Y`` (:func:`add_unpooled`)."""
+        add_unpooled(out, Y, self.base, grid, self.local_images, U, weight)
 
     def __call__(self, X: Tensor) -> Tensor:
         out = torch.zeros_like(X)

@@ -33,12 +33,13 @@ from torch import Tensor
 
 from ldsc import distributed, interrupt
 from ldsc.solvers.base import EigenSolver
-from ldsc.spectral import LayerOperator, lobpcg_start, lobpcg_step, orthonormalize, unflatten_channels
+from ldsc.spectral.lobpcg import converged, lobpcg_iterate, lobpcg_start, orthonormalize, random_start
+from ldsc.spectral.operator import LayerOperator, unflatten_channels
 
 log = logging.getLogger(__name__)
 
 
-class FastSolver(EigenSolver):
+class LobpcgSolver(EigenSolver):
     """LOBPCG on the whole-data-set operator, one training step = ``iters_per_step`` iterations.
 
     Args (besides ``n_images``, ``K``, ``base_size``):
@@ -110,16 +111,9 @@ class FastSolver(EigenSolver):
         hw = self.base_size**2
         return slice(self.image_range[0] * hw, self.image_range[1] * hw)
 
-    def initial_rows(self, rows: slice, chunk: int = 1 << 14) -> Tensor:
-        """The random start of table rows ``rows``: Gaussian rows drawn in fixed chunks of
-        ``chunk`` rows, chunk ``c`` from a generator seeded by ``(seed, c)``."""
-        out = torch.empty(rows.stop - rows.start, self.m, dtype=self.table.dtype)
-        for c in range(rows.start // chunk, -(-rows.stop // chunk)):
-            lo, hi = max(rows.start, c * chunk), min(rows.stop, (c + 1) * chunk)
-            g = torch.Generator().manual_seed((self._init_seed + 1_000_003 * c) % 2**63)
-            block = torch.randn(chunk, self.m, generator=g, dtype=self.table.dtype)
-            out[lo - rows.start:hi - rows.start] = block[lo - c * chunk:hi - c * chunk]
-        return out.mul_(self.init_scale)
+    def initial_rows(self, rows: slice) -> Tensor:
+        """The random start of table rows ``rows`` (:func:`~ldsc.spectral.lobpcg.random_start`)."""
+        return random_start(self._init_seed, rows, self.m, self.table.dtype).mul_(self.init_scale)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The whole table in the checkpoint, whatever the number of processes (rank 0 gathers)."""
@@ -151,9 +145,7 @@ class FastSolver(EigenSolver):
 
     def converged(self) -> bool:
         """Whether the ``K`` leading residuals are within ``tol`` (relative to the largest Ritz value)."""
-        if not bool(self.started):
-            return False
-        return bool((self.residual[: self.K] <= self.tol * self.theta.abs().max()).all())
+        return bool(self.started) and converged(self.residual, self.theta, self.K, self.tol)
 
     def relative_residual(self) -> float:
         return float(self.residual[: self.K].max() / self.theta.abs().max().clamp_min(1e-300))
@@ -168,7 +160,7 @@ class FastSolver(EigenSolver):
     def training_step(self, batch: dict, batch_idx: int):
         graphs = batch["graphs"]
         if graphs[0].n_images != self.n_images:
-            raise ValueError(f"the graphs cover {graphs[0].n_images} images, the table {self.n_images}: the fast "
+            raise ValueError(f"the graphs cover {graphs[0].n_images} images, the table {self.n_images}: the LOBPCG "
                              f"solver needs the whole data set's graphs (scope 'dataset')")
         own = getattr(graphs[0], "image_range", None) or (0, self.n_images)
         if tuple(own) != self.image_range:
@@ -182,18 +174,15 @@ class FastSolver(EigenSolver):
             self.MX.copy_(MX)
             self.theta.copy_(theta)
             self.started.fill_(True)
-        for _ in range(self.iters_per_step):
-            if self.converged() or self.stop_requested():  # a signal: stop at this iteration boundary
-                break
-            theta, _, _, _, rn = lobpcg_step(op, X, self.MX, self.theta, self.P, self.MP,
-                                             use_directions=bool(self.has_directions), reduce=reduce)
-            self.has_directions.fill_(True)
-            self.theta.copy_(theta)
-            self.residual.copy_(rn.double())
-            self.iterations += 1
+        # the same iterations as ldsc.LDSC.fit; a signal stops them at an iteration boundary
+        done, directions = lobpcg_iterate(op, X, self.MX, self.P, self.MP, self.theta, self.residual, self.K, self.tol,
+                                          self.iters_per_step, bool(self.has_directions), reduce=reduce,
+                                          stop=self.stop_requested)
+        self.has_directions.fill_(directions)
+        self.iterations += done
         if self.converged():
             self.trainer.should_stop = True
-            log.info("fast solver: converged after %d iterations (residual %.2e <= tol %.0e)",
+            log.info("LOBPCG solver: converged after %d iterations (residual %.2e <= tol %.0e)",
                      int(self.iterations), self.relative_residual(), self.tol)
         self.log_dict({"train/residual": self.relative_residual(), "train/iterations": float(self.iterations),
                        "train/eigenvalue_K": float(self.theta[self.K - 1]), "train/mean_eigenvalue": float(self.theta[: self.K].mean())},
@@ -221,5 +210,5 @@ class FastSolver(EigenSolver):
 
     def on_train_end(self) -> None:
         if not self.converged():
-            log.warning("fast solver: not converged after %d iterations (residual %.2e > tol %.0e): raise "
+            log.warning("LOBPCG solver: not converged after %d iterations (residual %.2e > tol %.0e): raise "
                         "trainer.max_epochs, or resume the run", int(self.iterations), self.relative_residual(), self.tol)
