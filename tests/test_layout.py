@@ -104,3 +104,21 @@ def test_top_level_modules_import_only_their_own_or_earlier_stages(module):
             if imported.startswith("ldsc.") and imported not in UTILITIES:
                 stage = _stage(imported)
                 assert stage is not None and stage <= own, f"{name} imports {imported}"
+
+
+def test_both_graph_types_follow_the_graph_builder_protocol():
+    """The data module talks to graph types through one protocol (ldsc.graphs.base), as to backbones."""
+    from ldsc.graphs.attention import AttentionGraphBuilder
+    from ldsc.graphs.base import GraphBuilder
+    from ldsc.graphs.knn import KnnGraphBuilder
+
+    for builder in (KnnGraphBuilder("vv"), AttentionGraphBuilder()):
+        assert isinstance(builder, GraphBuilder), type(builder).__name__
+    assert KnnGraphBuilder("vv").memory_estimate(10, [{"grid": [8, 8], "heads": 1, "dim": 16}], 1, 8)["peak"] > 0
+    assert AttentionGraphBuilder().memory_estimate(10, [], 1, 8) is None
+
+
+def test_the_runtime_asks_graph_builders_nothing_outside_the_protocol():
+    """No hasattr/getattr guesses about the graph builder in the data module."""
+    text = (SRC / "runtime" / "data.py").read_text()
+    assert "hasattr(self.graph_builder" not in text and "getattr(b," not in text and "getattr(builder" not in text

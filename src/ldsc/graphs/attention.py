@@ -91,6 +91,8 @@ class AttentionGraphBuilder:
         self.max_tokens = int(max_tokens)
         self.buffer: deque[LayerGraph] = deque(maxlen=max(int(buffer_size), 0))
         self.generator = torch.Generator().manual_seed(int(seed))
+        self.timings: dict = {}
+        self.layer_timings: list = []
 
     #: the vector kinds the feature store must hold (attention is recomputed from q and k)
     kinds = ["k", "q"]
@@ -114,6 +116,22 @@ class AttentionGraphBuilder:
             degree = torch.sparse.sum(W, dim=1).to_dense()
             graphs.append(LayerGraph(name, (h, w), layer.batch_size, W=W, P=P, degree=degree, weight=base_size / h))
         return graphs
+
+    # -- the GraphBuilder protocol (ldsc.graphs.base) --------------------------------------------
+    def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None) -> list[LayerGraph]:
+        """Every image's attention graphs, built like one batch holding them all (dense per image,
+        no search)."""
+        return self(store.features(range(store.n_images)), base_size)
+
+    def memory_estimate(self, n_images: int, layers, draws: int, base_size: int, shards: int = 1) -> None:
+        """No estimate: attention graphs are bounded per image by ``max_tokens``."""
+        return None
+
+    def search_method(self, n_tokens: int, device=None) -> str:
+        return "exact"
+
+    def describe(self) -> str:
+        return f"graph=attn with graph.heads={self.heads}"
 
     def __call__(self, features: list[LayerFeatures], base_size: int) -> list[LayerGraph]:
         fresh = [g for layer in features for g in self.graphs_of(layer, base_size)]

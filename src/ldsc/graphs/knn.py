@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldsc.features.backbones.base import LayerFeatures
+from ldsc.graphs.normalize import inverse_sqrt_degree, normalized_values
 
 #: graph types built from token vectors: (row vectors, column vectors)
 PAIRS = {"qk": ("q", "k"), "vv": ("v", "v"), "kk": ("k", "k"), "qq": ("q", "q")}
@@ -57,9 +58,7 @@ class LayerGraph:
         """``S = D^{-1/2} W D^{-1/2}`` as sparse COO (shares eigenvalues with ``P``)."""
         W = self.W.coalesce()
         i, j = W.indices()
-        dinv = self.degree.clamp_min(1e-12).rsqrt()
-        dinv = torch.where(self.degree > 0, dinv, torch.zeros_like(dinv))
-        vals = W.values() * dinv[i] * dinv[j]
+        vals = normalized_values(W.values(), i, j, inverse_sqrt_degree(self.degree))
         return torch.sparse_coo_tensor(W.indices(), vals, W.shape, check_invariants=False, is_coalesced=True)
 
     def to(self, device) -> "LayerGraph":
@@ -276,13 +275,13 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
         degree[r0:r1] = np.asarray(B.sum(1)).ravel()
         pieces.append((r0, B))
     del A, T_val, T_ind, T_ptr
-    dinv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
+    dinv = inverse_sqrt_degree(degree)
     blocks = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         for r0, B in pieces:
             rows = np.repeat(np.arange(B.shape[0]), np.diff(B.indptr)) + r0
-            B.data = (B.data * dinv[rows] * dinv[B.indices]).astype(np.float32)
+            B.data = normalized_values(B.data, rows, B.indices, dinv).astype(np.float32)
             blocks.append((r0, torch.sparse_csr_tensor(torch.from_numpy(B.indptr.astype(np.int32)),
                                                        torch.from_numpy(B.indices.astype(np.int32, copy=False)),
                                                        torch.from_numpy(B.data), size=B.shape)))
@@ -345,13 +344,13 @@ def sharded_symmetric_normalized(idx: Tensor, sim: Tensor, first_row: int, bound
     W.data *= np.float32(0.5)  # sums mutual neighbours
     W.sort_indices()
     degree = all_gather_rows(torch.from_numpy(np.asarray(W.sum(1), dtype=np.float64).ravel())).numpy()
-    dinv = np.where(degree > 0, 1.0 / np.sqrt(np.maximum(degree, 1e-300)), 0.0)
+    dinv = inverse_sqrt_degree(degree)
     step = max(1, 2**22 // max(1, W.nnz // max(1, n_rows)))  # rows per chunk (bounded temporaries)
     for r0 in range(0, n_rows, step):
         r1 = min(n_rows, r0 + step)
         lo, hi = W.indptr[r0], W.indptr[r1]
         rows = np.repeat(np.arange(first_row + r0, first_row + r1, dtype=itype), np.diff(W.indptr[r0:r1 + 1]))
-        W.data[lo:hi] = (W.data[lo:hi] * dinv[rows] * dinv[W.indices[lo:hi]]).astype(np.float32)
+        W.data[lo:hi] = normalized_values(W.data[lo:hi], rows, W.indices[lo:hi], dinv).astype(np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         S = torch.sparse_csr_tensor(torch.from_numpy(W.indptr.astype(np.int64 if W.nnz >= 2**31 else np.int32)),
@@ -582,6 +581,16 @@ class KnnGraphBuilder:
     def kinds(self) -> list[str]:
         """The vector kinds this graph type compares (what the feature store must hold)."""
         return sorted(set(PAIRS[self.pair]))
+
+    def memory_estimate(self, n_images: int, layers, draws: int, base_size: int, shards: int = 1) -> dict:
+        """The peak of building and solving these graphs (:func:`estimate_dataset_graph_bytes`)."""
+        k = self.k_intra + (self.k_inter if n_images > 1 else 0)
+        return estimate_dataset_graph_bytes(n_images, layers, max(k, 1), draws, self.dim, self.heads,
+                                            base_size=base_size, vectors=len(self.kinds), shards=shards,
+                                            chunk_elements=self.max_chunk_elements)
+
+    def describe(self) -> str:
+        return f"graph.threshold={self.threshold}, graph.k_intra={self.k_intra}, graph.k_inter={self.k_inter}"
 
     def __call__(self, features: list[LayerFeatures], base_size: int) -> list[LayerGraph]:
         graphs = []

@@ -192,18 +192,15 @@ class ImageDataModule(L.LightningDataModule):
         sentence, a run that would not fit (see :func:`~ldsc.graphs.knn.estimate_dataset_graph_bytes`)."""
         from ldsc.distributed import world_size
         from ldsc.errors import ConfigError
-        from ldsc.graphs.knn import PROCESS_BYTES, estimate_dataset_graph_bytes
+        from ldsc.graphs.knn import PROCESS_BYTES
 
         store = self.feature_store()
-        b = self.graph_builder
         # the batch scope builds one batch's graphs at a time and keeps the whole table (+ optimiser state)
         n = store.n_images if self.scope == "dataset" else min(self.batch_size, store.n_images)
-        k = getattr(b, "k_intra", 0) + (getattr(b, "k_inter", 0) if n > 1 else 0)
-        est = estimate_dataset_graph_bytes(n, store.layers, max(k, 1), store.draws if self.scope == "dataset" else 1,
-                                           getattr(b, "dim", None), getattr(b, "heads", "concat"),
-                                           base_size=self.base_size, vectors=len(getattr(b, "kinds", [0])),
-                                           shards=world_size(),
-                                           chunk_elements=int(getattr(b, "max_chunk_elements", 2**24)))
+        est = self.graph_builder.memory_estimate(n, store.layers, store.draws if self.scope == "dataset" else 1,
+                                                 self.base_size, shards=world_size())
+        if est is None:  # the builder cannot say (attention graphs: bounded per image)
+            return {}
         if self.scope == "batch" and self.solver_state_bytes:
             est["solver"] = max(est["solver"], self.solver_state_bytes)
             est["peak"] = PROCESS_BYTES + max(est["build"], est["graphs"] + est["solver"])
@@ -226,15 +223,12 @@ class ImageDataModule(L.LightningDataModule):
 
         if self.graphs is None:
             store = self.feature_store()
-            if hasattr(self.graph_builder, "dataset_graphs"):
-                self.check_memory()
-                with stage("graphs", self.stages):
-                    self.graphs = self.graph_builder.dataset_graphs(store, self.base_size, device=self._device())
-                for name, sec in getattr(self.graph_builder, "timings", {}).items():
-                    self.stages["graphs"][f"{name}_s"] = round(sec, 3)
-                self.stages["graphs"]["layers"] = getattr(self.graph_builder, "layer_timings", [])
-            else:  # e.g. attention graphs: dense per image, built like one batch holding every image
-                self.graphs = self.graph_builder(store.features(range(store.n_images)), self.base_size)
+            self.check_memory()
+            with stage("graphs", self.stages):
+                self.graphs = self.graph_builder.dataset_graphs(store, self.base_size, device=self._device())
+            for name, sec in self.graph_builder.timings.items():
+                self.stages["graphs"][f"{name}_s"] = round(sec, 3)
+            self.stages["graphs"]["layers"] = self.graph_builder.layer_timings
             check_edges(self.graphs, self.graph_builder)
             log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
         return self.graphs
@@ -242,7 +236,7 @@ class ImageDataModule(L.LightningDataModule):
     def graphs_are_exact(self) -> bool:
         """Whether the whole-data-set graphs were built by exact (brute-force) search."""
         b = self.graph_builder
-        if not hasattr(b, "search_method") or self.store is None:
+        if self.store is None:
             return True
         return all(b.search_method(self.store.n_images * layer["grid"][0] * layer["grid"][1], self._device()) == "exact"
                    for layer in self.store.layers)
@@ -260,7 +254,7 @@ class ImageDataModule(L.LightningDataModule):
         self.feature_store()
         if self.scope == "dataset":
             self.dataset_graphs()
-        elif hasattr(self.graph_builder, "dataset_graphs"):  # kNN graphs per batch: the same check, per batch
+        else:  # graphs per batch: the same check, per batch
             self.check_memory()
 
     def train_dataloader(self) -> DataLoader:
@@ -297,8 +291,7 @@ def check_edges(graphs: list, builder) -> None:
         if nnz == 0:
             raise ConfigError(
                 f"The graph of layer {g.name} ({g.grid[0]}x{g.grid[1]} tokens per image) has no edges with "
-                f"graph.threshold={getattr(builder, 'threshold', None)}, graph.k_intra={getattr(builder, 'k_intra', None)}, "
-                f"graph.k_inter={getattr(builder, 'k_inter', None)}: lower the threshold, raise the k's or base_size.")
+                f"{builder.describe()}: lower the threshold, raise the k's or base_size.")
 
 
 def available_memory() -> int | None:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ldsc.graphs.knn import LayerGraph
+from ldsc.graphs.normalize import inverse_sqrt_degree
 from ldsc.spectral.operator import pool_operator, unflatten_channels
 
 
@@ -28,7 +29,7 @@ def _symmetric_normalized(W: Tensor):
 
     Ws = _scipy(W)
     d = np.asarray(Ws.sum(1)).ravel()
-    dinv = np.where(d > 0, 1.0 / np.sqrt(np.maximum(d, 1e-300)), 0.0)
+    dinv = inverse_sqrt_degree(d)
     D = sp.diags(dinv)
     return (D @ Ws @ D).tocsr()
 
