@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import SMALL, TINY, run_cli
-from test_store import CountingPixel, sample_files
+from test_features_store import CountingPixel, sample_files
 
 from ldsc.errors import ConfigError, DataError
 
@@ -190,7 +190,7 @@ def test_a_full_disk_while_the_store_is_written_is_one_sentence_and_leaves_nothi
     code = f"""
 import resource, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_store import sample_files
+from test_features_store import sample_files
 from ldsc.features.backbones.pixel import PixelBackbone
 from ldsc.errors import ConfigError
 from ldsc.features.store import StoreOptions, open_or_build
