@@ -49,7 +49,7 @@ def _sharded_work(rank: int, port: int, idx, sim, bounds, x, T, out_dir) -> None
     import torch.distributed as dist
 
     from ldsc.distributed import all_gather_rows
-    from ldsc.graphs.knn import sharded_symmetric_normalized
+    from ldsc.graphs.dataset import sharded_symmetric_normalized
     from ldsc.graphs.search import inter_image_knn
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(bounds) - 1)
@@ -69,7 +69,7 @@ def test_sharded_symmetrisation_and_search_equal_one_process_on_two_gloo_process
     the leaves of its own rows only, gives every query the neighbours it gets in one process."""
     import torch.multiprocessing as mp
 
-    from ldsc.graphs.knn import symmetric_normalized_blocks
+    from ldsc.graphs.dataset import symmetric_normalized_blocks
     from ldsc.graphs.search import inter_image_knn
 
     g = torch.Generator().manual_seed(1)

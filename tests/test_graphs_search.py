@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldsc.graphs.knn import head_vectors, knn_affinity, symmetric_normalized_blocks
+from ldsc.graphs.dataset import symmetric_normalized_blocks
+from ldsc.graphs.knn import head_vectors, knn_affinity
 from ldsc.graphs.search import choose_search, inter_image_knn, intra_image_knn, knn_recall, normalize_rows
 
 
@@ -168,7 +169,7 @@ def test_recall_counts_found_neighbours():
 def test_relabelled_graph_applies_the_same_operator_in_token_order():
     """Storing the nodes in a locality order (as the clustered search does) changes only how S is
     kept: S Y, the scipy export and the degrees are those of the graph stored in token order."""
-    from ldsc.graphs.knn import DatasetGraph, relabel_lists
+    from ldsc.graphs.dataset import DatasetGraph, relabel_lists
 
     x = random_tokens(n_images=6, tokens=16, d=6, seed=7)
     ia, sa = intra_image_knn(x, x, 16, 4)

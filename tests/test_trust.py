@@ -306,7 +306,7 @@ def test_a_backbone_pass_that_cannot_fit_is_refused_before_it_starts(compose, si
 
 
 def test_the_memory_estimate_counts_the_intra_image_similarity_block():
-    from ldsc.graphs.knn import estimate_dataset_graph_bytes
+    from ldsc.graphs.memory import estimate_dataset_graph_bytes
 
     layers = [{"grid": [128, 128], "heads": 1, "dim": 8}]
     small = estimate_dataset_graph_bytes(1, layers, 8, chunk_elements=2**24)

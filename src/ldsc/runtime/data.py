@@ -175,7 +175,7 @@ class ImageDataModule(L.LightningDataModule):
         """Refuse, with one sentence, a backbone pass that would not fit in memory (backbones that
         can tell beforehand: :meth:`~ldsc.features.backbones.base.Backbone.pass_bytes`)."""
         from ldsc.errors import ConfigError
-        from ldsc.graphs.knn import PROCESS_BYTES
+        from ldsc.graphs.memory import PROCESS_BYTES
 
         batch = max(1, min(self.batch_size, len(self.prepare_files())))
         need = getattr(self.backbone, "pass_bytes", lambda b: None)(batch)
@@ -189,10 +189,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def check_memory(self) -> dict:
         """Estimate the peak memory of the whole-data-set graphs and solver; refuse, with one
-        sentence, a run that would not fit (see :func:`~ldsc.graphs.knn.estimate_dataset_graph_bytes`)."""
+        sentence, a run that would not fit (see :func:`~ldsc.graphs.memory.estimate_dataset_graph_bytes`)."""
         from ldsc.distributed import world_size
         from ldsc.errors import ConfigError
-        from ldsc.graphs.knn import PROCESS_BYTES
+        from ldsc.graphs.memory import PROCESS_BYTES
 
         store = self.feature_store()
         # the batch scope builds one batch's graphs at a time and keeps the whole table (+ optimiser state)

@@ -112,7 +112,7 @@ class LayerOperator:
     Calling it maps ``X`` ``(B·H·W, m)`` (rows ``(b, y, x)``) to ``M X`` of the same shape.
     ``shift`` is ``Σ_l w_l``, a bound on ``|λ(M)|``: ``M + shift·I`` is positive semi-definite.
 
-    Sharded graphs (a run on several processes: each :class:`~ldsc.graphs.knn.DatasetGraph` holds the
+    Sharded graphs (a run on several processes: each :class:`~ldsc.graphs.dataset.DatasetGraph` holds the
     rows of its ``image_range`` only) make a sharded operator: ``X`` and ``M X`` are this process's
     images' rows; each layer's pooled rows are all-gathered (``N_l × m`` dense floats) before
     the product with the local rows of ``S_l``.
