@@ -82,7 +82,7 @@ def classify(res: dict, expect: str, check=None) -> str:
     last = lines[-1] if lines else ""
     hydra_msg = any(s in res["stderr"] for s in ("Could not override", "Could not find", "Could not load", "Error merging override",
                                                   "Could not append", "mismatched input", "no viable alternative"))
-    if last.startswith(("ldsc: error:", "ldsc.evaluate: error:")):
+    if last.startswith(("ldsc: error:", "ldsc.evaluate: error:", "ldsc.extend: error:")):
         sentence = last.split("error:", 1)[1].strip()
         return "clean" if (res["stderr"] + res.get("stdout", "")).count(sentence) == 1 else "unclear"
     return "clean" if hydra_msg else "unclear"
@@ -817,6 +817,40 @@ def more_evaluate_cases(ws: Workspace):
     yield "a single image with base_size=2048 (memory)", "error", huge_single
 
 
+def extend_cases(ws: Workspace):
+    """``python -m ldsc.extend``: new images into a finished run; settings, folders and files it refuses."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    new = ws.root / "new_images"
+    if not new.exists():
+        new.mkdir()
+        Image.fromarray(skdata.chelsea()).save(new / "chelsea.png")
+        (new / "broken.jpg").write_bytes(b"not an image")
+
+    def ext(name, extra, damage=None, works=False):
+        def go():
+            run_dir, _ = ws.copy_run(name)
+            if damage:
+                damage(run_dir)
+            res = run([str(run_dir), *merge(["data=folder", f"data.root={new}"], extra)], "ldsc.extend")
+            written = (run_dir / "extend" / "eigvecs.pt").is_file()
+            return res, (lambda: written) if works else (lambda: not written)  # refused: nothing written
+        return go
+
+    yield "extend: new images into a finished run", "ok", ext("ext_ok", [], works=True)
+    yield "extend: graph.k_intra changed", "error", ext("ext_graph", ["graph.k_intra=5"])
+    yield "extend: backbone changed", "error", ext("ext_backbone", ["backbone=clip"])
+    yield "extend: misspelt key", "error", ext("ext_typo", ["data.rooot=x"])
+    yield "extend: images folder missing", "error", ext("ext_missing", [f"data.root={ws.root / 'nowhere'}"])
+    yield "extend: fit.safetensors missing", "error", ext("ext_no_model", [],
+                                                         lambda d: (d / "fit.safetensors").unlink())
+    yield "extend: fit.safetensors damaged", "error", ext("ext_bad_model", [],
+                                                         lambda d: (d / "fit.safetensors").write_bytes(b"\0" * 32))
+    yield "extend: the run's feature store deleted", "error", ext(
+        "ext_no_store", [], lambda d: shutil.rmtree(ws.root / "store", ignore_errors=True))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated substrings of case names to run")
@@ -829,7 +863,7 @@ def main(argv=None) -> None:
     lines = []
     try:
         for group in (ok_cases, config_cases, data_cases, checkpoint_cases, evaluate_cases, store_cases, output_cases,
-                      resume_cases, more_signal_cases, more_evaluate_cases):
+                      resume_cases, more_signal_cases, more_evaluate_cases, extend_cases):
             for name, expect, go in group(ws):
                 if args.only and not any(s in name for s in args.only.split(",")):
                     continue

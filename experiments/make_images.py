@@ -29,7 +29,7 @@ def main(argv=None) -> None:
 
     from tqdm.auto import tqdm
 
-    from ldsc.runtime.data import IMAGE_EXTENSIONS, load_image
+    from ldsc.features.images import IMAGE_EXTENSIONS, load_image
 
     sources = sorted(p for p in Path(args.sources).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not sources:

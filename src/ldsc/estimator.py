@@ -221,7 +221,7 @@ class LDSC:
         if not self.graphs_:
             raise ConfigError("this LDSC is not fitted: call fit(...) (or LDSC.load(path)) first.")
 
-    def transform(self, X, backbone=None, batch_size: int = 16, images_per_step: int = 32) -> Tensor:
+    def transform(self, X, backbone=None, batch_size: int = 16, images_per_step: int = 128) -> Tensor:
         """Eigenvectors of new images, ``(m, K, H, W)``, by out-of-sample extension (docs/library.md,
         "New images"): the fitted eigenvectors do not move, and each image costs the same however
         many were embedded before it. ``X`` as in :meth:`fit`."""
@@ -239,7 +239,7 @@ class LDSC:
             raise ConfigError(f"the new images' layers {[(g[1], g[2]) for g in given]} (grid, heads) differ from the "
                               f"fitted ones {[(f[1], f[2]) for f in fitted]}: extract them with the same backbone.")
 
-    def transform_features(self, draws: Sequence[list[LayerFeatures]], images_per_step: int = 32) -> Tensor:
+    def transform_features(self, draws: Sequence[list[LayerFeatures]], images_per_step: int = 128) -> Tensor:
         """:meth:`transform` of checked features, one list per backbone draw the fit used."""
         from ldsc.progress import bar
 
