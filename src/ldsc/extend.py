@@ -71,8 +71,11 @@ def compose_config(run_dir: Path, overrides: list[str], out: Path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ldsc.run import config_dir
+    from ldsc.run import config_dir, misspelt_nested_key, misspelt_override
 
+    problem = misspelt_override(overrides) or misspelt_nested_key(overrides)
+    if problem:
+        raise ConfigError(problem)
     recorded_path = run_dir / ".hydra" / "config.yaml"
     if not recorded_path.is_file():
         raise DataError(f"'{run_dir}' has no .hydra/config.yaml: is it the output folder of `python -m ldsc.run`?")
