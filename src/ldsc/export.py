@@ -28,7 +28,11 @@ def save_eigenvectors(out_dir: str | Path, Z: torch.Tensor, files: list[str], co
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if keep_signs:
-        E, s = Z.float(), Z.double().pow(2).sum((0, 2, 3)).sqrt().float()
+        E = Z.float()
+        sq = torch.zeros(E.shape[1], dtype=torch.float64)
+        for i in range(0, E.shape[0], 256):  # per block of images: no copy of the whole table
+            sq += E[i:i + 256].double().pow(2).sum((0, 2, 3))
+        s = sq.sqrt().float()
     else:
         E, s = svd_order(Z, keep_order=keep_order)
     payload = {"eigvecs": E, "singular_values": s, "files": list(files), "K": E.shape[1],
