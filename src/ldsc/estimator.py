@@ -229,10 +229,10 @@ class LDSC:
         if self.k_inter <= 0:
             raise ConfigError("transform needs inter-image edges: fit with k_inter > 0.")
         features = self._features(X, backbone, batch_size)
-        self._check_layers(features)
+        self.check_layers(features)
         return self.transform_features([features], images_per_step)
 
-    def _check_layers(self, features: list[LayerFeatures]) -> None:
+    def check_layers(self, features: list[LayerFeatures]) -> None:
         fitted = [(layer["name"], tuple(layer["grid"]), layer["heads"]) for layer in self.layers_]
         given = [(layer.name, layer.grid, layer.heads) for layer in features]
         if len(given) != len(fitted) or any(g[1:] != f[1:] for g, f in zip(given, fitted)):
@@ -381,7 +381,8 @@ def extract_features(images, backbone, base_size: int | None, kinds: Sequence[st
                      seed: int = 0, progress: bool = True) -> list[LayerFeatures]:
     """Pass images (paths, or a ``(n, 3, S, S)`` tensor in ``[0, 1]``) through a backbone in batches
     and keep the ``kinds`` of every layer, ``(n, heads, h, w, d)`` each (one draw)."""
-    from ldsc.features.images import batch_seed, image_tensor
+    from ldsc.features.backbones.base import backbone_draws
+    from ldsc.features.images import image_tensor
     from ldsc.progress import bar
 
     if base_size:
@@ -402,9 +403,7 @@ def extract_features(images, backbone, base_size: int | None, kinds: Sequence[st
                                                             antialias=True, align_corners=False)
             else:
                 batch = torch.stack([image_tensor(p, backbone.input_size) for p in images[s:e]])
-            gen = torch.Generator().manual_seed(batch_seed(seed, 0, torch.arange(s, e)))
-            with torch.no_grad():
-                feats = backbone(batch, generator=gen)
+            _, feats = next(backbone_draws(backbone, batch, torch.arange(s, e), seed))
             names = [f.name for f in feats]
             parts.append([{k: f.vectors(k).float().cpu() for k in kinds} for f in feats])
             pbar.update(e - s)

@@ -89,12 +89,10 @@ def compose_config(run_dir: Path, overrides: list[str], out: Path):
     except Exception as err:  # Hydra's errors for unknown groups, keys or values
         raise ConfigError(f"the settings {overrides} do not compose with the run's configuration: "
                           f"{str(err).splitlines()[0]}") from None
+    before, now = OmegaConf.to_container(recorded, resolve=False), OmegaConf.to_container(cfg, resolve=False)
     for key in FIXED:
-        a = OmegaConf.to_container(recorded, resolve=False).get(key)
-        b = OmegaConf.to_container(cfg, resolve=False).get(key)
-        if key == "store":
-            continue  # where stores live may differ; the model names its own store
-        if a != b:
+        a, b = before.get(key), now.get(key)
+        if key != "store" and a != b:  # (where stores live may differ: the model names its own store)
             raise ConfigError(f"the run's {key} settings ({a}) differ from the ones composed now ({b}) — the "
                               f"configuration files changed since the run: extend with the version that made it.")
     return cfg
@@ -111,7 +109,8 @@ def extend(run_dir: str | Path, overrides: list[str] | None = None, out: str | P
 
     from ldsc.estimator import LDSC
     from ldsc.export import save_eigenvectors, write_figures
-    from ldsc.features.images import ImageFiles, batch_seed
+    from ldsc.features.backbones.base import backbone_draws
+    from ldsc.features.images import ImageFiles
     from ldsc.progress import bar
 
     run_dir = Path(run_dir)
@@ -143,12 +142,8 @@ def extend(run_dir: str | Path, overrides: list[str] | None = None, out: str | P
     with bar(total=n, desc="extend", unit="img") as pbar:
         for batch in loader:
             images, index = batch["image"], batch["index"]
-            per_draw = []
-            for r in range(draws):
-                gen = torch.Generator().manual_seed(batch_seed(seed, r, index))
-                with torch.no_grad():
-                    per_draw.append(backbone(images, generator=gen))
-            model._check_layers(per_draw[0])
+            per_draw = [feats for _, feats in backbone_draws(backbone, images, index, seed, draws)]
+            model.check_layers(per_draw[0])
             Z[int(index[0]):int(index[-1]) + 1] = model.transform_features(per_draw)
             pbar.update(len(index))
     resolved = OmegaConf.to_container(cfg, resolve=True)

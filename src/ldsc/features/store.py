@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ldsc.features.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import LayerFeatures, backbone_draws
 from ldsc.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     once all have finished."""
     from torch.utils.data import DataLoader
     from ldsc import distributed
-    from ldsc.features.images import ImageFiles, batch_seed
+    from ldsc.features.images import ImageFiles
 
     path = Path(path)
     lead, parts = distributed.rank() == 0, distributed.world_size()
@@ -226,11 +226,7 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
 
     def draws_of(batch):
         """``(draw, features)`` of a batch, one draw at a time (each written before the next)."""
-        images = batch["image"].to(device)
-        for r in range(draws):
-            gen = torch.Generator(device=images.device).manual_seed(batch_seed(seed, r, batch["index"]))
-            with torch.no_grad():
-                yield r, backbone(images, generator=gen)
+        yield from backbone_draws(backbone, batch["image"].to(device), batch["index"], seed, draws)
 
     def write(batch, r: int, feats: list[LayerFeatures]) -> None:
         lo, hi = int(batch["index"][0]), int(batch["index"][-1]) + 1

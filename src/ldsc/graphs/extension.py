@@ -71,6 +71,13 @@ class FittedGraph:
             self._indexes[side] = TokenIndex(self.y if side == "y" else self.x, **options)
         return self._indexes[side]
 
+    @property
+    def inverse_sqrt_degree(self) -> np.ndarray:
+        """``d_j^{-1/2}`` of the fitted tokens (computed once: every step of new images uses it)."""
+        if "dinv" not in self._indexes:
+            self._indexes["dinv"] = inverse_sqrt_degree(self.degree.double().numpy())
+        return self._indexes["dinv"]
+
     def unit(self, vectors: Tensor) -> Tensor:
         """Raw ``(m, D)`` token vectors of new images -> unit rows comparable with :attr:`x` / :attr:`y`."""
         if self.projection is not None:
@@ -131,7 +138,7 @@ def new_token_rows(fitted: FittedGraph, xn: Tensor, yn: Tensor, tokens: int, k_i
     W_nf = sum(parts_nf[1:], parts_nf[0]) if parts_nf else sp.csr_matrix((m, n_fit))
     degree = np.asarray(W_nn.sum(1)).ravel() + np.asarray(W_nf.sum(1)).ravel()
     dn = inverse_sqrt_degree(degree)
-    df = inverse_sqrt_degree(fitted.degree.double().numpy())
+    df = fitted.inverse_sqrt_degree
     S_nn = sp.diags(dn) @ W_nn @ sp.diags(dn)
     S_nf = sp.diags(dn) @ W_nf @ sp.diags(df)
     return _torch_csr(S_nn), _torch_csr(S_nf)

@@ -19,27 +19,13 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ldsc.spectral.operator import add_unpooled, pool_operator, pool_rows
+from ldsc.spectral.operator import add_unpooled, flatten_channels, pool_matrix, pool_rows
 
 
 def pooled_fitted(Z: Tensor, base: tuple[int, int], grid: tuple[int, int]) -> Tensor:
     """The layer view ``U_l Z_f`` of fitted eigenvectors ``(n, K, H, W)`` on ``grid``, as the
     operator pools (``(n·h·w, K)``, rows ``(b, y, x)``)."""
-    from ldsc.spectral.operator import flatten_channels
-
-    n = Z.shape[0]
-    U = _pool_matrix(base, grid, Z.dtype)
-    return pool_rows(flatten_channels(Z), base, grid, n, U)
-
-
-def _pool_matrix(base, grid, dtype):
-    if base[0] % grid[0] or base[1] % grid[1]:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return pool_operator(base, grid).to(dtype=dtype).to_sparse_csr()
-    return None
+    return pool_rows(flatten_channels(Z), base, grid, Z.shape[0], pool_matrix(base, grid, Z.dtype))
 
 
 def nystrom(terms: Sequence[tuple], eigenvalues: Tensor, base: tuple[int, int], n_images: int,
@@ -63,7 +49,7 @@ def nystrom(terms: Sequence[tuple], eigenvalues: Tensor, base: tuple[int, int], 
     fixed = torch.zeros(n_images * H * W, K)
     pools = []
     for grid, weight, S_nn, S_nf, Y_f in terms:
-        U = _pool_matrix(base, grid, torch.float32)
+        U = pool_matrix(base, grid)
         pools.append(U)
         add_unpooled(fixed, S_nf @ Y_f.to(torch.float32), base, grid, n_images, U, weight)
     fixed /= lam

@@ -64,6 +64,17 @@ def pool_operator(base: tuple[int, int], grid: tuple[int, int]) -> Tensor:
 
 
 
+def pool_matrix(base: tuple[int, int], grid: tuple[int, int], dtype: torch.dtype = torch.float32,
+                device=None) -> Tensor | None:
+    """``U_l`` as CSR for a grid that does not divide the base grid, ``None`` for one that does
+    (then :func:`pool_rows` pools by a reshape and a mean)."""
+    if base[0] % grid[0] == 0 and base[1] % grid[1] == 0:
+        return None
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        return pool_operator(base, grid).to(device=device, dtype=dtype).to_sparse_csr()
+
+
 def pool_rows(X: Tensor, base: tuple[int, int], grid: tuple[int, int], n_images: int, U: Tensor | None) -> Tensor:
     """``U_l X`` up to a factor: ``(B·H·W, m)`` rows -> ``(B·h·w, m)`` layer rows. For grids that
     divide the base grid, the mean over each window (``U_l X / √area``, undone by
@@ -137,11 +148,7 @@ class LayerOperator:
                 raise ValueError(f"graph {g.name} has {g.n_images} images, expected {self.n_images}")
             h, w = g.grid
             blocks = [(s, S if S.dtype == dtype else S.to(dtype)) for s, S in g.sym_blocks()]
-            U = None
-            if self.base[0] % h or self.base[1] % w:
-                with warnings.catch_warnings():  # "sparse CSR support is in beta"
-                    warnings.simplefilter("ignore", UserWarning)
-                    U = pool_operator(self.base, g.grid).to(device=blocks[0][1].device, dtype=dtype).to_sparse_csr()
+            U = pool_matrix(self.base, g.grid, dtype, blocks[0][1].device)
             counts = [(b - a) * h * w for a, b in zip(bounds[:-1], bounds[1:])]
             self.terms.append((g, blocks, (h, w), float(g.weight), U, counts))
         self.shift = float(sum(t[3] for t in self.terms))

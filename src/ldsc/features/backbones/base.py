@@ -117,6 +117,18 @@ class Backbone(nn.Module):
         return {}
 
 
+def backbone_draws(backbone: "Backbone", images: Tensor, index: Tensor, seed: int, draws: int = 1):
+    """``(draw, features)`` of a batch, one backbone pass per draw; draw ``r`` is seeded by
+    ``(seed, r, the batch's image indices)`` (:func:`ldsc.features.images.batch_seed`), so the same
+    images give the same features whoever asks: the store, :class:`ldsc.LDSC`, ``ldsc.extend``."""
+    from ldsc.features.images import batch_seed
+
+    for r in range(int(draws)):
+        gen = torch.Generator(device=images.device).manual_seed(batch_seed(seed, r, index))
+        with torch.no_grad():
+            yield r, backbone(images, generator=gen)
+
+
 def check_capture_options(heads: str, token_stride: int) -> None:
     """Validate the capture options shared by the hooked backbones (``heads``, ``token_stride``)."""
     if heads not in ("keep", "mean"):
