@@ -228,3 +228,25 @@ def test_bad_checkpoints_are_named_and_earlier_outputs_kept(compose, tmp_path, d
     with pytest.raises(ConfigError, match=pattern):
         fit(compose([*TINY, "resume=true"], out=out))
     assert (out / "eigvecs.pt").read_bytes() == before  # the earlier run's outputs are untouched
+
+
+def test_a_signal_before_the_run_started_waits_for_the_runs_own_handler():
+    """A Ctrl-C during the entry point's imports (which it would break half-way) is held, then
+    delivered to the run's handler: one sentence and 130, never a traceback or a killed interpreter."""
+    import signal
+    import threading
+
+    from ldsc.interrupt import RunInterrupted, graceful_signals, hold_signals
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    try:
+        hold_signals()
+        # to this thread (the test process has other threads, which do not hold it; the entry point
+        # holds the signals before any thread exists, so the threads it starts inherit the mask)
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # held: nothing happens here
+        with pytest.raises(RunInterrupted, match="before the solver started") as caught:
+            with graceful_signals():
+                pass
+        assert caught.value.exit_code == 130
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)

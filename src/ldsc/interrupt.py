@@ -62,17 +62,36 @@ def take_over_sigterm(forward=None) -> None:
 HANDLED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def hold_signals() -> None:
+    """Hold (block) the stop signals from the start of an entry point until :func:`graceful_signals`
+    installs the run's handlers. A Ctrl-C that lands while Python imports torch or numpy interrupts
+    the import half-way; the retried import then fails ("cannot load module more than once") and
+    the run ends in a traceback, or the interpreter ends killed by the signal. Held, the signal
+    waits (a few seconds at most) and is handled by the run's own handler: one sentence, exit
+    ``128 + signal number``."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+
+def release_signals() -> None:
+    """Deliver any held stop signal now (with whatever handler is installed) and stop holding."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+
+
 @contextmanager
 def graceful_signals():
-    """Install the handlers for the duration of a run (previous handlers restored after)."""
+    """Install the handlers for the duration of a run (previous handlers and the signal mask
+    restored after); a signal held since the entry point started (:func:`hold_signals`) is
+    delivered to them at once."""
     global requested, training, _forward
     requested, training, _forward = None, False, None
     previous = {s: signal.getsignal(s) for s in HANDLED}
     for s in previous:
         signal.signal(s, _handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
     try:
         yield
     finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for s, h in previous.items():
             signal.signal(s, h)
         training, _forward = False, None

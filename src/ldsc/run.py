@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from ldsc.atomic import folder_lock
 from ldsc.runtime.run_folder import refuse_overwrite, remove_stub_folder
 from ldsc.errors import ConfigError, LdscError
-from ldsc.interrupt import graceful_signals
+from ldsc.interrupt import graceful_signals, hold_signals, release_signals
 from ldsc.runtime.validate import validate
 
 log = logging.getLogger("ldsc")
@@ -416,8 +416,10 @@ def main() -> None:
     if problem:
         print(f"ldsc: error: {problem}", file=sys.stderr)
         sys.exit(1)
+    hold_signals()  # until the run's handlers are installed: a Ctrl-C inside an import breaks it
     try:
         run_main()
+        release_signals()  # a signal that came between two jobs of a sweep, or after the last
     except KeyboardInterrupt:  # Ctrl-C before the run's own handlers were installed (or after)
         print("ldsc: error: Stopped by SIGINT (Ctrl-C) before the run started; nothing was written.", file=sys.stderr)
         sys.exit(130)
