@@ -1,4 +1,4 @@
-"""Pretrained backbones (sd, clip, dino, mae) on tiny random instances of the real architectures.
+"""Pretrained backbones (sd; hf presets clip, dino, mae) on tiny random instances of the real architectures.
 
 The models are saved with ``save_pretrained`` into a session temp dir and loaded through the
 backbone classes with ``model_id=<dir>``, exactly as users load hub ids or local folders.
@@ -16,13 +16,8 @@ import torch
 from torch import nn
 
 from ldsc.features.backbones.base import WeightsNotFoundError
-from ldsc.features.backbones.hooks import (
-    QKVCapture,
-    attention_probs,
-    grid_features,
-    select_layers,
-    split_heads,
-)
+from ldsc.features.backbones.capture import AttentionCall, AttentionCapture, CaptureError
+from ldsc.features.backbones.hooks import attention_probs, grid_features, select_layers
 from tiny_models import TINY_SD_INPUT, TINY_VIT, TINY_VIT_INPUT, tiny_model_dir
 
 
@@ -43,9 +38,10 @@ def tiny_dir():
 
 
 def vit_class(name: str):
-    from ldsc.features.backbones import vit
+    """The ``backbone=<name>`` preset: one class (:class:`HFBackbone`) for every transformers ViT."""
+    from ldsc.features.backbones.hf import HFBackbone
 
-    return {"clip": vit.CLIPBackbone, "dino": vit.DINOBackbone, "mae": vit.MAEBackbone}[name]
+    return HFBackbone
 
 
 def make_sd(tiny_dir, **kwargs):
@@ -80,42 +76,72 @@ def assert_frozen(backbone: nn.Module, features) -> None:
 
 def test_import_is_cheap():
     code = (
-        "import sys, ldsc.features.backbones, ldsc.features.backbones.vit, ldsc.features.backbones.sd, ldsc.features.backbones.hooks;"
-        "heavy = [m for m in ('diffusers', 'transformers') if m in sys.modules];"
+        "import sys, ldsc.features.backbones, ldsc.features.backbones.hf, ldsc.features.backbones.sd, "
+        "ldsc.features.backbones.timm_vit, ldsc.features.backbones.hooks;"
+        "heavy = [m for m in ('diffusers', 'transformers', 'timm') if m in sys.modules];"
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_capture_removes_hooks_even_after_an_error():
-    attention = nn.Module()
-    attention.q_proj, attention.k_proj, attention.v_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
-    capture = QKVCapture({"a": attention})
+class _Attention(nn.Module):
+    """A minimal attention module that hands its q/k/v to scaled_dot_product_attention."""
+
+    def __init__(self, eager: bool = False):
+        super().__init__()
+        self.qkv, self.eager = nn.Linear(4, 12), eager
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 2).permute(2, 0, 3, 1, 4)
+        if self.eager:
+            return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3)
+
+
+def test_capture_records_what_the_layer_compares_and_restores_everything():
+    attention = _Attention()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    x = torch.randn(2, 5, 4)
+    with AttentionCapture({"a": attention}) as capture:
+        out = attention(x)
+    call = capture.take()["a"]
+    q, k, v = attention.qkv(x).view(2, 5, 3, 2, 2).permute(2, 0, 3, 1, 4)
+    assert torch.equal(call.q, q) and torch.equal(call.k, k) and torch.equal(call.v, v) and call.scale == 0.3
+    assert torch.allclose(out, attention_probs(call.q, call.k, call.scale) @ call.v, atol=1e-6)
+    assert capture.outputs == {}
     with pytest.raises(RuntimeError, match="boom"):
         with capture:
-            attention.q_proj(torch.zeros(1, 4))
+            attention(x)
             raise RuntimeError("boom")
-    assert all(not p._forward_hooks for p in (attention.q_proj, attention.k_proj, attention.v_proj))
-    with capture:
-        attention.k_proj(torch.ones(1, 4))
-    assert set(capture.take()["a"]) == {"k"}
-    assert capture.outputs == {}
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa  # restored, also after an error
+    assert not attention._forward_hooks and not attention._forward_pre_hooks
 
 
-def test_grid_features_drops_prefix_strides_and_averages_heads():
+def test_capture_refuses_a_layer_that_never_calls_sdpa():
+    eager = _Attention(eager=True)
+    with pytest.raises(CaptureError, match="without calling.*'sdpa' attention"):
+        with AttentionCapture({"a": eager}):
+            eager(torch.randn(1, 3, 4))
+
+
+def _call(b, heads, n, d, seed=0) -> AttentionCall:
+    g = torch.Generator().manual_seed(seed)
+    return AttentionCall(*(torch.randn(b, heads, n, d, generator=g) for _ in "qkv"), scale=d ** -0.5)
+
+
+def test_grid_features_drops_special_tokens_strides_and_averages_heads():
     b, heads, h, w, d, prefix = 2, 3, 4, 6, 5, 1
-    raw = {r: torch.randn(b, prefix + h * w, heads * d) for r in "qkv"}
-    full = grid_features("l", raw, heads, (h, w), n_prefix=prefix)
+    call = _call(b, heads, prefix + h * w + 2, d)  # 2 trailing (text) tokens as in joint attention
+    full = grid_features("l", call, (h, w), offset=prefix)
     assert full.q.shape == (b, heads, h, w, d)
-    q = split_heads(raw["q"], heads)
-    assert torch.equal(full.q[1, 2, 3, 5], q[1, 2, prefix + 3 * w + 5])
-    sub = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, head_mode="mean", compute_attn=True)
+    assert torch.equal(full.q[1, 2, 3, 5], call.q[1, 2, prefix + 3 * w + 5])
+    sub = grid_features("l", call, (h, w), offset=prefix, token_stride=2, head_mode="mean", compute_attn=True)
     assert sub.q.shape == (b, 1, 2, 3, d)
-    assert torch.allclose(sub.q[0, 0, 1, 2], q[0, :, prefix + 2 * w + 4].mean(0))
+    assert torch.allclose(sub.q[0, 0, 1, 2], call.q[0, :, prefix + 2 * w + 4].mean(0))
     assert sub.attn.shape == (b, 1, 6, 6)
     assert torch.allclose(sub.attn.sum(-1), torch.ones(b, 1, 6))
     with pytest.raises(ValueError, match="tokens"):
-        grid_features("l", raw, heads, (h, w + 1), n_prefix=prefix)
+        grid_features("l", call, (h, w + 1), offset=prefix)
 
 
 def keep_tokens(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -126,9 +152,9 @@ def keep_tokens(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def test_captured_attention_is_the_full_attention_restricted_to_the_grid():
     b, heads, h, w, d, prefix = 2, 3, 4, 6, 5, 1
-    raw = {r: torch.randn(b, prefix + h * w, heads * d) for r in "qkv"}
-    full = attention_probs(split_heads(raw["q"], heads), split_heads(raw["k"], heads))
-    f = grid_features("l", raw, heads, (h, w), n_prefix=prefix, token_stride=2, compute_attn=True)
+    call = _call(b, heads, prefix + h * w, d)
+    full = attention_probs(call.q, call.k, call.scale)
+    f = grid_features("l", call, (h, w), offset=prefix, token_stride=2, compute_attn=True)
     index = (torch.arange(0, h, 2)[:, None] * w + torch.arange(0, w, 2)[None, :]).flatten() + prefix
     assert torch.allclose(f.attn, keep_tokens(full, index), atol=1e-6)
 
@@ -154,7 +180,8 @@ def test_vit_shapes_and_options(tiny_dir, name):
     heads, d, side = TINY_VIT["num_attention_heads"], 16, TINY_VIT_INPUT // TINY_VIT["patch_size"]
     # CLIP and MAE default to the model's own size; DINO to the paper's 480 (given explicitly here)
     backbone = cls(tiny_dir(name), **({"input_size": TINY_VIT_INPUT} if name == "dino" else {}))
-    assert backbone.input_size == TINY_VIT_INPUT and backbone.name == name
+    assert backbone.input_size == TINY_VIT_INPUT
+    assert backbone.name == {"clip": "clip_vision_model", "dino": "vit", "mae": "vit_mae"}[name]
     features = backbone(images(2, TINY_VIT_INPUT))
     assert [f.name for f in features] == ["layer.0", "layer.1"]
     for f in features:
@@ -170,39 +197,96 @@ def test_vit_shapes_and_options(tiny_dir, name):
     assert other(images(1, 40))[0].q.shape == (1, 1, 3, 3, d)
 
 
-@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
-def test_vit_hooks_reproduce_the_models_attention(tiny_dir, name):
-    """softmax(q kᵀ/√d) of the captured q, k equals the model's own attention probabilities
-    (eager attention, ``output_attentions``), and ``attn`` is that attention restricted to the grid."""
-    backbone = vit_class(name)(tiny_dir(name), compute_attn=True, input_size=TINY_VIT_INPUT)
-    x = images(2, TINY_VIT_INPUT)
+def assert_capture_reproduces_eager_attention(backbone, x, **forward):
+    """softmax(q kᵀ · scale) of the q, k the backbone captures (all tokens) equals the model's own
+    attention probabilities from its eager implementation (``output_attentions``), layer by layer,
+    and the features' ``attn`` is that attention restricted to the grid: a wrong head split, a
+    forgotten norm or rotary step, or a special token left in fails here."""
     features = backbone(x)
-
+    pixel_values = backbone.preprocess(x)
+    with torch.no_grad(), AttentionCapture({n: backbone.found[n].module for n in backbone.found}) as capture:
+        backbone.encode(pixel_values)
+    calls = capture.take()
     model = backbone.model
     model.set_attn_implementation("eager")
-    pixel_values = backbone.preprocess(x)
-    kwargs = {"noise": backbone._noise(2, 16, "cpu")} if name == "mae" else {}
-    from ldsc.features.backbones.hooks import attention_modules
-
-    modules = dict(zip(["layer.0", "layer.1"], attention_modules(model).values()))
-    with torch.no_grad(), QKVCapture(modules) as capture:
-        reference = model(pixel_values=pixel_values, output_attentions=True, interpolate_pos_encoding=True, **kwargs)
-    heads = TINY_VIT["num_attention_heads"]
-    grid = torch.arange(16) + 1  # tokens after the class token
+    try:
+        with torch.no_grad():
+            options = dict(backbone.forward_options)
+            if backbone.masked:
+                options["noise"] = torch.arange(16.0).expand(x.shape[0], -1)
+            reference = model(pixel_values=pixel_values, output_attentions=True, **options).attentions
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert len(reference) == len(calls)
+    h, w = backbone.grid
+    grid = torch.arange(h * w) + backbone.special_tokens
     for i, f in enumerate(features):
-        raw = capture.outputs[f"layer.{i}"]
-        probs = attention_probs(split_heads(raw["q"], heads), split_heads(raw["k"], heads))
-        assert torch.allclose(probs, reference.attentions[i], atol=1e-5)
-        assert torch.allclose(f.attn, keep_tokens(reference.attentions[i], grid), atol=1e-5)
-        q = split_heads(raw["q"], heads)[:, :, 1:].reshape(2, heads, 4, 4, -1)
-        assert torch.allclose(f.q, q, atol=1e-5)  # layer 1 differs by sdpa vs eager rounding
+        call = calls[f"layer.{i}"]
+        assert torch.allclose(attention_probs(call.q, call.k, call.scale), reference[i], atol=1e-5), f.name
+        assert torch.allclose(f.attn, keep_tokens(reference[i], grid), atol=1e-5), f.name
 
 
-@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
+#: backbone=hf checkpoints (tiny stand-ins of the presets, and DINOv3 by id) → special tokens to drop
+HF = {"clip": 1, "dino": 1, "mae": 1, "dinov2": 1, "dinov2_reg": 5, "dinov3": 5, "siglip": 0}
+#: backbone=timm checkpoints → special tokens (class + registers)
+TIMM = {"timm_dinov2_reg": 5, "timm_eva02": 1}
+
+
+def make_backbone(tiny_dir, name: str, **kwargs):
+    """``backbone=hf`` or ``backbone=timm`` on the tiny ``name`` model, loaded the way users load it."""
+    if name in TIMM:
+        from ldsc.features.backbones.timm_vit import TimmBackbone
+
+        return TimmBackbone(f"local-dir:{tiny_dir(name)}", **kwargs)
+    kwargs.setdefault("input_size", TINY_VIT_INPUT)
+    return vit_class(name)(tiny_dir(name), **kwargs)
+
+
+@pytest.mark.parametrize("name", list(HF))
+def test_hf_capture_reproduces_the_models_attention(tiny_dir, name):
+    backbone = make_backbone(tiny_dir, name, compute_attn=True)
+    assert backbone.special_tokens == HF[name]
+    assert_capture_reproduces_eager_attention(backbone, images(2, TINY_VIT_INPUT))
+
+
+@pytest.mark.parametrize("name", list(TIMM))
+def test_timm_capture_reproduces_the_models_attention(tiny_dir, name):
+    """timm's own non-fused path computes the probabilities and passes them through ``attn_drop``:
+    they must equal softmax(q kᵀ · scale) of the q, k captured from its fused path (after the fused
+    qkv split, QK-norm and, for EVA-02, the rotary embedding)."""
+    backbone = make_backbone(tiny_dir, name, compute_attn=True)
+    assert backbone.special_tokens == TIMM[name]
+    x = images(2, TINY_VIT_INPUT)
+    features = backbone(x)
+    with torch.no_grad(), AttentionCapture({n: backbone.found[n].module for n in backbone.found}) as capture:
+        backbone.model.forward_features(backbone.preprocess(x))
+    calls = capture.take()
+    reference, handles = {}, []
+    for n, layer in backbone.found.items():
+        layer.module.fused_attn = False
+        handles.append(layer.module.attn_drop.register_forward_hook(
+            lambda m, a, o, n=n: reference.__setitem__(n, o)))
+    try:
+        with torch.no_grad():
+            backbone.model.forward_features(backbone.preprocess(x))
+    finally:
+        for n, layer in backbone.found.items():
+            layer.module.fused_attn = True
+        for handle in handles:
+            handle.remove()
+    grid = torch.arange(16) + backbone.special_tokens
+    for f in features:
+        call = calls[f.name]
+        assert torch.allclose(attention_probs(call.q, call.k, call.scale), reference[f.name], atol=1e-5), f.name
+        assert torch.allclose(f.attn, keep_tokens(reference[f.name], grid), atol=1e-5), f.name
+
+
+@pytest.mark.parametrize("name", [*HF, *TIMM])
 def test_vit_tokens_come_back_in_grid_order(tiny_dir, name):
     """Changing one patch of the image changes layer 0's queries at that grid cell only
-    (q is a token-wise function of the patch embedding); for MAE this proves no shuffle."""
-    backbone = vit_class(name)(tiny_dir(name), layers=[0], input_size=TINY_VIT_INPUT)
+    (q is a token-wise function of the patch embedding): for MAE this proves no shuffle, for the
+    register models that no register is left in the grid (it would shift every cell)."""
+    backbone = make_backbone(tiny_dir, name, layers=[0])
     x = images(1, TINY_VIT_INPUT)
     y = x.clone()
     y[:, :, 8:16, 16:24] = 1 - y[:, :, 8:16, 16:24]  # patch (row 1, col 2)
@@ -218,11 +302,14 @@ def test_vit_frozen_and_not_in_checkpoints(tiny_dir, name):
 
 
 def test_vit_normalisation_from_preprocessor_or_defaults(tiny_dir):
-    from ldsc.features.backbones.vit import IMAGENET_MEAN, OPENAI_CLIP_MEAN
+    from ldsc.features.backbones.hf import IMAGENET_MEAN
 
-    assert torch.allclose(vit_class("clip")(tiny_dir("clip")).mean.flatten(), torch.tensor(OPENAI_CLIP_MEAN))
+    openai = (0.48145466, 0.4578275, 0.40821073)
+    assert torch.allclose(vit_class("clip")(tiny_dir("clip")).mean.flatten(), torch.tensor(openai))
     assert not os.path.exists(os.path.join(tiny_dir("dino"), "preprocessor_config.json"))
     assert torch.allclose(vit_class("dino")(tiny_dir("dino")).mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    fallback = vit_class("dino")(tiny_dir("dino"), image_mean=openai, image_std=(0.5, 0.5, 0.5))
+    assert torch.allclose(fallback.mean.flatten(), torch.tensor(openai))
 
 
 def test_vit_bfloat16_and_early_stop(tiny_dir):
@@ -275,11 +362,11 @@ def test_sd_layers_grids_and_shapes(tiny_dir):
 
 def test_sd_never_hooks_cross_attention(tiny_dir):
     backbone = make_sd(tiny_dir, layers=None, max_grid=None)
-    hooked = {id(m) for _, _, m in backbone._capture.targets}
+    hooked = {id(m) for m in backbone._capture.layers.values()}
     for name, module in backbone.unet.named_modules():
         if name.endswith("attn2"):
             assert module.is_cross_attention
-            assert not {id(module.to_q), id(module.to_k), id(module.to_v)} & hooked
+            assert id(module) not in hooked
     assert all(n.endswith("attn1") for n in backbone.layer_names)
 
 
@@ -291,16 +378,20 @@ def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 200])
     modules = backbone._attn1
-    with torch.no_grad(), QKVCapture(modules, extra=modules) as capture:
+    outputs = {}
+    handles = [m.register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, o)) for n, m in modules.items()]
+    with torch.no_grad(), AttentionCapture(modules) as capture:
         unet(latents, t, encoder_hidden_states=backbone.prompt_embedding.expand(2, -1, -1))
+    for handle in handles:
+        handle.remove()
     for name, module in modules.items():
-        raw = capture.outputs[name]
-        q, k, v = (split_heads(raw[r], module.heads) for r in "qkv")
-        probs = attention_probs(q, k, module.scale)
-        merged = (probs @ v).transpose(1, 2).flatten(2)
+        call = capture.outputs[name]
+        assert call.q.shape[1] == module.heads and call.scale == module.scale
+        probs = attention_probs(call.q, call.k, call.scale)
+        merged = (probs @ call.v).transpose(1, 2).flatten(2)
         with torch.no_grad():
             out = module.to_out[1](module.to_out[0](merged))
-        assert torch.allclose(out, raw["out"], atol=1e-5), name
+        assert torch.allclose(out, outputs[name], atol=1e-5), name
 
 
 def test_sd_timestep_schedules():
@@ -407,3 +498,39 @@ def test_weight_loading_errors_name_their_cause(tiny_dir, tmp_path, monkeypatch,
         monkeypatch.setattr(CLIPVisionModel, "from_pretrained", gated)
     with pytest.raises(WeightsNotFoundError, match=expected):
         vit_class("clip")(str(model_id))
+
+
+@pytest.mark.parametrize("model_name,options,expected", [
+    ("vit_no_such_model", {}, "is not a timm model name"),
+    ("local-dir:/no/such/folder", {}, "the folder does not exist"),
+    ("vit_small_patch16_224", {"checkpoint": "/no/such/weights.pth"}, "is not a file"),
+    ("vit_small_patch16_224.augreg_in21k", {}, r"hf download timm/vit_small_patch16_224.augreg_in21k"),
+])
+def test_timm_weights_that_cannot_be_loaded_are_one_sentence(monkeypatch, tmp_path, model_name, options, expected):
+    from huggingface_hub import constants
+
+    from ldsc.features.backbones.timm_vit import TimmBackbone
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(WeightsNotFoundError, match=expected) as info:
+        TimmBackbone(model_name, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_timm_local_checkpoint_file_is_loaded(tmp_path):
+    """``checkpoint=`` a weights file for the named architecture: the saved weights are used (the
+    features differ from another random draw's and equal a second load's)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from ldsc.features.backbones.timm_vit import TimmBackbone
+
+    torch.manual_seed(1)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32)
+    save_file(source.state_dict(), tmp_path / "weights.safetensors")
+    a = TimmBackbone("vit_tiny_patch16_224", checkpoint=str(tmp_path / "weights.safetensors"), input_size=32, layers=[0])
+    b = TimmBackbone("vit_tiny_patch16_224", checkpoint=str(tmp_path / "weights.safetensors"), input_size=32, layers=[0])
+    assert torch.equal(a.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
+    x = images(1, 32)
+    assert a.grid == (2, 2) and torch.equal(a(x)[0].q, b(x)[0].q)

@@ -1,9 +1,10 @@
 """End-to-end runs of ``ldsc.run`` with the pretrained backbones (tiny random stand-ins).
 
-Each backbone × graph runs in single-image mode (the real demo image) and in data-set mode (a
-folder of three COCO images), in-process through ``fit`` like ``test_run.py``; one run goes
-through ``python -m ldsc.run`` in a subprocess, and every ``-m backbone=... graph=...`` sweep
-combination is composed.
+Each of the paper's backbones × graph runs in single-image mode (the real demo image) and in
+data-set mode (a folder of four COCO images), in-process through ``fit`` like ``test_run.py``; every
+newer one (DINOv2 with and without registers, DINOv3, SigLIP through ``backbone=hf``; timm's DINOv2
+with registers and EVA-02) runs once each way; one run goes through ``python -m ldsc.run`` in a
+subprocess, and every ``-m backbone=... graph=...`` sweep combination is composed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from tiny_models import TINY_INPUT, tiny_model_dir
 from ldsc.run import fit
 
 BACKBONES = ["sd", "clip", "dino", "mae"]
+#: the newer ones: config group (a preset, or hf / timm with the model named) per tiny model
+NEWER = {"dinov2": "dinov2", "dinov2_reg": "dinov2_reg", "dinov3": "hf", "siglip": "siglip",
+         "timm_dinov2_reg": "timm", "timm_eva02": "timm"}
 
 
 @pytest.fixture(autouse=True)
@@ -30,16 +34,19 @@ def one_thread():
 
 
 @pytest.fixture
-def three_images(tmp_path, coco_dir) -> Path:
+def four_images(tmp_path, coco_dir) -> Path:
     folder = tmp_path / "images"
     folder.mkdir()
-    for f in sorted(coco_dir.glob("*.jpg"))[:3]:
+    for f in sorted(coco_dir.glob("*.jpg"))[:4]:
         shutil.copy(f, folder / f.name)
     return folder
 
 
 def backbone_overrides(name: str) -> list[str]:
-    return [f"backbone={name}", f"backbone.model_id={tiny_model_dir(name)}", f"backbone.input_size={TINY_INPUT[name]}"]
+    group = NEWER.get(name, name)
+    if group == "timm":
+        return ["backbone=timm", f"backbone.model_name=local-dir:{tiny_model_dir(name)}"]
+    return [f"backbone={group}", f"backbone.model_id={tiny_model_dir(name)}", f"backbone.input_size={TINY_INPUT[name]}"]
 
 
 def eigvecs(cfg) -> dict:
@@ -57,13 +64,26 @@ def test_single_image_run(compose, single_image, name, graph):
 
 @pytest.mark.parametrize("graph", ["qk", "vv"])
 @pytest.mark.parametrize("name", BACKBONES)
-def test_dataset_run(compose, three_images, name, graph):
-    cfg = compose([*SMALL, *backbone_overrides(name), f"graph={graph}", "data=folder", f"data.root={three_images}",
-                   "data.batch_size=3", "K=3", "trainer.max_epochs=1"])
+def test_dataset_run(compose, four_images, name, graph):
+    cfg = compose([*SMALL, *backbone_overrides(name), f"graph={graph}", "data=folder", f"data.root={four_images}",
+                   "data.batch_size=2", "K=3", "trainer.max_epochs=1"])
     fit(cfg)
     out = eigvecs(cfg)
-    assert out["eigvecs"].shape == (3, 3, 16, 16)
-    assert sorted(Path(f).name for f in out["files"]) == sorted(p.name for p in three_images.iterdir())
+    assert out["eigvecs"].shape == (4, 3, 16, 16)
+    assert sorted(Path(f).name for f in out["files"]) == sorted(p.name for p in four_images.iterdir())
+
+
+@pytest.mark.parametrize("name", list(NEWER))
+def test_newer_backbones_single_image_and_dataset_runs(compose, single_image, four_images, tmp_path, name):
+    single = compose([*SMALL, *backbone_overrides(name), "graph=vv", "data=single", f"data.path={single_image}",
+                      "data.batch_size=1", "K=3", "trainer.max_epochs=1"], out=tmp_path / "single")
+    fit(single)
+    assert torch.isfinite(eigvecs(single)["eigvecs"]).all()
+    dataset = compose([*SMALL, *backbone_overrides(name), "graph=qk", "data=folder", f"data.root={four_images}",
+                       "data.batch_size=2", "K=3", "trainer.max_epochs=1"])
+    fit(dataset)
+    out = eigvecs(dataset)
+    assert out["eigvecs"].shape == (4, 3, 16, 16) and torch.isfinite(out["eigvecs"]).all()
 
 
 @pytest.mark.parametrize("name", ["sd", "dino"])
@@ -92,7 +112,7 @@ def test_cli_missing_weights_is_one_sentence(tmp_path):
 
 
 @pytest.mark.parametrize("graph", ["qk", "vv", "attn"])
-@pytest.mark.parametrize("name", BACKBONES)
+@pytest.mark.parametrize("name", [*BACKBONES, "dinov2", "dinov2_reg", "siglip", "timm"])
 def test_sweep_combinations_compose(compose, name, graph):
     """Every job of ``python -m ldsc.run -m backbone=sd,clip,dino,mae graph=qk,vv[,attn]`` composes
     to importable targets with the documented defaults."""
@@ -101,8 +121,14 @@ def test_sweep_combinations_compose(compose, name, graph):
 
     cfg = compose([f"backbone={name}", f"graph={graph}"])
     OmegaConf.to_container(cfg, resolve=True)
-    assert get_class(cfg.backbone._target_).name == name
+    target = get_class(cfg.backbone._target_)
     get_class(cfg.graph._target_)
+    if name == "timm":
+        assert target.name == "timm" and cfg.backbone.model_name == "vit_base_patch14_reg4_dinov2.lvd142m"
+        return
+    assert target.name == ("sd" if name == "sd" else "hf")  # every transformers ViT: one class
     defaults = {"sd": ("CompVis/stable-diffusion-v1-4", 512), "clip": ("openai/clip-vit-base-patch16", None),
-                "dino": ("facebook/dino-vitb8", 480), "mae": ("facebook/vit-mae-base", None)}  # None: the model's 224
+                "dino": ("facebook/dino-vitb8", 480), "mae": ("facebook/vit-mae-base", None),  # None: the model's 224
+                "dinov2": ("facebook/dinov2-base", 518), "dinov2_reg": ("facebook/dinov2-with-registers-base", 518),
+                "siglip": ("google/siglip-base-patch16-224", None)}
     assert (cfg.backbone.model_id, cfg.backbone.input_size) == defaults[name]

@@ -97,6 +97,60 @@ def make_tiny_mae(directory: str, size: str = "tiny") -> str:
     return directory
 
 
+def make_tiny_dinov2(directory: str, size: str = "tiny", registers: int = 0) -> str:
+    """A ``Dinov2Model`` (``facebook/dinov2-base``) or, with ``registers``, a
+    ``Dinov2WithRegistersModel`` (``facebook/dinov2-with-registers-base``) checkpoint."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(0)
+    spec = dict(TINY_VIT) if size == "tiny" else dict(BASE_VIT, patch_size=14, image_size=518)
+    spec.pop("intermediate_size")  # DINOv2 sizes its MLP by mlp_ratio
+    if registers:
+        Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**spec, num_register_tokens=registers)).save_pretrained(directory)
+    else:
+        Dinov2Model(Dinov2Config(**spec)).save_pretrained(directory)
+    _save_preprocessor(directory, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), spec["image_size"])
+    return directory
+
+
+def make_tiny_dinov3(directory: str, size: str = "tiny") -> str:
+    """A ``DINOv3ViTModel`` checkpoint (rotary position embeddings, 4 registers), like
+    ``facebook/dinov3-vitb16-pretrain-lvd1689m``."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(0)
+    spec = dict(TINY_VIT) if size == "tiny" else dict(BASE_VIT)
+    DINOv3ViTModel(DINOv3ViTConfig(**spec, num_register_tokens=4)).save_pretrained(directory)
+    return directory
+
+
+def make_tiny_siglip(directory: str, size: str = "tiny") -> str:
+    """A whole ``SiglipModel`` checkpoint (text and vision towers; no class token), like
+    ``google/siglip-base-patch16-224``."""
+    from transformers import SiglipConfig, SiglipModel
+
+    torch.manual_seed(0)
+    vision = dict(TINY_VIT) if size == "tiny" else dict(BASE_VIT)
+    text = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, vocab_size=64,
+                max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(directory)
+    _save_preprocessor(directory, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), vision["image_size"])
+    return directory
+
+
+def make_tiny_timm(directory: str, size: str = "tiny", arch: str = "vit_base_patch14_reg4_dinov2") -> str:
+    """A timm model (``arch``, e.g. DINOv2 with 4 registers or EVA-02 with rotary embeddings) saved
+    with ``timm.models.save_for_hf``; load it as ``local-dir:<directory>``."""
+    import timm
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    spec = dict(depth=2, embed_dim=32, num_heads=2, img_size=32, patch_size=8) if size == "tiny" else {}
+    model = timm.create_model(arch, pretrained=False, **spec)
+    save_for_hf(model, directory, model_args=spec)
+    return directory
+
+
 def _tiny_clip_tokenizer(directory: str, max_length: int) -> None:
     """vocab.json + merges.txt + tokenizer_config.json of a byte-level BPE CLIP tokenizer."""
     os.makedirs(directory, exist_ok=True)
@@ -170,9 +224,14 @@ def make_tiny_sd(directory: str, size: str = "tiny") -> str:
     return directory
 
 
-MAKERS = {"clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae, "sd": make_tiny_sd}
+MAKERS = {
+    "clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae, "sd": make_tiny_sd,
+    "dinov2": make_tiny_dinov2, "dinov2_reg": functools.partial(make_tiny_dinov2, registers=4),
+    "dinov3": make_tiny_dinov3, "siglip": make_tiny_siglip,
+    "timm_dinov2_reg": make_tiny_timm, "timm_eva02": functools.partial(make_tiny_timm, arch="eva02_base_patch14_224"),
+}
 #: the input size each tiny model is made for
-TINY_INPUT = {"clip": TINY_VIT_INPUT, "dino": TINY_VIT_INPUT, "mae": TINY_VIT_INPUT, "sd": TINY_SD_INPUT}
+TINY_INPUT = {name: TINY_SD_INPUT if name == "sd" else TINY_VIT_INPUT for name in MAKERS}
 
 
 @functools.lru_cache(maxsize=None)

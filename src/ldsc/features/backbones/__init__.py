@@ -2,9 +2,10 @@
 backbone is constructed, so ``import ldsc.features.backbones`` stays cheap."""
 
 from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError
+from ldsc.features.backbones.hf import HFBackbone
 from ldsc.features.backbones.pixel import PixelBackbone
 from ldsc.features.backbones.sd import StableDiffusionBackbone
-from ldsc.features.backbones.vit import CLIPBackbone, DINOBackbone, MAEBackbone
+from ldsc.features.backbones.timm_vit import TimmBackbone
 
 __all__ = [
     "Backbone",
@@ -12,7 +13,6 @@ __all__ = [
     "WeightsNotFoundError",
     "PixelBackbone",
     "StableDiffusionBackbone",
-    "CLIPBackbone",
-    "DINOBackbone",
-    "MAEBackbone",
+    "HFBackbone",
+    "TimmBackbone",
 ]

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
-from ldsc.features.backbones.hooks import QKVCapture, grid_features, qkv_projections, select_layers
+from ldsc.features.backbones.capture import AttentionCapture
+from ldsc.features.backbones.hooks import grid_features, select_layers
 from ldsc.features.backbones.loading import load_pretrained, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class StableDiffusionBackbone(Backbone):
                 f"at input_size {self.input_size} (grids: {sorted(set(self.grids[n] for n in picked))})"
             )
         self._attn1 = {n: attn1[n] for n in self.layer_names}
-        self._capture = QKVCapture(self._attn1, stop_early=True)
+        self._capture = AttentionCapture(self._attn1, stop_early=True)
         self.freeze()
 
     # -- construction helpers ----------------------------------------------------------------
@@ -219,7 +220,7 @@ class StableDiffusionBackbone(Backbone):
         found = [
             (name, m)
             for name, m in unet.named_modules()
-            if name.split(".")[-1] == "attn1" and qkv_projections(m) and not getattr(m, "is_cross_attention", False)
+            if name.split(".")[-1] == "attn1" and hasattr(m, "to_q") and not getattr(m, "is_cross_attention", False)
         ]
         found.sort(key=lambda item: _block_order(item[0]))  # stable: keeps order within a block
         return dict(found)
@@ -262,20 +263,11 @@ class StableDiffusionBackbone(Backbone):
 
         with self._capture as capture:
             self.unet(z_t, t, encoder_hidden_states=self.prompt_embedding.expand(batch, -1, -1))
-        outputs = capture.take()
+        calls = capture.take()
         self.step += 1
 
         return [
-            grid_features(
-                name,
-                outputs[name],
-                int(module.heads),
-                self.grids[name],
-                scale=float(module.scale),
-                head_mode=self.head_mode,
-                token_stride=self.token_stride,
-                compute_attn=self.compute_attn,
-                timestep=t,
-            )
-            for name, module in self._attn1.items()
+            grid_features(name, calls[name], self.grids[name], head_mode=self.head_mode,
+                          token_stride=self.token_stride, compute_attn=self.compute_attn, timestep=t)
+            for name in self._attn1
         ]

@@ -1,0 +1,190 @@
+"""timm vision transformers by name: ViT, DINOv2 with registers, EVA-02, DeiT, … (``backbone=timm``).
+
+timm's attention modules fuse q, k and v into one projection (``attn.qkv``), may normalise q and k
+(``q_norm`` / ``k_norm``) and, in EVA, rotate them (rotary embeddings) before they compare them.
+With ``fused_attn`` on (set here on every module that has the switch), each hands the final
+per-head q, k, v to ``scaled_dot_product_attention``, where
+:class:`~ldsc.features.backbones.capture.AttentionCapture` reads them — no split of the fused
+projection is re-implemented here.
+
+Weights: ``model_name`` as timm knows it (``vit_base_patch14_reg4_dinov2.lvd142m``; fetched into,
+or read from, the Hugging Face cache), ``hf-hub:<repo>``, or ``local-dir:<folder>`` (a folder
+written by ``timm.models.save_for_hf``); ``checkpoint=`` a local weights file for ``model_name``'s
+architecture. The token grid comes from the model's patch embedding, the special tokens to drop
+(class, registers) from ``model.num_prefix_tokens``, the normalisation from its pretrained config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
+from ldsc.features.backbones.capture import AttentionCapture, find_attention_layers
+from ldsc.features.backbones.hooks import grid_features, select_layers
+from ldsc.features.backbones.loading import hub_reachable, resolve_dtype, weights_error
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(model_name: str):
+    """timm downloads through huggingface_hub, which retries for ~20 s on a machine without
+    internet; like :func:`~ldsc.features.backbones.loading.load_pretrained`, ask the cache only then."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE
+    if not offline and not model_name.startswith("local-dir:") and not hub_reachable():
+        log.info("the Hugging Face hub cannot be reached: looking for '%s' in the local cache only", model_name)
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = offline
+
+
+def hub_repo(model_name: str) -> str:
+    """The Hugging Face repository timm fetches ``model_name``'s weights from."""
+    import timm
+
+    if model_name.startswith("hf-hub:"):
+        return model_name.split(":", 1)[1]
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    return (getattr(cfg, "hf_hub_id", None) if cfg is not None else None) or f"timm/{model_name}"
+
+
+def constants_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+class TimmBackbone(Backbone):
+    """A frozen timm vision transformer behind the backbone protocol.
+
+    Args:
+        model_name: timm model name (``vit_base_patch14_reg4_dinov2.lvd142m``), ``hf-hub:<repo>``
+            or ``local-dir:<folder>``.
+        checkpoint: a local weights file (``.safetensors`` / ``.pth``) for ``model_name``'s
+            architecture, instead of the pretrained tag's; ``None``: the tag's weights.
+        layers, heads, token_stride, dtype, compute_attn, draws: as for ``backbone=hf``.
+        input_size: square input side; ``None``: the model's pretrained size. Another size is
+            built into the model (``img_size``), which resamples its position embeddings on load.
+    """
+
+    name = "timm"
+
+    def __init__(
+        self,
+        model_name: str = "vit_base_patch14_reg4_dinov2.lvd142m",
+        checkpoint: str | None = None,
+        layers=None,
+        heads: str = "keep",
+        token_stride: int = 1,
+        input_size: int | None = None,
+        dtype: str = "float32",
+        compute_attn: bool = False,
+        draws: int = 1,
+    ):
+        super().__init__()
+        check_capture_options(heads, token_stride)
+        self.draws = int(draws)
+        self.model_name = str(model_name)
+        self.head_mode = heads
+        self.token_stride = int(token_stride)
+        self.compute_attn = bool(compute_attn)
+        self.dtype = resolve_dtype(dtype)
+
+        self.model = self.load_model(self.model_name, checkpoint, input_size).to(self.dtype)
+        for module in self.model.modules():  # each attention hands its q/k/v to scaled_dot_product_attention
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
+        patch = self.model.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+        img = self.model.patch_embed.img_size
+        self.input_size = int(img[0] if isinstance(img, (tuple, list)) else img)
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32
+                                                  ).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32
+                                                 ).view(1, 3, 1, 1), persistent=False)
+        self.freeze()
+
+        self.special_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+        probe = torch.zeros(1, 3, self.input_size, self.input_size)
+        found = find_attention_layers(self.model, lambda: self.model.forward_features(self.preprocess(probe)))
+        h, w = self.grid
+        if not found:
+            raise ValueError(f"timm model '{self.model_name}' has no attention layer that calls scaled_dot_product_attention")
+        if found[0].q_shape[2] != self.special_tokens + h * w:
+            raise ValueError(f"timm model '{self.model_name}': {found[0].q_shape[2]} tokens are not "
+                             f"{self.special_tokens} prefix tokens + a {h}x{w} grid")
+        self.found = {f"layer.{i}": layer for i, layer in enumerate(found)}
+        self.layer_names = select_layers(list(self.found), layers)
+        self._capture = AttentionCapture({n: self.found[n].module for n in self.layer_names}, stop_early=True)
+
+    @staticmethod
+    def load_model(model_name: str, checkpoint: str | None, input_size: int | None):
+        import timm
+
+        options = {}
+        if input_size:
+            options["img_size"] = int(input_size)
+        if checkpoint:
+            if not os.path.isfile(checkpoint):
+                raise WeightsNotFoundError(f"backbone.checkpoint '{checkpoint}' is not a file.")
+            options["pretrained_cfg_overlay"] = {"file": str(checkpoint)}
+        if model_name.startswith("local-dir:") and not os.path.isdir(model_name.split(":", 1)[1]):
+            raise WeightsNotFoundError(f"Could not load timm model '{model_name}': the folder does not exist.")
+        try:
+            with _hub_offline_unless_reachable(model_name):
+                return timm.create_model(model_name, pretrained=True, **options)
+        except RuntimeError as err:
+            if "Unknown model" in str(err):
+                raise WeightsNotFoundError(f"'{model_name}' is not a timm model name (see timm.list_models(), "
+                                           f"or use hf-hub:<repo> / local-dir:<folder>).") from err
+            raise weights_error(model_name, None, err) from err
+        except (OSError, ValueError) as err:
+            if model_name.startswith("local-dir:") or "Entry" not in type(err).__name__:
+                raise weights_error(model_name, None, err) from err
+            raise WeightsNotFoundError(
+                f"Could not load the weights of timm model '{model_name}': not in the Hugging Face cache "
+                f"'{constants_cache()}' ({type(err).__name__}): on a machine with internet run "
+                f"`hf download {hub_repo(model_name)}`, set HF_HOME to where the files are, or pass "
+                f"backbone.checkpoint=/path/to/weights.safetensors.") from err
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.input_size // self.patch_size
+        return side, side
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        images = images.to(self.mean.device, torch.float32)
+        if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
+                                   antialias=True, align_corners=False)
+        return ((images - self.mean) / self.std).to(self.dtype)
+
+    def extract(self, images: Tensor, generator: torch.Generator | None = None) -> list[LayerFeatures]:
+        pixel_values = self.preprocess(images)
+        with self._capture as capture:
+            self.model.forward_features(pixel_values)
+        calls = capture.take()
+        return [
+            grid_features(name, calls[name], self.grid, offset=self.special_tokens, head_mode=self.head_mode,
+                          token_stride=self.token_stride, compute_attn=self.compute_attn)
+            for name in self.layer_names
+        ]
+
+    def describe_layers(self) -> list[dict]:
+        h, w = self.grid
+        return [
+            dict(name=name, module=layer.path, grid=f"{h}x{w}", heads=layer.q_shape[1], head_dim=layer.q_shape[3],
+                 dropped=self.special_tokens, captured=name in self.layer_names)
+            for name, layer in self.found.items()
+        ]
