@@ -20,7 +20,7 @@ STAGES = {
     "ldsc.estimator": 4, "ldsc.solvers": 4,
     "ldsc.evaluation": 5, "ldsc.export": 5,
     "ldsc.runtime": 6,
-    "ldsc.run": 7, "ldsc.extend": 7, "ldsc.evaluate": 7, "ldsc.bench": 7,
+    "ldsc.run": 7, "ldsc.extend": 7, "ldsc.evaluate": 7, "ldsc.bench": 7, "ldsc.layers": 7,
 }
 #: helpers every stage may use: errors, collectives (no-ops in one process), progress, timings, safe
 #: writes, the signal flag long loops check
@@ -96,7 +96,7 @@ def test_every_module_belongs_to_a_stage_or_is_a_utility():
         assert name in UTILITIES or _stage(name) is not None, f"{name} belongs to no stage"
 
 
-@pytest.mark.parametrize("module", ["ldsc.run", "ldsc.extend", "ldsc.evaluate", "ldsc.bench", "ldsc.estimator", "ldsc.export"])
+@pytest.mark.parametrize("module", ["ldsc.run", "ldsc.extend", "ldsc.evaluate", "ldsc.bench", "ldsc.layers", "ldsc.estimator", "ldsc.export"])
 def test_top_level_modules_import_only_their_own_or_earlier_stages(module):
     own = _stage(module)
     for name, path in _modules(module):

@@ -91,13 +91,25 @@ def test_a_misspelt_group_or_key_names_the_closest_valid_one(argv, suggestion):
     assert msg is not None and f"did you mean {suggestion}?" in msg
 
 
+@pytest.mark.parametrize("argv,expected", [
+    (["backbone=dinov3"], "Unknown backbone 'dinov3': did you mean backbone=dinov2?"),
+    (["-m", "graph=qk,vvv"], "Unknown graph 'vvv': did you mean graph=vv?"),
+    (["solver=lobpgc"], "did you mean solver=lobpcg?"),
+])
+def test_an_unknown_option_of_a_group_names_the_closest_and_all_known(argv, expected):
+    from ldsc.run import unknown_choice
+
+    msg = unknown_choice(argv)
+    assert msg is not None and expected in msg and "known: " in msg
+
+
 def test_valid_overrides_are_not_taken_for_misspellings():
-    from ldsc.run import misspelt_override
+    from ldsc.run import misspelt_override, unknown_choice
 
     ok = ["graph=vv", "graph.k_inter=3", "K=4", "+callbacks.evaluate.labels=x", "~callbacks.progress",
-          "hydra.run.dir=/tmp/x", "hydra/launcher=slurm", "-m", "trainer.max_epochs=2", "experiment=dataset",
-          "overwrite=true", "paths.log_dir=x"]
-    assert misspelt_override(ok) is None
+          "hydra.run.dir=/tmp/x", "hydra/launcher=slurm", "hydra/launcher=basic", "-m", "trainer.max_epochs=2",
+          "experiment=dataset", "overwrite=true", "paths.log_dir=x", "backbone=timm", "graph=qk,vv", "logger=none"]
+    assert misspelt_override(ok) is None and unknown_choice(ok) is None
 
 
 def test_cli_refusal_is_one_sentence_once_and_leaves_no_folder(tmp_path):

@@ -366,6 +366,27 @@ def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
     return None
 
 
+def unknown_choice(argv: list[str], conf: str | None = None) -> str | None:
+    """A sentence for ``group=option`` naming an option the group does not have (``backbone=dinov3``),
+    with the closest and all known ones; ``None`` when all are known. Several options (a sweep's
+    ``graph=qk,vv``) are each checked."""
+    folder = Path(conf or config_dir())
+    for arg in argv:
+        if arg.startswith(("-", "~")) or "=" not in arg:
+            continue
+        group, value = arg.lstrip("+").split("=", 1)
+        options_dir = folder / group
+        if "." in group or group.startswith("hydra") or not options_dir.is_dir() or value in ("null", ""):
+            continue
+        known = sorted(p.stem for p in options_dir.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in known:
+                close = closest_name(option, known)
+                hint = f"did you mean {group}={close}? " if close else ""
+                return f"Unknown {group} '{option}': {hint}(known: {', '.join(known)})."
+    return None
+
+
 def misspelt_nested_key(argv: list[str], conf: str | None = None) -> str | None:
     """A sentence for a dotted override naming a setting its group does not have
     (``graph.kinter=3``), with the closest valid one; ``None`` when all exist. The config is
@@ -412,7 +433,7 @@ def main() -> None:
     """``python -m ldsc.run [overrides]``: check the command line and the output folder, then run
     (see :func:`run_main`); a sweep (``-m``) whose jobs were refused exits non-zero after the rest."""
     args = sys.argv[1:]
-    problem = unwritable_output(args) or misspelt_override(args) or misspelt_nested_key(args)
+    problem = unwritable_output(args) or misspelt_override(args) or unknown_choice(args) or misspelt_nested_key(args)
     if problem:
         print(f"ldsc: error: {problem}", file=sys.stderr)
         sys.exit(1)

@@ -48,7 +48,8 @@ def _number(cfg, key: str, low: float | None = None, high: float | None = None, 
 
 #: how to fill the values a config leaves mandatory (``???``)
 MISSING_HINTS = {"data.path": "data.path=/path/to/image.jpg (data=single: one image)",
-                 "data.root": "data.root=/path/to/folder (data=folder: every image in it)"}
+                 "data.root": "data.root=/path/to/folder (data=folder: every image in it)",
+                 "backbone.model_id": "backbone.model_id=<hub id or local folder> (e.g. facebook/dinov2-base)"}
 REDUCTIONS = ("pca", "random")
 
 

@@ -113,6 +113,18 @@ class Backbone(nn.Module):
     def extract(self, images: Tensor, generator: torch.Generator | None = None) -> list[LayerFeatures]:
         raise NotImplementedError
 
+    def describe_layers(self) -> list[dict]:
+        """One row per layer the backbone can capture: ``name``, ``grid`` (``"h x w"`` at
+        ``input_size``), ``heads``, ``head_dim``, ``dropped`` (special or text tokens the layer
+        compares besides the grid), ``captured`` (picked by ``layers``), for ``python -m ldsc.layers``.
+        This default runs the backbone once on a grey image and lists what it returns; backbones
+        that know their layers without running (or know the ones they skip) override it."""
+        x = torch.full((1, 3, self.input_size, self.input_size), 0.5)
+        gen = torch.Generator().manual_seed(0)
+        return [dict(name=f.name, grid="x".join(map(str, f.grid)), heads=f.heads, head_dim=int(f._any().shape[-1]),
+                     dropped=0, captured=True)
+                for f in self(x, generator=gen)]
+
     def state_dict(self, *args, **kwargs):  # the frozen network never goes into checkpoints
         return {}
 

@@ -236,6 +236,15 @@ class StableDiffusionBackbone(Backbone):
             side = math.ceil(side / 2)
         return side, side
 
+    def describe_layers(self) -> list[dict]:
+        """Every ``attn1`` of the UNet in execution order, with its grid at ``input_size``; those
+        left out by ``layers`` or ``max_grid`` are listed as not captured."""
+        return [
+            dict(name=name, grid="x".join(map(str, self.grids[name])), heads=int(module.heads),
+                 head_dim=int(module.inner_dim // module.heads), dropped=0, captured=name in self._attn1)
+            for name, module in self.self_attention_layers(self.unet).items()
+        ]
+
     # -- forward -------------------------------------------------------------------------------
     def timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """``(B,)`` timesteps of the current batch (does not advance :attr:`step`)."""
