@@ -44,11 +44,14 @@ def vit_class(name: str):
     return HFBackbone
 
 
-def make_sd(tiny_dir, **kwargs):
-    from ldsc.features.backbones.sd import StableDiffusionBackbone
+def make_sd(tiny_dir, model: str = "sd", **kwargs):
+    """``backbone=sd`` on the tiny SD 1.x (``model="sd"``) or 2.x (``"sd2"``) model, ``backbone=sdxl``
+    on the tiny SDXL (``"sdxl"``)."""
+    from ldsc.features.backbones.sd import StableDiffusionBackbone, StableDiffusionXLBackbone
 
     kwargs.setdefault("input_size", TINY_SD_INPUT)
-    return StableDiffusionBackbone(tiny_dir("sd"), **kwargs)
+    cls = StableDiffusionXLBackbone if model == "sdxl" else StableDiffusionBackbone
+    return cls(tiny_dir(model), **kwargs)
 
 
 def images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -370,10 +373,11 @@ def test_sd_never_hooks_cross_attention(tiny_dir):
     assert all(n.endswith("attn1") for n in backbone.layer_names)
 
 
-def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
+@pytest.mark.parametrize("variant", ["sd", "sd2", "sdxl"])
+def test_sd_hooks_reproduce_the_attention_output(tiny_dir, variant):
     """softmax(q kᵀ·scale) v from the captured q, k, v, heads merged and through ``to_out``,
     equals the output of every ``attn1`` module."""
-    backbone = make_sd(tiny_dir, layers=None, max_grid=None, compute_attn=True)
+    backbone = make_sd(tiny_dir, layers=None, max_grid=None, compute_attn=True, model=variant)
     unet = backbone.unet
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 200])
@@ -381,7 +385,7 @@ def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
     outputs = {}
     handles = [m.register_forward_hook(lambda m, a, o, n=n: outputs.__setitem__(n, o)) for n, m in modules.items()]
     with torch.no_grad(), AttentionCapture(modules) as capture:
-        unet(latents, t, encoder_hidden_states=backbone.prompt_embedding.expand(2, -1, -1))
+        unet(latents, t, **backbone.unet_conditioning(2))
     for handle in handles:
         handle.remove()
     for name, module in modules.items():
@@ -392,6 +396,43 @@ def test_sd_hooks_reproduce_the_attention_output(tiny_dir):
         with torch.no_grad():
             out = module.to_out[1](module.to_out[0](merged))
         assert torch.allclose(out, outputs[name], atol=1e-5), name
+
+
+def test_sd2_reads_its_v_prediction_scheduler_and_noises_as_ddpm(tiny_dir):
+    """SD 2.x (768-v) predicts v; its inputs are noised as any DDPM's: the same betas give the same
+    noised latents as SD 1.x's schedule, whatever the prediction type."""
+    sd2 = make_sd(tiny_dir, model="sd2", max_grid=4)
+    assert sd2.scheduler.config.prediction_type == "v_prediction"
+    sd1 = make_sd(tiny_dir, max_grid=4)
+    z, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([5, 250])
+    assert torch.allclose(sd2.scheduler.add_noise(z, noise, t), sd1.scheduler.add_noise(z, noise, t))
+    assert {n.split(".attentions")[0] for n in sd2.layer_names} == {"mid_block", "up_blocks.1"}
+
+
+def test_sdxl_conditions_on_both_text_encoders_empty_prompt(tiny_dir):
+    """The added conditioning SDXL's pipelines give the empty prompt: both encoders' penultimate
+    hidden states side by side, the second encoder's pooled projection, the size/crop time ids."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    backbone = make_sd(tiny_dir, model="sdxl", max_grid=None)
+    folder = tiny_dir("sdxl")
+    ids = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")("", padding="max_length", max_length=16,
+                                                                      return_tensors="pt").input_ids
+    with torch.no_grad():
+        first = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder")(ids, output_hidden_states=True)
+        second = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2")(
+            ids, output_hidden_states=True)
+    expected = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+    assert torch.allclose(backbone.prompt_embedding, expected, atol=1e-6)
+    assert torch.allclose(backbone.pooled_embedding, second.text_embeds, atol=1e-6)
+    assert backbone.time_ids.tolist() == [[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]
+    assert not any(n.startswith("text") for n, _ in backbone.named_modules())
+    conditioning = backbone.unet_conditioning(3)
+    assert conditioning["added_cond_kwargs"]["time_ids"].shape == (3, 6)
+    features = backbone(images(2, TINY_SD_INPUT), generator=torch.Generator().manual_seed(0))
+    assert [f.grid for f in features] == [(2, 2)] * 6 + [(4, 4)] * 2  # mid and up blocks; no 8x8 attention
+    half = make_sd(tiny_dir, model="sdxl", dtype="float16")  # its VAE asks for float32
+    assert half.vae.dtype == torch.float32 and half.unet.dtype == torch.float16
 
 
 def test_sd_timestep_schedules():

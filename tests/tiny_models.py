@@ -224,14 +224,91 @@ def make_tiny_sd(directory: str, size: str = "tiny") -> str:
     return directory
 
 
+def make_tiny_sd2(directory: str, size: str = "tiny") -> str:
+    """A Stable-Diffusion-2.x layout: linear projections in the transformer blocks, heads per
+    block, upcast attention, an OpenCLIP-width text encoder and a v-prediction DDIM scheduler
+    (``stabilityai/stable-diffusion-2-1``)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    make_tiny_sd(directory, size)
+    tiny = size == "tiny"
+    torch.manual_seed(0)
+    UNet2DConditionModel(
+        in_channels=4, out_channels=4, sample_size=TINY_SD_INPUT // 8 if tiny else 96,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D") if tiny else
+        ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D") if tiny else
+        ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(16, 32, 32) if tiny else (320, 640, 1280, 1280),
+        layers_per_block=1 if tiny else 2, norm_num_groups=8 if tiny else 32,
+        attention_head_dim=(2, 4, 4) if tiny else (5, 10, 20, 20),  # heads per block (diffusers' naming)
+        use_linear_projection=True, upcast_attention=True, cross_attention_dim=32 if tiny else 1024,
+    ).save_pretrained(os.path.join(directory, "unet"))
+    if not tiny:  # the text encoder of the real size is 1024 wide
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        CLIPTextModel(CLIPTextConfig(hidden_size=1024, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                     vocab_size=64, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1)).save_pretrained(os.path.join(directory, "text_encoder"))
+    shutil.rmtree(os.path.join(directory, "scheduler"))
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                  prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                  ).save_pretrained(os.path.join(directory, "scheduler"))
+    return directory
+
+
+def make_tiny_sdxl(directory: str, size: str = "tiny") -> str:
+    """A Stable-Diffusion-XL layout (``stabilityai/stable-diffusion-xl-base-1.0``): two text encoders
+    (the second with a projection), a UNet with text/time added conditioning and several
+    transformer layers per block, no attention at the highest resolution, a VAE that asks for
+    float32 (``force_upcast``)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tiny = size == "tiny"
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
+        latent_channels=4, norm_num_groups=8 if tiny else 32, sample_size=TINY_SD_INPUT if tiny else 1024,
+        scaling_factor=0.13025, force_upcast=True,
+    ).save_pretrained(os.path.join(directory, "vae"))
+    max_length = 16 if tiny else 77
+    widths = (32, 32) if tiny else (768, 1280)
+    pooled = 16 if tiny else 1280
+    time_dim = 8 if tiny else 256
+    UNet2DConditionModel(
+        in_channels=4, out_channels=4, sample_size=TINY_SD_INPUT // 8 if tiny else 128,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32, 32) if tiny else (320, 640, 1280), layers_per_block=1 if tiny else 2,
+        norm_num_groups=8 if tiny else 32, attention_head_dim=(2, 4, 4) if tiny else (5, 10, 20),
+        transformer_layers_per_block=(1, 1, 2) if tiny else (1, 2, 10), use_linear_projection=True,
+        cross_attention_dim=sum(widths), addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled + 6 * time_dim,
+    ).save_pretrained(os.path.join(directory, "unet"))
+    text = dict(intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, vocab_size=64,
+                max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    CLIPTextModel(CLIPTextConfig(hidden_size=widths[0], **text)).save_pretrained(os.path.join(directory, "text_encoder"))
+    CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=widths[1], projection_dim=pooled, **text)
+                                ).save_pretrained(os.path.join(directory, "text_encoder_2"))
+    for part in ("tokenizer", "tokenizer_2"):
+        _tiny_clip_tokenizer(os.path.join(directory, part), max_length)
+    EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           num_train_timesteps=1000, steps_offset=1).save_pretrained(os.path.join(directory, "scheduler"))
+    return directory
+
+
 MAKERS = {
     "clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae, "sd": make_tiny_sd,
+    "sd2": make_tiny_sd2, "sdxl": make_tiny_sdxl,
     "dinov2": make_tiny_dinov2, "dinov2_reg": functools.partial(make_tiny_dinov2, registers=4),
     "dinov3": make_tiny_dinov3, "siglip": make_tiny_siglip,
     "timm_dinov2_reg": make_tiny_timm, "timm_eva02": functools.partial(make_tiny_timm, arch="eva02_base_patch14_224"),
 }
 #: the input size each tiny model is made for
-TINY_INPUT = {name: TINY_SD_INPUT if name == "sd" else TINY_VIT_INPUT for name in MAKERS}
+TINY_INPUT = {name: TINY_SD_INPUT if name.startswith("sd") else TINY_VIT_INPUT for name in MAKERS}
 
 
 @functools.lru_cache(maxsize=None)

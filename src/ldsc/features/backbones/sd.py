@@ -172,6 +172,9 @@ class StableDiffusionBackbone(Backbone):
 
         load = dict(cache_dir=cache_dir)
         self.vae = load_pretrained(AutoencoderKL, self.model_id, subfolder="vae", torch_dtype=self.dtype, **load)
+        if self.dtype == torch.float16 and getattr(self.vae.config, "force_upcast", False):
+            # SDXL's VAE overflows in float16 (its config says so): loaded again in float32
+            self.vae = load_pretrained(AutoencoderKL, self.model_id, subfolder="vae", torch_dtype=torch.float32, **load)
         self.vae.decoder = None  # only the encoder is used
         self.vae.post_quant_conv = None
         self.unet = load_pretrained(UNet2DConditionModel, self.model_id, subfolder="unet", torch_dtype=self.dtype, **load)
@@ -182,8 +185,11 @@ class StableDiffusionBackbone(Backbone):
             self.scheduler = DDPMScheduler(**SD_SCHEDULER_CONFIG)
         if self.t_max >= self.scheduler.config.num_train_timesteps:
             raise ValueError(f"t_max={t_max} must be below num_train_timesteps={self.scheduler.config.num_train_timesteps}")
-        embedding = self._empty_prompt_embedding(load).to(self.dtype)
-        self.register_buffer("prompt_embedding", embedding, persistent=False)
+        prediction = self.scheduler.config.get("prediction_type", "epsilon")
+        if prediction != "epsilon":  # SD 2.x 768-v: the model predicts v, but the noise is added the same way
+            log.info("'%s' predicts %s; its inputs are noised as any DDPM's (only its output, unused here, differs)",
+                     self.model_id, prediction)
+        self.load_text_conditioning(load)
 
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         if self.input_size % self.vae_factor:
@@ -202,17 +208,29 @@ class StableDiffusionBackbone(Backbone):
         self.freeze()
 
     # -- construction helpers ----------------------------------------------------------------
-    def _empty_prompt_embedding(self, load: dict) -> Tensor:
-        """``(1, L, D)`` text-encoder states of the empty prompt, padded to the tokenizer length."""
-        from transformers import CLIPTextModel, CLIPTokenizer
+    def load_text_conditioning(self, load: dict) -> None:
+        """Embed the empty prompt once (``prompt_embedding``: ``(1, L, D)`` text-encoder states,
+        padded to the tokenizer length); the text encoder is not kept."""
+        from transformers import CLIPTextModel
 
-        tokenizer = load_pretrained(CLIPTokenizer, self.model_id, subfolder="tokenizer", weights=False, **load)
-        text_encoder = load_pretrained(CLIPTextModel, self.model_id, subfolder="text_encoder", **load)
+        states = self._encode_empty_prompt(CLIPTextModel, "text_encoder", "tokenizer", load)
+        self.register_buffer("prompt_embedding", states[0].to(self.dtype), persistent=False)
+
+    def _encode_empty_prompt(self, encoder_class, encoder_dir: str, tokenizer_dir: str, load: dict, **options):
+        """The outputs of ``encoder_dir``'s text encoder on the empty prompt."""
+        from transformers import CLIPTokenizer
+
+        tokenizer = load_pretrained(CLIPTokenizer, self.model_id, subfolder=tokenizer_dir, weights=False, **load)
+        text_encoder = load_pretrained(encoder_class, self.model_id, subfolder=encoder_dir, **load)
         ids = tokenizer(
             "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
         with torch.no_grad():
-            return text_encoder(ids)[0].float()
+            return text_encoder(ids, **options)
+
+    def unet_conditioning(self, batch: int) -> dict:
+        """The UNet's keyword inputs besides the latents and timesteps, for a batch of ``batch``."""
+        return {"encoder_hidden_states": self.prompt_embedding.expand(batch, -1, -1)}
 
     @staticmethod
     def self_attention_layers(unet: nn.Module) -> dict[str, nn.Module]:
@@ -258,20 +276,20 @@ class StableDiffusionBackbone(Backbone):
         x = images.to(device, torch.float32)
         if tuple(x.shape[-2:]) != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True, align_corners=False)
-        x = (2 * x - 1).to(self.dtype)
+        x = (2 * x - 1).to(self.vae.dtype)
 
         t = self.timesteps(batch, generator).to(device)
         posterior = self.vae.encode(x).latent_dist
         noise = _randn(posterior.mean.shape, generator, device, self.dtype)
         if self.latent == "sample":
-            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, device, self.dtype)
+            z = posterior.mean + posterior.std * _randn(posterior.mean.shape, generator, device, posterior.mean.dtype)
         else:
             z = posterior.mean
-        z = z * self.vae.config.scaling_factor
+        z = (z * self.vae.config.scaling_factor).to(self.dtype)
         z_t = self.scheduler.add_noise(z, noise, t)
 
         with self._capture as capture:
-            self.unet(z_t, t, encoder_hidden_states=self.prompt_embedding.expand(batch, -1, -1))
+            self.unet(z_t, t, **self.unet_conditioning(batch))
         calls = capture.take()
         self.step += 1
 
@@ -280,3 +298,42 @@ class StableDiffusionBackbone(Backbone):
                           token_stride=self.token_stride, compute_attn=self.compute_attn, timestep=t)
             for name in self._attn1
         ]
+
+
+class StableDiffusionXLBackbone(StableDiffusionBackbone):
+    """Stable Diffusion XL's UNet self-attention (``backbone=sdxl``).
+
+    As :class:`StableDiffusionBackbone`, with SDXL's conditioning for the empty prompt, computed
+    once at construction as the SDXL pipelines compute it: the penultimate hidden states of both
+    text encoders (``text_encoder``: CLIP ViT-L, ``text_encoder_2``: OpenCLIP ViT-bigG) concatenated
+    along the feature axis (``encoder_hidden_states``), the pooled projection of ``text_encoder_2``
+    (``text_embeds``) and the six "time ids" (original size, crop corner, target size: here
+    ``input_size, input_size, 0, 0, input_size, input_size`` — an uncropped square image). The model
+    folder has the layout of ``stabilityai/stable-diffusion-xl-base-1.0``.
+    """
+
+    name = "sdxl"
+
+    def __init__(self, model_id: str = "stabilityai/stable-diffusion-xl-base-1.0", layers=("mid_block.*", "up_blocks.*"),
+                 max_grid: int | None = 64, input_size: int = 1024, **kwargs):
+        super().__init__(model_id, layers=layers, max_grid=max_grid, input_size=input_size, **kwargs)
+
+    def load_text_conditioning(self, load: dict) -> None:
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        first = self._encode_empty_prompt(CLIPTextModel, "text_encoder", "tokenizer", load, output_hidden_states=True)
+        second = self._encode_empty_prompt(CLIPTextModelWithProjection, "text_encoder_2", "tokenizer_2", load,
+                                           output_hidden_states=True)
+        states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        side = float(self.input_size)
+        time_ids = torch.tensor([[side, side, 0.0, 0.0, side, side]])
+        self.register_buffer("prompt_embedding", states.to(self.dtype), persistent=False)
+        self.register_buffer("pooled_embedding", second.text_embeds.to(self.dtype), persistent=False)
+        self.register_buffer("time_ids", time_ids.to(self.dtype), persistent=False)
+
+    def unet_conditioning(self, batch: int) -> dict:
+        return {
+            "encoder_hidden_states": self.prompt_embedding.expand(batch, -1, -1),
+            "added_cond_kwargs": {"text_embeds": self.pooled_embedding.expand(batch, -1),
+                                  "time_ids": self.time_ids.expand(batch, -1)},
+        }
