@@ -575,3 +575,81 @@ def test_timm_local_checkpoint_file_is_loaded(tmp_path):
     assert torch.equal(a.model.blocks[0].attn.qkv.weight, source.blocks[0].attn.qkv.weight)
     x = images(1, 32)
     assert a.grid == (2, 2) and torch.equal(a(x)[0].q, b(x)[0].q)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusion transformers: SD3, FLUX, PixArt
+
+
+def make_dit(tiny_dir, name: str, **kwargs):
+    from ldsc.features.backbones.dit import DiffusionTransformerBackbone
+
+    kwargs.setdefault("input_size", TINY_SD_INPUT)
+    return DiffusionTransformerBackbone(tiny_dir(name), **kwargs)
+
+
+@pytest.mark.parametrize("name,image_first,layers", [
+    ("sd3", True, ["transformer_blocks.0.attn", "transformer_blocks.0.attn2", "transformer_blocks.1.attn"]),
+    ("flux", False, ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]),
+    ("pixart", True, ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]),
+])
+def test_dit_capture_reproduces_the_models_attention(tiny_dir, name, image_first, layers):
+    """For every captured layer, softmax(q kᵀ · scale) v of the captured q, k, v (heads merged),
+    restricted to the image tokens, is what the model passes on: the input of its output projection
+    (``to_out[0]``), or, for FLUX's single-stream blocks (no output projection), the attention's own
+    output. A forgotten QK-norm or rotary step, a wrong head split or text tokens taken for image
+    tokens fail here. Cross-attention (PixArt's attn2) is not captured, and the image tokens'
+    place in the joint layers (FLUX: after the text) is found, not assumed."""
+    backbone = make_dit(tiny_dir, name)
+    assert backbone.layer_names == layers and backbone.image_first == image_first
+    x = images(2, TINY_SD_INPUT)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([100, 200])
+    z_t = backbone.noised_latents(x, t, gen)
+    passed_on, handles = {}, []
+    for n in layers:
+        module = backbone.found[n].module
+        if getattr(module, "to_out", None) is not None:
+            handles.append(module.to_out[0].register_forward_hook(lambda m, a, o, n=n: passed_on.__setitem__(n, a[0])))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, o, n=n: passed_on.__setitem__(n, o)))
+    try:
+        with torch.no_grad(), AttentionCapture({n: backbone.found[n].module for n in layers}) as capture:
+            backbone.transformer(**backbone.transformer_inputs(z_t, t))
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_image = 16
+    for n in layers:
+        call = capture.outputs[n]
+        out = (attention_probs(call.q, call.k, call.scale) @ call.v.float()).transpose(1, 2).flatten(2)
+        offset = 0 if image_first else backbone.text_tokens[n]
+        reference = passed_on[n]
+        if reference.shape[1] != n_image:  # (the whole sequence: FLUX's single-stream output)
+            reference = reference[:, offset:offset + n_image]
+        assert torch.allclose(out[:, offset:offset + n_image], reference, atol=1e-5), n
+    features = backbone(x, generator=torch.Generator().manual_seed(0))
+    for f, n in zip(features, layers):
+        assert f.grid == (4, 4) and f.timestep.shape == (2,)
+
+
+def test_dit_noising_follows_each_family(tiny_dir):
+    """Rectified flow (SD3, FLUX): x_t = (1 - t/1000) z + (t/1000) ε; PixArt: the DDPM's add_noise.
+    The same generator gives the same timesteps, noise and features (runs reproduce)."""
+    sd3 = make_dit(tiny_dir, "sd3", layers=[0])
+    assert sd3.flow and sd3.num_train_timesteps == 1000
+    x, t = images(1, TINY_SD_INPUT), torch.tensor([0])
+    clean = sd3.noised_latents(x, t, torch.Generator().manual_seed(0))
+    assert torch.allclose(sd3.noised_latents(x, torch.tensor([999]), torch.Generator().manual_seed(0)),
+                          0.001 * clean + 0.999 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(0)),
+                          atol=1e-5)
+    pixart = make_dit(tiny_dir, "pixart", layers=[0])
+    assert not pixart.flow
+    a = pixart(x, generator=torch.Generator().manual_seed(3))
+    b = pixart(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a[0].q, b[0].q) and torch.equal(a[0].timestep, b[0].timestep)
+
+
+def test_dit_refuses_a_unet_folder_in_one_sentence(tiny_dir):
+    with pytest.raises(WeightsNotFoundError, match="holds a UNet2DConditionModel; backbone=dit reads"):
+        make_dit(tiny_dir, "sd")

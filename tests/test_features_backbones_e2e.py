@@ -21,7 +21,7 @@ from ldsc.run import fit
 
 BACKBONES = ["sd", "clip", "dino", "mae"]
 #: the newer ones: config group (a preset, or hf / timm with the model named) per tiny model
-NEWER = {"sd2": "sd2", "sdxl": "sdxl", "dinov2": "dinov2", "dinov2_reg": "dinov2_reg", "dinov3": "hf", "siglip": "siglip",
+NEWER = {"sd2": "sd2", "sdxl": "sdxl", "sd3": "dit", "flux": "dit", "pixart": "dit", "dinov2": "dinov2", "dinov2_reg": "dinov2_reg", "dinov3": "hf", "siglip": "siglip",
          "timm_dinov2_reg": "timm", "timm_eva02": "timm"}
 
 
@@ -115,7 +115,7 @@ def test_cli_missing_weights_is_one_sentence(tmp_path):
 
 
 @pytest.mark.parametrize("graph", ["qk", "vv", "attn"])
-@pytest.mark.parametrize("name", [*BACKBONES, "sd2", "sdxl", "dinov2", "dinov2_reg", "siglip", "timm"])
+@pytest.mark.parametrize("name", [*BACKBONES, "sd2", "sdxl", "dit", "dinov2", "dinov2_reg", "siglip", "timm"])
 def test_sweep_combinations_compose(compose, name, graph):
     """Every job of ``python -m ldsc.run -m backbone=sd,clip,dino,mae graph=qk,vv[,attn]`` composes
     to importable targets with the documented defaults."""
@@ -129,9 +129,10 @@ def test_sweep_combinations_compose(compose, name, graph):
     if name == "timm":
         assert target.name == "timm" and cfg.backbone.model_name == "vit_base_patch14_reg4_dinov2.lvd142m"
         return
-    assert target.name == {"sd": "sd", "sd2": "sd", "sdxl": "sdxl"}.get(name, "hf")  # every transformers ViT: one class
+    assert target.name == {"sd": "sd", "sd2": "sd", "sdxl": "sdxl", "dit": "dit"}.get(name, "hf")  # every ViT: one class
     defaults = {"sd": ("CompVis/stable-diffusion-v1-4", 512), "sd2": ("stabilityai/stable-diffusion-2-1", 768),
-                "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 1024), "clip": ("openai/clip-vit-base-patch16", None),
+                "sdxl": ("stabilityai/stable-diffusion-xl-base-1.0", 1024),
+                "dit": ("stabilityai/stable-diffusion-3.5-medium", 1024), "clip": ("openai/clip-vit-base-patch16", None),
                 "dino": ("facebook/dino-vitb8", 480), "mae": ("facebook/vit-mae-base", None),  # None: the model's 224
                 "dinov2": ("facebook/dinov2-base", 518), "dinov2_reg": ("facebook/dinov2-with-registers-base", 518),
                 "siglip": ("google/siglip-base-patch16-224", None)}

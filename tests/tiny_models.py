@@ -300,7 +300,134 @@ def make_tiny_sdxl(directory: str, size: str = "tiny") -> str:
     return directory
 
 
+def _save_t5(directory: str, encoder: str, tokenizer: str, width: int, max_length: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), *(("\u2581" + c, -2.0) for c in letters),
+             *((c, -3.0) for c in letters)]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    T5TokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                    model_max_length=max_length).save_pretrained(os.path.join(directory, tokenizer))
+    T5EncoderModel(T5Config(vocab_size=len(vocab), d_model=width, d_kv=8, d_ff=37, num_layers=1, num_heads=2,
+                            pad_token_id=0, eos_token_id=1)).save_pretrained(os.path.join(directory, encoder))
+
+
+def _save_clip_text(directory: str, encoder: str, tokenizer: str, width: int, max_length: int,
+                    projection: int | None = None) -> None:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=width, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                            vocab_size=64, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1, **({"projection_dim": projection} if projection else {}))
+    (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).save_pretrained(os.path.join(directory, encoder))
+    _tiny_clip_tokenizer(os.path.join(directory, tokenizer), max_length)
+
+
+def _save_vae(directory: str, tiny: bool, channels: int, **config) -> None:
+    from diffusers import AutoencoderKL
+
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4,
+                  block_out_channels=(8, 8, 16, 16) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny else 2,
+                  latent_channels=channels, norm_num_groups=8 if tiny else 32, **config,
+                  ).save_pretrained(os.path.join(directory, "vae"))
+
+
+def _model_index(directory: str, pipeline: str, parts: dict) -> None:
+    """``model_index.json`` of a diffusers pipeline folder: ``{part: [library, class]}``."""
+    with open(os.path.join(directory, "model_index.json"), "w") as f:
+        json.dump({"_class_name": pipeline, "_diffusers_version": "0.42.1", **parts}, f)
+
+
+def make_tiny_sd3(directory: str, size: str = "tiny") -> str:
+    """A Stable-Diffusion-3.5 layout (``stabilityai/stable-diffusion-3.5-medium``): MMDiT with joint
+    attention (image tokens, then text tokens), dual attention in its first blocks and RMS
+    QK-norm, a 16-channel VAE with shift, two CLIP text encoders with projections and a T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    tiny = size == "tiny"
+    torch.manual_seed(0)
+    _save_vae(directory, tiny, 16, scaling_factor=1.5305, shift_factor=0.0609)
+    heads, head_dim = (2, 8) if tiny else (24, 64)
+    SD3Transformer2DModel(
+        sample_size=TINY_SD_INPUT // 8 if tiny else 128, patch_size=2, in_channels=16, out_channels=16,
+        num_layers=2 if tiny else 24, attention_head_dim=head_dim, num_attention_heads=heads,
+        joint_attention_dim=32 if tiny else 4096, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=32 if tiny else 2048, pos_embed_max_size=16 if tiny else 384,
+        dual_attention_layers=(0,) if tiny else tuple(range(13)), qk_norm="rms_norm",
+    ).save_pretrained(os.path.join(directory, "transformer"))
+    max_length = 16 if tiny else 77
+    clip_widths = (16, 16) if tiny else (768, 1280)
+    _save_clip_text(directory, "text_encoder", "tokenizer", clip_widths[0], max_length, projection=clip_widths[0])
+    _save_clip_text(directory, "text_encoder_2", "tokenizer_2", clip_widths[1], max_length, projection=clip_widths[1])
+    _save_t5(directory, "text_encoder_3", "tokenizer_3", 32 if tiny else 4096, 16 if tiny else 256)
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(os.path.join(directory, "scheduler"))
+    _model_index(directory, "StableDiffusion3Pipeline", {
+        "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"],
+        "image_encoder": [None, None], "feature_extractor": [None, None]})
+    return directory
+
+
+def make_tiny_flux(directory: str, size: str = "tiny") -> str:
+    """A FLUX.1 layout (``black-forest-labs/FLUX.1-dev``): double-stream blocks (text tokens, then
+    image tokens) and single-stream blocks, rotary embeddings, RMS QK-norm, guidance embedding, 2x2
+    latent packing, a 16-channel VAE with shift, CLIP (pooled) and T5 text encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    tiny = size == "tiny"
+    torch.manual_seed(0)
+    _save_vae(directory, tiny, 16, scaling_factor=0.3611, shift_factor=0.1159)
+    FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1 if tiny else 19, num_single_layers=1 if tiny else 38,
+        attention_head_dim=16 if tiny else 128, num_attention_heads=2 if tiny else 24,
+        joint_attention_dim=32 if tiny else 4096, pooled_projection_dim=16 if tiny else 768, guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6) if tiny else (16, 56, 56),
+    ).save_pretrained(os.path.join(directory, "transformer"))
+    _save_clip_text(directory, "text_encoder", "tokenizer", 16 if tiny else 768, 16 if tiny else 77)
+    _save_t5(directory, "text_encoder_2", "tokenizer_2", 32 if tiny else 4096, 16 if tiny else 512)
+    FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True).save_pretrained(
+        os.path.join(directory, "scheduler"))
+    _model_index(directory, "FluxPipeline", {
+        "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"], "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "image_encoder": [None, None], "feature_extractor": [None, None]})
+    return directory
+
+
+def make_tiny_pixart(directory: str, size: str = "tiny") -> str:
+    """A PixArt-α layout (``PixArt-alpha/PixArt-XL-2-1024-MS``): DiT blocks with self-attention
+    (``attn1``) and cross-attention to T5 states (``attn2``), the SD VAE, a DPM-Solver scheduler."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtTransformer2DModel
+
+    tiny = size == "tiny"
+    torch.manual_seed(0)
+    _save_vae(directory, tiny, 4, scaling_factor=0.18215)
+    PixArtTransformer2DModel(
+        num_attention_heads=2 if tiny else 16, attention_head_dim=8 if tiny else 72, in_channels=4, out_channels=8,
+        num_layers=2 if tiny else 28, norm_num_groups=8 if tiny else 32, cross_attention_dim=16 if tiny else 1152,
+        sample_size=TINY_SD_INPUT // 8 if tiny else 128, patch_size=2, caption_channels=32 if tiny else 4096,
+    ).save_pretrained(os.path.join(directory, "transformer"))
+    _save_t5(directory, "text_encoder", "tokenizer", 32 if tiny else 4096, 16 if tiny else 120)
+    DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02).save_pretrained(
+        os.path.join(directory, "scheduler"))
+    _model_index(directory, "PixArtAlphaPipeline", {
+        "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"]})
+    return directory
+
+
 MAKERS = {
+    "sd3": make_tiny_sd3, "flux": make_tiny_flux, "pixart": make_tiny_pixart,
     "clip": make_tiny_clip, "dino": make_tiny_dino, "mae": make_tiny_mae, "sd": make_tiny_sd,
     "sd2": make_tiny_sd2, "sdxl": make_tiny_sdxl,
     "dinov2": make_tiny_dinov2, "dinov2_reg": functools.partial(make_tiny_dinov2, registers=4),

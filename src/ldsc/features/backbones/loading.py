@@ -52,6 +52,7 @@ def load_pretrained(
     cache_dir: str | None = None,
     subfolder: str | None = None,
     weights: bool = True,
+    method: str = "from_pretrained",
     **kwargs,
 ):
     """``cls.from_pretrained(model_id, ...)`` that fails with one clear sentence.
@@ -62,7 +63,8 @@ def load_pretrained(
     time-outs and retries. The libraries' load reports and progress bars
     are silenced (checkpoints routinely hold parts we do not load: the text tower of CLIP,
     the MAE decoder, the DINO pooler); for models (``weights=True``) weights *missing* from
-    the checkpoint are still reported, in one logged line.
+    the checkpoint are still reported, in one logged line. ``method``: another loader of ``cls``
+    with the same arguments (``load_config``).
     """
     import pickle
 
@@ -82,7 +84,7 @@ def load_pretrained(
     library = cls.__module__.split(".")[0]
     try:
         with _quiet(library):
-            loaded = cls.from_pretrained(model_id, cache_dir=cache_dir, **kwargs)
+            loaded = getattr(cls, method)(model_id, cache_dir=cache_dir, **kwargs)
     except (OSError, ValueError, EntryNotFoundError, SafetensorError, pickle.UnpicklingError) as err:  # OSError: the hub's HTTP errors
         raise weights_error(model_id, cache_dir, err) from err
     if not weights:
@@ -99,23 +101,28 @@ def load_pretrained(
 
 @contextlib.contextmanager
 def _quiet(library: str):
-    """Temporarily lower ``transformers``/``diffusers`` logging to errors and hide progress bars."""
-    try:
-        lib_logging = importlib.import_module(f"{library}.utils.logging")
-    except ImportError:
-        yield
-        return
-    verbosity, bars = lib_logging.get_verbosity(), lib_logging.is_progress_bar_enabled()
-    lib_logging.set_verbosity_error()
-    lib_logging.disable_progress_bar()
+    """Temporarily lower ``transformers`` and ``diffusers`` logging to errors and hide their
+    progress bars (a diffusers pipeline loads transformers text encoders, so both, whichever
+    library ``cls`` belongs to)."""
+    saved = []
+    for name in dict.fromkeys((library, "transformers", "diffusers")):
+        try:
+            lib_logging = importlib.import_module(f"{name}.utils.logging")
+        except ImportError:
+            continue
+        saved.append((lib_logging, lib_logging.get_verbosity(), lib_logging.is_progress_bar_enabled()))
+        lib_logging.set_verbosity_error()
+        lib_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():  # diffusers still passes an argument the hub deprecated
             warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated.*", category=FutureWarning)
             yield
     finally:
-        lib_logging.set_verbosity(verbosity)
-        if bars:
-            lib_logging.enable_progress_bar()
+        for lib_logging, verbosity, bars in saved:
+            lib_logging.set_verbosity(verbosity)
+            if bars:
+                lib_logging.enable_progress_bar()
 
 
 def read_config_file(model_id: str, filename: str, cache_dir: str | None = None) -> dict | None:
