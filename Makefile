@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench bench-ddp scaling data weights clean
+.PHONY: install demo test test-all bench bench-ddp scaling data weights gpu-check gpu-wheels backbone-report clean
 
 install:            ## create .venv, install torch, then ldsc with its test extras
 	$(PYTHON) -m venv $(VENV)
@@ -33,10 +33,22 @@ scaling:            ## whole runs on 300 / 1,000 / 10,000 crops of the COCO imag
 	$(PY) experiments/make_images.py --sources ../shared/data/coco_val2017_first100 --n 10000 --out data/crops10k
 	$(PY) experiments/scaling.py --source data/crops10k --sizes 300,1000,10000 --reference-sizes 300
 
+gpu-check:          ## every newer backbone at real size (random weights, bf16) into the store + the 100-image pipeline, on a GPU
+	$(PY) experiments/gpu_check.py --out notes/measurements/gpu_check.jsonl
+
+gpu-wheels:         ## the wheels the lent GPU machine lacks (it has torch, transformers, timm), into .whl/ (git-ignored)
+	@grep -qx '/.whl/' .git/info/exclude 2>/dev/null || (mkdir -p .git/info && echo /.whl/ >> .git/info/exclude)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl diffusers==0.42.1 faiss-cpu==1.15.1
+
+backbone-report:    ## each backbone at its real size with random weights on this CPU: seconds per image, peak memory
+	$(PY) experiments/backbone_report.py --size base --brief --out notes/measurements/backbone_report.jsonl
+
 data:               ## COCO val2017 + COCO-Stuff labels into data/coco (needs internet)
 	bash experiments/download_coco.sh data/coco
 
-weights:            ## pre-download the default pretrained backbones (needs internet)
+weights:            ## pre-download the paper's pretrained backbones (needs internet; others: hf download <id>)
 	$(PY) -c "from huggingface_hub import snapshot_download as d; [d(m) for m in ('CompVis/stable-diffusion-v1-4', 'openai/clip-vit-base-patch16', 'facebook/dino-vitb8', 'facebook/vit-mae-base')]"
 
 clean:

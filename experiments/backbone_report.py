@@ -1,15 +1,20 @@
-"""Which layers each backbone captures at its default settings, and how fast it runs.
+"""Which layers each backbone captures at its default settings, how fast it runs, how much memory.
 
 Builds randomly initialised models of the real architectures (``--size tiny``: the test suite's
-tiny stand-ins; ``--size base``: the published sizes — ViT-B/16 CLIP, ViT-B/8 DINO, ViT-B/16
-MAE, the SD v1 UNet + VAE), saves them with ``save_pretrained`` and loads them through the same
-``backbone.model_id`` path a user takes, with every other setting from ``conf/backbone/<name>.yaml``
-(``--size tiny`` also shrinks ``input_size`` to what the tiny model is made for). Then it feeds
-real images and prints one JSON line per backbone: the captured layers with their token grid,
-heads and head width, and the seconds per image (median over ``--repeats`` batches, after one
-warm-up batch), plus the graph-building time for ``graph=qk``.
+tiny stand-ins; ``--size base``: the published sizes — SD 1.x / 2.x / XL UNets and VAEs, SD 3.5-medium,
+PixArt-α XL and FLUX.1 transformers, ViT-B CLIP / DINO / MAE / DINOv2 (+registers) / DINOv3 / SigLIP,
+timm's DINOv2-reg and EVA-02; text encoders stay tiny: only the empty prompt is embedded),
+saves them with ``save_pretrained`` (timm: ``save_for_hf``) and loads them through the path a user
+takes (``backbone.model_id`` / ``backbone.model_name=local-dir:``), every other setting from
+``conf/backbone/<group>.yaml`` (``--size tiny`` also shrinks ``input_size`` to what the tiny model
+is made for). Then it feeds real images and prints one JSON line per backbone: the captured
+layers with their token grid, heads and head width, the seconds per image (median over
+``--repeats`` batches, after one warm-up batch), the graph-building time for ``graph=qk``, and the
+process's peak memory (each backbone runs in its own process, under a ``--memory-gb`` cap: a model
+that does not fit is reported as such, not swapped).
 
     python experiments/backbone_report.py                       # tiny models, CPU
+    python experiments/backbone_report.py --size base --brief   # real sizes on this CPU (make backbone-report)
     python experiments/backbone_report.py --size base --device cuda --dtype bfloat16
 
 Random weights give the real layer layout and the real cost; they do not give meaningful
@@ -33,7 +38,14 @@ sys.path.insert(0, str(REPO / "tests"))  # the model builders live beside the te
 
 from tiny_models import MAKERS, TINY_INPUT  # noqa: E402
 
-BACKBONES = ("sd", "clip", "dino", "mae")
+#: report name → (config group, tiny_models maker)
+BACKBONES = {
+    "sd": ("sd", "sd"), "sd2": ("sd2", "sd2"), "sdxl": ("sdxl", "sdxl"),
+    "sd3": ("dit", "sd3"), "pixart": ("dit", "pixart"), "flux": ("dit", "flux"),
+    "clip": ("clip", "clip"), "dino": ("dino", "dino"), "mae": ("mae", "mae"),
+    "dinov2": ("dinov2", "dinov2"), "dinov2_reg": ("dinov2_reg", "dinov2_reg"), "dinov3": ("hf", "dinov3"),
+    "siglip": ("siglip", "siglip"), "timm_dinov2_reg": ("timm", "timm_dinov2_reg"), "timm_eva02": ("timm", "timm_eva02"),
+}
 
 
 def compose_backbone(name: str, overrides: list[str]):
@@ -64,14 +76,16 @@ def images(n: int, size: int) -> torch.Tensor:
 def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: str) -> dict:
     from hydra.utils import instantiate
 
+    group, maker = BACKBONES[name]
     with tempfile.TemporaryDirectory(prefix=f"ldsc-{name}-{size}-") as tmp:
         t = time.perf_counter()
-        model_dir = MAKERS[name](tmp, size=size)
+        model_dir = MAKERS[maker](tmp, size=size)
         build_s = time.perf_counter() - t
-        overrides = [f"backbone.model_id={model_dir}", f"backbone.dtype={dtype}"]
+        source = f"backbone.model_name=local-dir:{model_dir}" if group == "timm" else f"backbone.model_id={model_dir}"
+        overrides = [source, f"backbone.dtype={dtype}"]
         if size == "tiny":
-            overrides.append(f"backbone.input_size={TINY_INPUT[name]}")
-        cfg = compose_backbone(name, overrides)
+            overrides.append(f"backbone.input_size={TINY_INPUT[maker]}")
+        cfg = compose_backbone(group, overrides)
         t = time.perf_counter()
         backbone = instantiate(cfg.backbone).to(device)
         load_s = time.perf_counter() - t
@@ -97,8 +111,13 @@ def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: s
         params = sum(p.numel() for p in backbone.parameters())
         layers = [{"name": f.name, "grid": list(f.grid), "heads": int(f.q.shape[1]), "head_dim": int(f.q.shape[-1]),
                    "timestep": None if f.timestep is None else f.timestep.tolist()} for f in feats]
+        described = backbone.describe_layers()
         return {
-            "backbone": name, "size": size, "device": device, "dtype": dtype, "params_m": round(params / 1e6, 1),
+            "backbone": name, "config": f"backbone={group}", "size": size, "device": device, "dtype": dtype,
+            "model": type(getattr(backbone, "unet", None) or getattr(backbone, "transformer", None)
+                          or getattr(backbone, "model", backbone)).__name__,
+            "params_m": round(params / 1e6, 1), "layers_total": len(described),
+            "dropped": sorted({int(r["dropped"]) for r in described}),
             "input_size": backbone.input_size, "batch": batch, "n_layers": len(layers),
             "grids": sorted({tuple(lay["grid"]) for lay in layers}, reverse=True),
             "sec_per_image": round(statistics.median(times), 4),
@@ -108,9 +127,37 @@ def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: s
         }
 
 
+def run_isolated(name: str, args) -> dict:
+    """``report`` in a child process capped at ``--memory-gb`` of address space; adds its peak RSS."""
+    import resource
+    import subprocess
+
+    limit = int(args.memory_gb * 2 ** 30)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    cmd = [sys.executable, __file__, "--one", name, "--size", args.size, "--batch", str(args.batch),
+           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+    t = time.perf_counter()
+    res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap if args.device == "cpu" else None)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+    if res.returncode == 0 and lines:
+        return json.loads(lines[-1])
+    tail = (res.stderr.strip().splitlines() or ["?"])[-1][:300]
+    fits = not any(s in res.stderr for s in ("can't allocate memory", "MemoryError", "not enough memory",
+                                             "Cannot allocate memory"))
+    return {"backbone": name, "size": args.size, "device": args.device, "dtype": args.dtype,
+            "error": tail if fits else f"does not fit in {args.memory_gb:g} GB on this machine ({tail})",
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
+    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process of run_isolated
+    ap.add_argument("--memory-gb", type=float, default=20.0, help="address-space cap of each backbone's process")
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--size", default="tiny", choices=("tiny", "base"))
     ap.add_argument("--batch", type=int, default=2, help="images per forward pass")
     ap.add_argument("--repeats", type=int, default=3, help="timed batches after one warm-up")
@@ -118,11 +165,22 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--brief", action="store_true", help="leave out the per-layer list")
     args = ap.parse_args(argv)
-    for name in args.backbones:
-        row = report(name, args.size, args.batch, args.repeats, args.device, args.dtype)
-        if args.brief:
-            row.pop("layers")
+    if args.one:  # in the child: one backbone, its peak memory
+        import resource
+
+        row = report(args.one, args.size, args.batch, args.repeats, args.device, args.dtype)
+        row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
         print(json.dumps(row), flush=True)
+        return 0
+    out = open(args.out, "a") if args.out else None
+    for name in args.backbones:
+        row = run_isolated(name, args)
+        if args.brief:
+            row.pop("layers", None)
+        print(json.dumps(row), flush=True)
+        if out:
+            out.write(json.dumps(row) + "\n")
+            out.flush()
     return 0
 
 

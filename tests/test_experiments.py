@@ -134,3 +134,24 @@ def test_download_coco_without_tools_says_so(tmp_path):
     assert "download_coco.sh: error:" in res.stderr and ("unzip" in res.stderr or "curl" in res.stderr)
 
 
+
+
+def test_gpu_check_dry_run_prints_one_line_per_check(tmp_path):
+    """experiments/gpu_check.py, as a lent GPU machine would run it, on tiny models on the CPU:
+    every check reports its figures (none an error) and the lines also land in --out."""
+    out = tmp_path / "gpu_check.jsonl"
+    res = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    by_check = {r["check"]: r for r in rows}
+    assert set(by_check) == {"store:sd", "store:sdxl", "store:dit", "store:dinov2", "pipeline", "total"}
+    for check, row in by_check.items():
+        assert "error" not in row, row
+        if check.startswith("store:"):
+            assert row["images"] == 2 and row["images_per_s"] > 0 and row["layers"] >= 1
+    pipe = by_check["pipeline"]
+    assert pipe["eigvecs_shape"] == [6, 4, 4, 4] and pipe["residual"] < 1e-2
+    assert all(pipe[k] >= 0 for k in ("features_s", "graphs_s", "solve_s", "export_s"))
+    assert [json.loads(line)["check"] for line in out.read_text().splitlines()] == [
+        "store:sd", "store:sdxl", "store:dit", "store:dinov2", "pipeline"]

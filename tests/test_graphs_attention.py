@@ -6,14 +6,21 @@ import pytest
 import torch
 
 from ldsc.graphs.attention import AttentionGraphBuilder, block_diagonal, layer_attention
+from ldsc.features.backbones.capture import AttentionCall
 from ldsc.features.backbones.hooks import grid_features
 from ldsc.errors import ConfigError
+
+
+def call_of(raw: dict, heads: int) -> AttentionCall:
+    """The attention call of ``(B, N, heads * d)`` projections: split by head, scale 1/√d."""
+    q, k, v = (raw[r].view(raw[r].shape[0], raw[r].shape[1], heads, -1).transpose(1, 2) for r in "qkv")
+    return AttentionCall(q, k, v, scale=q.shape[-1] ** -0.5)
 
 
 def features(batch=2, heads=3, h=3, w=4, d=5, prefix=1, seed=0, name="layer.0", attn=True):
     g = torch.Generator().manual_seed(seed)
     raw = {r: torch.randn(batch, prefix + h * w, heads * d, generator=g) for r in "qkv"}
-    return grid_features(name, raw, heads, (h, w), n_prefix=prefix, compute_attn=attn)
+    return grid_features(name, call_of(raw, heads), (h, w), offset=prefix, compute_attn=attn)
 
 
 def test_attention_graph_is_the_head_averaged_block_diagonal_attention():
@@ -46,8 +53,8 @@ def test_attention_is_the_networks_attention_restricted_to_the_grid():
     full = full / full.sum(-1, keepdim=True)  # (B, heads, 13, 13), the network's attention
     grid = full[:, :, prefix:, prefix:]
     reference = grid / grid.sum(-1, keepdim=True)
-    captured = grid_features("l", raw, heads, (h, w), n_prefix=prefix, compute_attn=True)
-    bare = grid_features("l", raw, heads, (h, w), n_prefix=prefix, compute_attn=False)
+    captured = grid_features("l", call_of(raw, heads), (h, w), offset=prefix, compute_attn=True)
+    bare = grid_features("l", call_of(raw, heads), (h, w), offset=prefix, compute_attn=False)
     assert bare.attn is None
     assert torch.allclose(captured.attn, reference, atol=1e-5)
     assert torch.allclose(layer_attention(bare), reference, atol=1e-5)

@@ -103,6 +103,7 @@ class LDSC:
     Attributes (after :meth:`fit`):
         eigenvectors_: ``(n, K, H, W)`` float32, orthonormal over all pixels of all images, by
             decreasing eigenvalue. eigenvalues_: ``(K,)``. iterations_: LOBPCG iterations run.
+        timings_: seconds spent building the graphs (``graphs_s``) and solving (``solve_s``).
         residual_: the largest relative residual reached. graphs_: per layer graph what
             :meth:`transform` needs (:class:`~ldsc.graphs.extension.FittedGraph`).
     """
@@ -155,7 +156,12 @@ class LDSC:
         if n * base * base <= self.K + self.oversample:
             raise ConfigError(f"K={self.K} (+{self.oversample} guard vectors) must be smaller than the "
                               f"{n * base * base} pixels of the base grid ({n} image(s) of {base}x{base}).")
-        graphs = self.builder.dataset_graphs(store, base, progress=self.progress, keep_vectors=True)
+        import time
+
+        started = time.perf_counter()
+        graphs = self.builder.dataset_graphs(store, base, progress=self.progress, keep_vectors=True,
+                                             device=torch.device(self.device))
+        graphs_s = time.perf_counter() - started
         dev_graphs = graphs if torch.device(self.device).type == "cpu" else [g.to(self.device) for g in graphs]
         op = LayerOperator(dev_graphs, (base, base))
         m = self.K + self.oversample
@@ -174,6 +180,9 @@ class LDSC:
                 it += done
                 pbar.update(done)
                 pbar.set_postfix(residual=f"{float(residual[: self.K].max() / theta.abs().max()):.1e}")
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize()
+        self.timings_ = {"graphs_s": round(graphs_s, 3), "solve_s": round(time.perf_counter() - started - graphs_s, 3)}
         self.iterations_ = it
         self.residual_ = float(residual[: self.K].max() / theta.abs().max().clamp_min(1e-300))
         if not converged(residual, theta, self.K, self.tol):
