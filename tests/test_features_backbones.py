@@ -493,18 +493,18 @@ def test_sd_parts_and_frozen(tiny_dir, tmp_path):
 # missing weights
 
 
-@pytest.mark.parametrize("name", ["sd", "clip", "dino", "mae"])
+@pytest.mark.parametrize("name", ["sd", "sdxl", "dit", "hf"])
 @pytest.mark.parametrize("model_id", ["nobody-here/no-such-model", "/no/such/local/dir"])
 def test_missing_weights_fail_fast_with_one_sentence(monkeypatch, tmp_path, name, model_id):
+    from ldsc.features.backbones.dit import DiffusionTransformerBackbone
+    from ldsc.features.backbones.sd import StableDiffusionBackbone, StableDiffusionXLBackbone
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
+    cls = {"sd": StableDiffusionBackbone, "sdxl": StableDiffusionXLBackbone, "dit": DiffusionTransformerBackbone,
+           "hf": vit_class("hf")}[name]
     with pytest.raises(WeightsNotFoundError) as info:
-        if name == "sd":
-            from ldsc.features.backbones.sd import StableDiffusionBackbone
-
-            StableDiffusionBackbone(model_id, cache_dir=str(tmp_path))
-        else:
-            vit_class(name)(model_id, cache_dir=str(tmp_path))
+        cls(model_id, cache_dir=str(tmp_path))
     message = str(info.value)
     assert f"'{model_id}'" in message and "\n" not in message
     if model_id.startswith("/"):
