@@ -73,14 +73,22 @@ def images(n: int, size: int) -> torch.Tensor:
     return torch.stack([image_tensor(f, size) for f in files])
 
 
-def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: str) -> dict:
+def build(name: str, size: str, folder: str) -> float:
+    """Write the random ``name`` model of ``size`` into ``folder``; seconds taken."""
+    t = time.perf_counter()
+    MAKERS[BACKBONES[name][1]](folder, size=size)
+    return time.perf_counter() - t
+
+
+def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: str, model_dir: str | None = None) -> dict:
     from hydra.utils import instantiate
 
     group, maker = BACKBONES[name]
     with tempfile.TemporaryDirectory(prefix=f"ldsc-{name}-{size}-") as tmp:
-        t = time.perf_counter()
-        model_dir = MAKERS[maker](tmp, size=size)
-        build_s = time.perf_counter() - t
+        build_s = None
+        if model_dir is None:
+            model_dir = tmp
+            build_s = build(name, size, tmp)
         source = f"backbone.model_name=local-dir:{model_dir}" if group == "timm" else f"backbone.model_id={model_dir}"
         overrides = [source, f"backbone.dtype={dtype}"]
         if size == "tiny":
@@ -122,13 +130,15 @@ def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: s
             "grids": sorted({tuple(lay["grid"]) for lay in layers}, reverse=True),
             "sec_per_image": round(statistics.median(times), 4),
             "graph_sec_per_image": round(statistics.median(graph_times), 4),
-            "n_graphs": len(built), "build_s": round(build_s, 1), "load_s": round(load_s, 1),
+            "n_graphs": len(built), "build_s": None if build_s is None else round(build_s, 1), "load_s": round(load_s, 1),
             "torch_threads": torch.get_num_threads(), "layers": layers,
         }
 
 
 def run_isolated(name: str, args) -> dict:
-    """``report`` in a child process capped at ``--memory-gb`` of address space; adds its peak RSS."""
+    """Build the model in one child process, then measure it in another, each capped at
+    ``--memory-gb`` of address space; the measuring one reports its peak RSS (the building one's
+    copy of the weights is not counted)."""
     import resource
     import subprocess
 
@@ -137,25 +147,39 @@ def run_isolated(name: str, args) -> dict:
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
-    cmd = [sys.executable, __file__, "--one", name, "--size", args.size, "--batch", str(args.batch),
-           "--repeats", str(args.repeats), "--device", args.device, "--dtype", args.dtype]
-    t = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap if args.device == "cpu" else None)
-    lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
-    if res.returncode == 0 and lines:
-        return json.loads(lines[-1])
-    tail = (res.stderr.strip().splitlines() or ["?"])[-1][:300]
-    fits = not any(s in res.stderr for s in ("can't allocate memory", "MemoryError", "not enough memory",
-                                             "Cannot allocate memory"))
-    return {"backbone": name, "size": args.size, "device": args.device, "dtype": args.dtype,
-            "error": tail if fits else f"does not fit in {args.memory_gb:g} GB on this machine ({tail})",
-            "seconds": round(time.perf_counter() - t, 1)}
+    def child(extra):
+        cmd = [sys.executable, __file__, *extra, "--size", args.size, "--batch", str(args.batch), "--repeats",
+               str(args.repeats), "--device", args.device, "--dtype", args.dtype]
+        return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap if args.device == "cpu" else None)
+
+    def failed(res, stage):
+        tail = (res.stderr.strip().splitlines() or ["?"])[-1][:300]
+        memory = any(s in res.stderr for s in ("can't allocate memory", "MemoryError", "not enough memory",
+                                               "Cannot allocate memory", "std::bad_alloc"))
+        return {"backbone": name, "size": args.size, "device": args.device, "dtype": args.dtype,
+                "error": f"does not fit in {args.memory_gb:g} GB of memory ({stage}: {tail})" if memory else f"{stage}: {tail}"}
+
+    with tempfile.TemporaryDirectory(prefix=f"ldsc-report-{name}-") as folder:
+        t = time.perf_counter()
+        res = child(["--build", name, "--model-dir", folder])
+        if res.returncode != 0:
+            return failed(res, "building the random model")
+        build_s = time.perf_counter() - t
+        res = child(["--one", name, "--model-dir", folder])
+        lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
+        if res.returncode != 0 or not lines:
+            return failed(res, "loading and running it")
+        row = json.loads(lines[-1])
+        row["build_s"] = round(build_s, 1)
+        return row
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
-    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process of run_isolated
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child processes of run_isolated
+    ap.add_argument("--build", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--memory-gb", type=float, default=20.0, help="address-space cap of each backbone's process")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     ap.add_argument("--size", default="tiny", choices=("tiny", "base"))
@@ -165,10 +189,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"))
     ap.add_argument("--brief", action="store_true", help="leave out the per-layer list")
     args = ap.parse_args(argv)
-    if args.one:  # in the child: one backbone, its peak memory
+    if args.build:  # in the first child: the random model, saved
+        build(args.build, args.size, args.model_dir)
+        return 0
+    if args.one:  # in the second child: one backbone, its peak memory
         import resource
 
-        row = report(args.one, args.size, args.batch, args.repeats, args.device, args.dtype)
+        row = report(args.one, args.size, args.batch, args.repeats, args.device, args.dtype, args.model_dir)
         row["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
         print(json.dumps(row), flush=True)
         return 0

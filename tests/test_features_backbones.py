@@ -177,14 +177,16 @@ def test_select_layers():
 # ViTs: clip, dino, mae
 
 
-@pytest.mark.parametrize("name", ["clip", "dino", "mae"])
+@pytest.mark.parametrize("name", ["clip", "dino", "mae", "dinov2", "dinov2_reg", "dinov3", "siglip",
+                                  "timm_dinov2_reg", "timm_eva02"])
 def test_vit_shapes_and_options(tiny_dir, name):
-    cls = vit_class(name)
     heads, d, side = TINY_VIT["num_attention_heads"], 16, TINY_VIT_INPUT // TINY_VIT["patch_size"]
-    # CLIP and MAE default to the model's own size; DINO to the paper's 480 (given explicitly here)
-    backbone = cls(tiny_dir(name), **({"input_size": TINY_VIT_INPUT} if name == "dino" else {}))
+    # every model defaults to its own size (the dino preset's 480 is the yaml's, not the class's)
+    backbone = make_backbone(tiny_dir, name, input_size=None)
     assert backbone.input_size == TINY_VIT_INPUT
-    assert backbone.name == {"clip": "clip_vision_model", "dino": "vit", "mae": "vit_mae"}[name]
+    assert backbone.name == {"clip": "clip_vision_model", "dino": "vit", "mae": "vit_mae", "dinov2": "dinov2",
+                             "dinov2_reg": "dinov2_with_registers", "dinov3": "dinov3_vit",
+                             "siglip": "siglip_vision_model"}.get(name, "timm")
     features = backbone(images(2, TINY_VIT_INPUT))
     assert [f.name for f in features] == ["layer.0", "layer.1"]
     for f in features:
@@ -192,8 +194,9 @@ def test_vit_shapes_and_options(tiny_dir, name):
             assert t.shape == (2, heads, side, side, d) and t.dtype == torch.float32
         assert f.attn is None and f.timestep is None
 
-    # larger input: interpolated position encodings; mean heads; strided tokens; one layer
-    other = cls(tiny_dir(name), input_size=48, heads="mean", token_stride=2, layers=[-1])
+    # larger input: interpolated position encodings (timm: resampled on load, rotary: any size);
+    # mean heads; strided tokens; one layer
+    other = make_backbone(tiny_dir, name, input_size=48, heads="mean", token_stride=2, layers=[-1])
     (f,) = other(images(1, 48))
     assert f.name == "layer.1" and f.q.shape == (1, 1, 3, 3, d) and f.grid == (3, 3)
     # images of another size are resized to input_size
@@ -241,7 +244,7 @@ def make_backbone(tiny_dir, name: str, **kwargs):
         from ldsc.features.backbones.timm_vit import TimmBackbone
 
         return TimmBackbone(f"local-dir:{tiny_dir(name)}", **kwargs)
-    kwargs.setdefault("input_size", TINY_VIT_INPUT)
+    kwargs.setdefault("input_size", TINY_VIT_INPUT)  # (the class's default, None, is the model's own size)
     return vit_class(name)(tiny_dir(name), **kwargs)
 
 

@@ -435,7 +435,8 @@ MAKERS = {
     "timm_dinov2_reg": make_tiny_timm, "timm_eva02": functools.partial(make_tiny_timm, arch="eva02_base_patch14_224"),
 }
 #: the input size each tiny model is made for
-TINY_INPUT = {name: TINY_SD_INPUT if name.startswith("sd") else TINY_VIT_INPUT for name in MAKERS}
+DIFFUSION = {"sd", "sd2", "sdxl", "sd3", "flux", "pixart"}
+TINY_INPUT = {name: TINY_SD_INPUT if name in DIFFUSION else TINY_VIT_INPUT for name in MAKERS}
 
 
 @functools.lru_cache(maxsize=None)
