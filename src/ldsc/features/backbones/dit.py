@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
+from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError
 from ldsc.features.backbones.capture import AttentionCapture, find_attention_layers
 from ldsc.features.backbones.hooks import grid_features, select_layers
 from ldsc.features.backbones.loading import load_pretrained, read_config_file, resolve_dtype
-from ldsc.features.backbones.sd import SCHEDULES, _randn, schedule_timesteps
+from ldsc.features.backbones.sd import _randn, check_diffusion_options, schedule_timesteps
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +88,7 @@ class DiffusionTransformerBackbone(Backbone):
         import diffusers
         from diffusers import AutoencoderKL
 
-        check_capture_options(heads, token_stride)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if latent not in ("mean", "sample"):
-            raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
-        if not 0 <= int(t_min) <= int(t_max):
-            raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+        check_diffusion_options(heads, token_stride, schedule, latent, t_min, t_max)
         self.draws = int(draws)
         self.model_id = str(model_id)
         self.input_size = int(input_size)

@@ -26,21 +26,13 @@ attention implementation for that reason.
 from __future__ import annotations
 
 import inspect
-import logging
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
-from ldsc.features.backbones.capture import AttentionCapture, find_attention_layers
-from ldsc.features.backbones.hooks import grid_features, select_layers
-from ldsc.features.backbones.loading import load_pretrained, read_config_file, resolve_dtype
-
-log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ldsc.features.backbones.base import WeightsNotFoundError
+from ldsc.features.backbones.loading import load_pretrained, read_config_file
+from ldsc.features.backbones.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformerBackbone
 
 
 def vision_config(config):
@@ -61,7 +53,7 @@ def image_side(config) -> int | None:
     return int(size) if size else None
 
 
-class HFBackbone(Backbone):
+class HFBackbone(VisionTransformerBackbone):
     """A frozen transformers vision transformer behind the backbone protocol.
 
     Args:
@@ -96,48 +88,25 @@ class HFBackbone(Backbone):
         image_mean=None,
         image_std=None,
     ):
-        super().__init__()
-        check_capture_options(heads, token_stride)
-        self.draws = int(draws)
+        super().__init__(heads, token_stride, dtype, compute_attn, draws)
         self.model_id = str(model_id)
-        self.head_mode = heads
-        self.token_stride = int(token_stride)
-        self.compute_attn = bool(compute_attn)
-        self.dtype = resolve_dtype(dtype)
-
         self.model = self.load_model(self.model_id, cache_dir).to(self.dtype)
         config = vision_config(self.model.config)
         self.name = str(config.model_type)  # clip_vision_model, vit, vit_mae, dinov2, siglip_vision_model, …
         self.patch_size = patch_side(config)
         self.input_size = int(input_size or image_side(config) or 224)
-        if self.input_size % self.patch_size:
-            raise ValueError(f"input_size {self.input_size} is not a multiple of the patch size {self.patch_size}")
+        self.check_input_size()
         self.masked = getattr(config, "mask_ratio", None) is not None
         forward_args = inspect.signature(self.model.forward).parameters
         self.forward_options = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in forward_args else {}
-
         processor = read_config_file(self.model_id, "preprocessor_config.json", cache_dir) or {}
-        mean = processor.get("image_mean", image_mean or IMAGENET_MEAN)
-        std = processor.get("image_std", image_std or IMAGENET_STD)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.freeze()
-
-        probe = torch.zeros(1, 3, self.input_size, self.input_size)
-        found = find_attention_layers(self.model, lambda: self.encode(self.preprocess(probe)))
-        if not found:
-            raise ValueError(f"'{self.model_id}' ({type(self.model).__name__}) has no attention layer that calls "
-                             f"scaled_dot_product_attention")
-        h, w = self.grid
-        self.found = {f"layer.{i}": layer for i, layer in enumerate(found)}
-        self.special_tokens = found[0].q_shape[2] - h * w
+        self.set_normalisation(processor.get("image_mean", image_mean or IMAGENET_MEAN),
+                               processor.get("image_std", image_std or IMAGENET_STD))
+        self.find_layers(layers, self.model_id)
         registers = int(getattr(config, "num_register_tokens", 0) or 0)
         if self.special_tokens < registers:
-            raise ValueError(f"'{self.model_id}': {found[0].q_shape[2]} tokens at {self.input_size} px hold a {h}x{w} "
-                             f"grid and only {self.special_tokens} special tokens, fewer than the "
-                             f"{registers} registers of its config")
-        self.layer_names = select_layers(list(self.found), layers)
-        self._capture = AttentionCapture({n: self.found[n].module for n in self.layer_names}, stop_early=True)
+            raise ValueError(f"'{self.model_id}': the layers compare {self.special_tokens} tokens besides the "
+                             f"{self.grid[0]}x{self.grid[1]} grid, fewer than the {registers} registers of its config")
 
     # -- loading ---------------------------------------------------------------------------
     def load_model(self, model_id: str, cache_dir: str | None):
@@ -159,21 +128,7 @@ class HFBackbone(Backbone):
             options["mask_ratio"] = 0.0
         return load_pretrained(model_class, model_id, cache_dir=cache_dir, **options)
 
-    # -- the recipe ------------------------------------------------------------------------
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patch grid ``(h, w)`` before ``token_stride``."""
-        side = self.input_size // self.patch_size
-        return side, side
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """``(B, 3, S, S)`` in [0, 1] → normalised ``(B, 3, input_size, input_size)`` in the model dtype."""
-        images = images.to(self.mean.device, torch.float32)
-        if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return ((images - self.mean) / self.std).to(self.dtype)
-
+    # -- the forward pass ----------------------------------------------------------------------
     def encode(self, pixel_values: Tensor) -> None:
         """One forward pass (the features are read by the capture)."""
         options = dict(self.forward_options)
@@ -182,23 +137,3 @@ class HFBackbone(Backbone):
             options["noise"] = torch.arange(h * w, dtype=torch.float32, device=pixel_values.device).expand(
                 pixel_values.shape[0], -1)
         self.model(pixel_values=pixel_values, **options)
-
-    def extract(self, images: Tensor, generator: torch.Generator | None = None) -> list[LayerFeatures]:
-        pixel_values = self.preprocess(images)
-        with self._capture as capture:
-            self.encode(pixel_values)
-        calls = capture.take()
-        return [
-            grid_features(name, calls[name], self.grid, offset=self.special_tokens, head_mode=self.head_mode,
-                          token_stride=self.token_stride, compute_attn=self.compute_attn)
-            for name in self.layer_names
-        ]
-
-    def describe_layers(self) -> list[dict]:
-        """One row per attention layer the model has (captured or not), for ``python -m ldsc.layers``."""
-        h, w = self.grid
-        return [
-            dict(name=name, module=layer.path, grid=f"{h}x{w}", heads=layer.q_shape[1], head_dim=layer.q_shape[3],
-                 dropped=self.special_tokens, captured=name in self.layer_names)
-            for name, layer in self.found.items()
-        ]

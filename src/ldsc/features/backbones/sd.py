@@ -88,6 +88,17 @@ def schedule_timesteps(
     return torch.full((batch_size,), int(round(t)), dtype=torch.long)
 
 
+def check_diffusion_options(heads: str, token_stride: int, schedule: str, latent: str, t_min: int, t_max: int) -> None:
+    """Validate the options every diffusion backbone takes (``sd``, ``sdxl``, ``dit``)."""
+    check_capture_options(heads, token_stride)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if latent not in ("mean", "sample"):
+        raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
+    if not 0 <= int(t_min) <= int(t_max):
+        raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+
+
 def _randn(shape, generator: torch.Generator | None, device, dtype) -> Tensor:
     """Standard normal noise drawn on the generator's device, then moved (so a CPU generator
     reproduces the same numbers whatever device the model is on)."""
@@ -151,13 +162,7 @@ class StableDiffusionBackbone(Backbone):
         self.draws = int(draws)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-        check_capture_options(heads, token_stride)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if latent not in ("mean", "sample"):
-            raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
-        if not 0 <= int(t_min) <= int(t_max):
-            raise ValueError(f"need 0 <= t_min <= t_max, got t_min={t_min}, t_max={t_max}")
+        check_diffusion_options(heads, token_stride, schedule, latent, t_min, t_max)
         self.model_id = str(model_id)
         self.input_size = int(input_size)
         self.t_min, self.t_max = int(t_min), int(t_max)

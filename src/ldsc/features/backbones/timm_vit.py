@@ -20,14 +20,11 @@ import contextlib
 import logging
 import os
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
-from ldsc.features.backbones.capture import AttentionCapture, find_attention_layers
-from ldsc.features.backbones.hooks import grid_features, select_layers
-from ldsc.features.backbones.loading import hub_reachable, resolve_dtype, weights_error
+from ldsc.features.backbones.base import WeightsNotFoundError
+from ldsc.features.backbones.loading import hub_reachable, weights_error
+from ldsc.features.backbones.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformerBackbone
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +61,7 @@ def constants_cache() -> str:
     return str(constants.HF_HUB_CACHE)
 
 
-class TimmBackbone(Backbone):
+class TimmBackbone(VisionTransformerBackbone):
     """A frozen timm vision transformer behind the backbone protocol.
 
     Args:
@@ -91,42 +88,22 @@ class TimmBackbone(Backbone):
         compute_attn: bool = False,
         draws: int = 1,
     ):
-        super().__init__()
-        check_capture_options(heads, token_stride)
-        self.draws = int(draws)
+        super().__init__(heads, token_stride, dtype, compute_attn, draws)
         self.model_name = str(model_name)
-        self.head_mode = heads
-        self.token_stride = int(token_stride)
-        self.compute_attn = bool(compute_attn)
-        self.dtype = resolve_dtype(dtype)
-
         self.model = self.load_model(self.model_name, checkpoint, input_size).to(self.dtype)
         for module in self.model.modules():  # each attention hands its q/k/v to scaled_dot_product_attention
             if hasattr(module, "fused_attn"):
                 module.fused_attn = True
-        patch = self.model.patch_embed.patch_size
+        patch, img = self.model.patch_embed.patch_size, self.model.patch_embed.img_size
         self.patch_size = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
-        img = self.model.patch_embed.img_size
         self.input_size = int(img[0] if isinstance(img, (tuple, list)) else img)
         cfg = getattr(self.model, "pretrained_cfg", None) or {}
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), dtype=torch.float32
-                                                  ).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), dtype=torch.float32
-                                                 ).view(1, 3, 1, 1), persistent=False)
-        self.freeze()
-
-        self.special_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
-        probe = torch.zeros(1, 3, self.input_size, self.input_size)
-        found = find_attention_layers(self.model, lambda: self.model.forward_features(self.preprocess(probe)))
-        h, w = self.grid
-        if not found:
-            raise ValueError(f"timm model '{self.model_name}' has no attention layer that calls scaled_dot_product_attention")
-        if found[0].q_shape[2] != self.special_tokens + h * w:
-            raise ValueError(f"timm model '{self.model_name}': {found[0].q_shape[2]} tokens are not "
-                             f"{self.special_tokens} prefix tokens + a {h}x{w} grid")
-        self.found = {f"layer.{i}": layer for i, layer in enumerate(found)}
-        self.layer_names = select_layers(list(self.found), layers)
-        self._capture = AttentionCapture({n: self.found[n].module for n in self.layer_names}, stop_early=True)
+        self.set_normalisation(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+        self.find_layers(layers, self.model_name)
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+        if self.special_tokens != prefix:
+            raise ValueError(f"timm model '{self.model_name}': its layers compare {self.special_tokens} tokens besides "
+                             f"the {self.grid[0]}x{self.grid[1]} grid, not its {prefix} prefix tokens")
 
     @staticmethod
     def load_model(model_name: str, checkpoint: str | None, input_size: int | None):
@@ -158,33 +135,5 @@ class TimmBackbone(Backbone):
                 f"`hf download {hub_repo(model_name)}`, set HF_HOME to where the files are, or pass "
                 f"backbone.checkpoint=/path/to/weights.safetensors.") from err
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.input_size // self.patch_size
-        return side, side
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        images = images.to(self.mean.device, torch.float32)
-        if tuple(images.shape[-2:]) != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size, self.input_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        return ((images - self.mean) / self.std).to(self.dtype)
-
-    def extract(self, images: Tensor, generator: torch.Generator | None = None) -> list[LayerFeatures]:
-        pixel_values = self.preprocess(images)
-        with self._capture as capture:
-            self.model.forward_features(pixel_values)
-        calls = capture.take()
-        return [
-            grid_features(name, calls[name], self.grid, offset=self.special_tokens, head_mode=self.head_mode,
-                          token_stride=self.token_stride, compute_attn=self.compute_attn)
-            for name in self.layer_names
-        ]
-
-    def describe_layers(self) -> list[dict]:
-        h, w = self.grid
-        return [
-            dict(name=name, module=layer.path, grid=f"{h}x{w}", heads=layer.q_shape[1], head_dim=layer.q_shape[3],
-                 dropped=self.special_tokens, captured=name in self.layer_names)
-            for name, layer in self.found.items()
-        ]
+    def encode(self, pixel_values: Tensor) -> None:
+        self.model.forward_features(pixel_values)
