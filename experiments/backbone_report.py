@@ -73,10 +73,19 @@ def images(n: int, size: int) -> torch.Tensor:
     return torch.stack([image_tensor(f, size) for f in files])
 
 
-def build(name: str, size: str, folder: str) -> float:
-    """Write the random ``name`` model of ``size`` into ``folder``; seconds taken."""
+def build(name: str, size: str, folder: str, dtype: str = "float32") -> float:
+    """Write the random ``name`` model of ``size`` into ``folder``, its weights files in ``dtype``
+    (a half-precision run then maps half the bytes: SDXL and SD3 fit this machine so); seconds taken."""
+    from safetensors.torch import load_file, save_file
+
     t = time.perf_counter()
     MAKERS[BACKBONES[name][1]](folder, size=size)
+    if dtype != "float32":
+        target = getattr(torch, dtype)
+        for f in Path(folder).rglob("*.safetensors"):
+            tensors = {k: v.to(target) if v.is_floating_point() else v for k, v in load_file(f).items()}
+            save_file(tensors, f, metadata={"format": "pt"})
+            del tensors
     return time.perf_counter() - t
 
 
@@ -136,18 +145,20 @@ def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: s
 
 
 def run_isolated(name: str, args) -> dict:
-    """Build the model in one child process, then measure it in another, each capped at
-    ``--memory-gb`` of address space; the measuring one reports its peak RSS (the building one's
-    copy of the weights is not counted)."""
+    """Build the model in one child process, then measure it in another, capped at ``--memory-gb``
+    of address space, which reports its peak RSS (the building one's copy of the weights is not
+    counted)."""
     import resource
     import subprocess
 
-    limit = int(args.memory_gb * 2 ** 30)
+    import os
 
-    def cap():
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
-    def child(extra):
+    def child(extra, limit_bytes):
+        def cap():
+            resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+
         cmd = [sys.executable, __file__, *extra, "--size", args.size, "--batch", str(args.batch), "--repeats",
                str(args.repeats), "--device", args.device, "--dtype", args.dtype]
         return subprocess.run(cmd, capture_output=True, text=True, preexec_fn=cap if args.device == "cpu" else None)
@@ -161,11 +172,12 @@ def run_isolated(name: str, args) -> dict:
 
     with tempfile.TemporaryDirectory(prefix=f"ldsc-report-{name}-") as folder:
         t = time.perf_counter()
-        res = child(["--build", name, "--model-dir", folder])
+        # (building holds the weights and re-reads them: capped by the machine only, not measured)
+        res = child(["--build", name, "--model-dir", folder], int(0.95 * physical))
         if res.returncode != 0:
             return failed(res, "building the random model")
         build_s = time.perf_counter() - t
-        res = child(["--one", name, "--model-dir", folder])
+        res = child(["--one", name, "--model-dir", folder], int(args.memory_gb * 2 ** 30))
         lines = [line for line in res.stdout.splitlines() if line.startswith("{")]
         if res.returncode != 0 or not lines:
             return failed(res, "loading and running it")
@@ -190,7 +202,7 @@ def main(argv=None) -> int:
     ap.add_argument("--brief", action="store_true", help="leave out the per-layer list")
     args = ap.parse_args(argv)
     if args.build:  # in the first child: the random model, saved
-        build(args.build, args.size, args.model_dir)
+        build(args.build, args.size, args.model_dir, args.dtype)
         return 0
     if args.one:  # in the second child: one backbone, its peak memory
         import resource
