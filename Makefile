@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all bench bench-ddp scaling data weights gpu-check gpu-wheels backbone-report clean
+.PHONY: install demo test test-all test-timm bench bench-ddp scaling data weights gpu-check gpu-wheels backbone-report clean
 
 install:            ## create .venv, install torch, then ldsc with its test extras
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test:               ## the fast test suite (slow and GPU tests are skipped)
 
 test-all:           ## every test, slow and GPU ones included (GPU tests skip without CUDA)
 	$(PY) -m pytest -q -m "slow or not slow"
+
+test-timm:          ## the backbone=timm tests (skipped by `make test` with a CPU torch: timm needs a torchvision built for your torch)
+	test -x .venv-timm/bin/python || ($(PYTHON) -m venv .venv-timm && .venv-timm/bin/pip install torch torchvision \
+	  && .venv-timm/bin/pip install -e ".[test,timm]")
+	.venv-timm/bin/python -m pytest -q -p no:cacheprovider -k timm
 
 bench:              ## ldsc vs ncut-pytorch vs the exact reference (JSON lines; pip install ncut-pytorch)
 	$(PY) -m ldsc.bench

@@ -82,3 +82,16 @@ def run_cli(args, cwd=None, timeout=300, env_extra=None):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "ldsc.run", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def require_timm():
+    """Skip (with the reason) where timm cannot be imported: it is an optional dependency, and it
+    imports torchvision, which PyPI builds for CUDA torches only — so a CPU-torch CI has none.
+    The timm tests run where timm imports (`make test-timm`)."""
+    from ldsc.features.backbones.base import WeightsNotFoundError
+    from ldsc.features.backbones.timm_vit import import_timm
+
+    try:
+        return import_timm()
+    except WeightsNotFoundError as err:
+        pytest.skip(str(err))

@@ -18,6 +18,7 @@ from torch import nn
 from ldsc.features.backbones.base import WeightsNotFoundError
 from ldsc.features.backbones.capture import AttentionCall, AttentionCapture, CaptureError
 from ldsc.features.backbones.hooks import attention_probs, grid_features, select_layers
+from conftest import require_timm
 from tiny_models import TINY_SD_INPUT, TINY_VIT, TINY_VIT_INPUT, tiny_model_dir
 
 
@@ -241,6 +242,7 @@ TIMM = {"timm_dinov2_reg": 5, "timm_eva02": 1}
 def make_backbone(tiny_dir, name: str, **kwargs):
     """``backbone=hf`` or ``backbone=timm`` on the tiny ``name`` model, loaded the way users load it."""
     if name in TIMM:
+        require_timm()
         from ldsc.features.backbones.timm_vit import TimmBackbone
 
         return TimmBackbone(f"local-dir:{tiny_dir(name)}", **kwargs)
@@ -551,6 +553,7 @@ def test_weight_loading_errors_name_their_cause(tiny_dir, tmp_path, monkeypatch,
     ("vit_small_patch16_224.augreg_in21k", {}, r"hf download timm/vit_small_patch16_224.augreg_in21k"),
 ])
 def test_timm_weights_that_cannot_be_loaded_are_one_sentence(monkeypatch, tmp_path, model_name, options, expected):
+    require_timm()
     from huggingface_hub import constants
 
     from ldsc.features.backbones.timm_vit import TimmBackbone
@@ -565,9 +568,9 @@ def test_timm_weights_that_cannot_be_loaded_are_one_sentence(monkeypatch, tmp_pa
 def test_timm_local_checkpoint_file_is_loaded(tmp_path):
     """``checkpoint=`` a weights file for the named architecture: the saved weights are used (the
     features differ from another random draw's and equal a second load's)."""
-    import timm
     from safetensors.torch import save_file
 
+    timm = require_timm()
     from ldsc.features.backbones.timm_vit import TimmBackbone
 
     torch.manual_seed(1)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL, run_cli
+from conftest import SMALL, require_timm, run_cli
 from tiny_models import TINY_INPUT, tiny_model_dir
 
 from ldsc.run import fit
@@ -45,6 +45,7 @@ def four_images(tmp_path, coco_dir) -> Path:
 def backbone_overrides(name: str) -> list[str]:
     group = NEWER.get(name, name)
     if group == "timm":
+        require_timm()
         return ["backbone=timm", f"backbone.model_name=local-dir:{tiny_model_dir(name)}"]
     if group == "sdxl":  # (the tiny SDXL's 2x2 layers: 4 random tokens, too few for a graph above the threshold)
         return [f"backbone={group}", f"backbone.model_id={tiny_model_dir(name)}", f"backbone.input_size={TINY_INPUT[name]}",

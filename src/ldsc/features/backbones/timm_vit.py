@@ -47,7 +47,7 @@ def _hub_offline_unless_reachable(model_name: str):
 
 def hub_repo(model_name: str) -> str:
     """The Hugging Face repository timm fetches ``model_name``'s weights from."""
-    import timm
+    timm = import_timm()
 
     if model_name.startswith("hf-hub:"):
         return model_name.split(":", 1)[1]
@@ -59,6 +59,22 @@ def constants_cache() -> str:
     from huggingface_hub import constants
 
     return str(constants.HF_HUB_CACHE)
+
+
+def import_timm():
+    """``timm``, or one sentence saying why it cannot be used here: it is an optional dependency
+    (``pip install "ldsc-spectral[timm]"``), and it imports torchvision, whose build must match
+    the installed torch (PyPI's torchvision wheels need a CUDA torch)."""
+    try:
+        import timm
+    except ImportError as err:
+        raise WeightsNotFoundError(f"backbone=timm needs the timm package, which is not installed ({err}): "
+                                   f"pip install \"ldsc-spectral[timm]\" (with a torchvision built for your torch).") from err
+    except RuntimeError as err:  # torchvision's compiled operators do not match this torch
+        raise WeightsNotFoundError(f"backbone=timm needs timm, which cannot be imported here: its torchvision does not "
+                                   f"match the installed torch {__import__('torch').__version__} ({str(err)[:80]}); "
+                                   f"install the torchvision built for it.") from err
+    return timm
 
 
 class TimmBackbone(VisionTransformerBackbone):
@@ -107,7 +123,7 @@ class TimmBackbone(VisionTransformerBackbone):
 
     @staticmethod
     def load_model(model_name: str, checkpoint: str | None, input_size: int | None):
-        import timm
+        timm = import_timm()
 
         options = {}
         if input_size:
