@@ -154,7 +154,8 @@ def build_datamodule(cfg: DictConfig):
     log.info("%d image(s), base grid %dx%d, K=%d", datamodule.num_images, base, base, cfg.K)
     datamodule.attach(instantiate(cfg.backbone), instantiate(cfg.graph), base, seed=int(cfg.seed),
                       scope=solver_class(cfg).graph_scope, store=instantiate(cfg.store),
-                      backbone_config=OmegaConf.to_container(cfg.backbone, resolve=True))
+                      backbone_config=OmegaConf.to_container(cfg.backbone, resolve=True),
+                      graph_config=OmegaConf.to_container(cfg.graph, resolve=True))
     return datamodule, base
 
 

@@ -152,6 +152,9 @@ class FeatureStore:
         self.kinds: list[str] = meta["kinds"]
         self.n_images, self.draws = int(meta["n_images"]), int(meta["draws"])
         self.files: list[str] = meta["files"]
+        #: everything the vectors depend on (:func:`store_identity`; ``None`` for a store written
+        #: without it), part of the key of the graphs built from them
+        self.identity: dict | None = meta.get("identity")
         self._maps: dict = {}
 
     @staticmethod

@@ -74,6 +74,9 @@ class AttentionGraphBuilder:
     Callable as ``builder(features, base_size) -> list[LayerGraph]``.
     """
 
+    #: attention graphs are built per image from the store, never kept in the graph store
+    rebuild = True
+
     def __init__(
         self,
         heads: str = "mean",

@@ -20,11 +20,13 @@ class GraphBuilder(Protocol):
         kinds: the vector kinds (``q``, ``k``, ``v``) the feature store must hold for it.
         timings: seconds per stage of the last :meth:`dataset_graphs` (may be empty).
         layer_timings: per graph of the last :meth:`dataset_graphs` (may be empty).
+        rebuild: build the whole-data-set graphs again rather than reuse stored ones.
     """
 
     kinds: list[str]
     timings: dict
     layer_timings: list
+    rebuild: bool
 
     def __call__(self, features: list[LayerFeatures], base_size: int) -> list:
         """The graphs of one batch's features (nodes: the batch's tokens)."""

@@ -270,6 +270,8 @@ class KnnGraphBuilder:
         reduce: ``pca`` (fitted on a sample of the layer's tokens) or ``random`` (a fixed Gaussian
             projection), used when ``dim`` is set.
         seed: seed of the IVF training sample, the PCA sample and the random projection.
+        rebuild: build the whole-data-set graphs again even when the graph store holds them for
+            these settings (:mod:`ldsc.graphs.graph_store`; read by the data module).
     """
 
     def __init__(self, pair: str = "qk", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
@@ -277,7 +279,7 @@ class KnnGraphBuilder:
                  exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128,
                  nprobe: int = 12, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
-                 dim: int | None = None, reduce: str = "pca", seed: int = 0):
+                 dim: int | None = None, reduce: str = "pca", seed: int = 0, rebuild: bool = False):
         from ldsc.graphs.search import SEARCH_METHODS
 
         if pair not in PAIRS:
@@ -293,6 +295,7 @@ class KnnGraphBuilder:
         self.list_size, self.nlist, self.nprobe = int(list_size), nlist, int(nprobe)
         self.hnsw_m, self.ef_search, self.ef_construction = int(hnsw_m), int(ef_search), int(ef_construction)
         self.dim, self.reduce, self.seed = (int(dim) if dim else None), reduce, int(seed)
+        self.rebuild = bool(rebuild)
         #: seconds per stage of the last :meth:`dataset_graphs` (``vectors``, ``search``, ``symmetrize``)
         self.timings: dict[str, float] = {}
         #: per graph of the last :meth:`dataset_graphs`: tokens, search method, seconds by step, nnz

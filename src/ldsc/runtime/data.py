@@ -100,6 +100,8 @@ class ImageDataModule(L.LightningDataModule):
         self.scope = "dataset"
         self.store_options = None
         self.backbone_config: dict = {}
+        #: the graph settings (``cfg.graph``): with the feature store's identity, the graph store's key
+        self.graph_config: dict | None = None
         self.store = None
         self.graphs: list | None = None
         #: wall time and peak memory of each stage (see :mod:`ldsc.profiling`)
@@ -114,11 +116,12 @@ class ImageDataModule(L.LightningDataModule):
 
     # -- wiring ------------------------------------------------------------------------------
     def attach(self, backbone, graph_builder, base_size: int, seed: int = 0, scope: str = "dataset",
-               store=None, backbone_config: dict | None = None) -> None:
+               store=None, backbone_config: dict | None = None, graph_config: dict | None = None) -> None:
         """Give the data module its backbone, graph builder and base grid; ``scope`` is
         ``dataset`` or ``batch`` (see class docstring); ``store`` the
         :class:`~ldsc.features.store.StoreOptions`; ``backbone_config`` the backbone's settings (part of
-        the store's key)."""
+        the store's key); ``graph_config`` the graph settings (part of the graph store's key; ``None``:
+        the whole-data-set graphs are not stored)."""
         from ldsc.features.store import StoreOptions
 
         if scope not in ("dataset", "batch"):
@@ -126,6 +129,7 @@ class ImageDataModule(L.LightningDataModule):
         self.backbone, self.graph_builder, self.base_size, self.seed = backbone, graph_builder, base_size, seed
         self.scope, self.store_options = scope, store or StoreOptions()
         self.backbone_config = backbone_config if backbone_config is not None else {"class": type(backbone).__name__}
+        self.graph_config = graph_config
         backbone.set_base_size(base_size)
 
     def prepare_files(self) -> list[str]:
@@ -223,6 +227,15 @@ class ImageDataModule(L.LightningDataModule):
 
         if self.graphs is None:
             store = self.feature_store()
+            folder, identity = self.graph_store()
+            if folder is not None and self.stored_graphs_usable(folder, identity):
+                from ldsc.graphs.graph_store import load_graphs
+
+                with stage("graphs", self.stages):
+                    self.graphs = load_graphs(folder)
+                self.stages["graphs"]["reused"] = str(folder)
+                log.info("graphs: reusing %s (no neighbour search; graph.rebuild=true builds them again)", folder)
+                return self.graphs
             self.check_memory()
             with stage("graphs", self.stages):
                 self.graphs = self.graph_builder.dataset_graphs(store, self.base_size, device=self._device())
@@ -231,7 +244,47 @@ class ImageDataModule(L.LightningDataModule):
             self.stages["graphs"]["layers"] = self.graph_builder.layer_timings
             check_edges(self.graphs, self.graph_builder)
             log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
+            if folder is not None:
+                self.write_graph_store(folder, identity)
         return self.graphs
+
+    def graph_store(self) -> tuple:
+        """``(folder, identity)`` of this run's stored graphs (:mod:`ldsc.graphs.graph_store`), or
+        ``(None, None)`` when they are not stored (no graph settings given, a store without identity)."""
+        from ldsc.distributed import rank, world_size
+        from ldsc.graphs.graph_store import graph_folder, graph_identity
+
+        store_identity = getattr(self.store, "identity", None)
+        if self.graph_config is None or store_identity is None:
+            return None, None
+        identity = graph_identity(store_identity, self.graph_config, self.base_size, rank(), world_size())
+        return graph_folder(self.store.path, identity), identity
+
+    def stored_graphs_usable(self, folder, identity: dict) -> bool:
+        """Whether every process finds its stored graphs complete and of this run (all or none reuse:
+        a process that builds runs collectives the others would never join)."""
+        from ldsc.distributed import all_reduce_max
+        from ldsc.graphs.graph_store import graph_problem
+
+        problem = None if self.graph_builder.rebuild else graph_problem(folder, identity)
+        if problem and folder.exists() and not problem.startswith("meta.json is missing"):
+            log.warning("graph store %s cannot be used (%s): building the graphs again", folder, problem)
+        return all_reduce_max(0.0 if problem is None and not self.graph_builder.rebuild else 1.0) == 0.0
+
+    def write_graph_store(self, folder, identity: dict) -> None:
+        """Keep the graphs for resumes and re-runs; a failed write only costs the reuse."""
+        import time
+
+        from ldsc.graphs.graph_store import save_graphs
+
+        try:
+            started = time.perf_counter()
+            save_graphs(folder, self.graphs, identity)
+            self.stages.setdefault("graphs", {})["store_write_s"] = round(time.perf_counter() - started, 3)
+            log.info("graphs: stored in %s", folder)
+        except OSError as err:
+            log.warning("graphs: could not be stored in %s (%s); a resume will build them again", folder,
+                        err.strerror or err)
 
     def graphs_are_exact(self) -> bool:
         """Whether the whole-data-set graphs were built by exact (brute-force) search."""

@@ -1,0 +1,129 @@
+"""The graph store: whole-data-set graphs written once, memory-mapped by resumes and re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SMALL
+
+from ldsc.graphs.graph_store import graph_problem, load_graphs, save_graphs
+from ldsc.run import fit
+
+#: a three-image data set, two solver steps (not converged: a resume has work left)
+RUN = [*SMALL, "data.names=[astronaut.png,coffee.png,chelsea.png]", "graph=vv", "solver.tol=1e-9",
+       "solver.iters_per_step=2", "trainer.max_epochs=2"]
+
+
+def stages(cfg) -> dict:
+    return json.loads((Path(cfg.paths.output_dir) / "stages.json").read_text())
+
+
+def built_graphs(compose, tmp_path, extra=()):
+    cfg = compose([*RUN, f"store.dir={tmp_path / 'store'}", *extra], out=tmp_path / "first")
+    fit(cfg)
+    return cfg
+
+
+def test_stored_graphs_load_back_as_the_same_operator(compose, tmp_path):
+    """The stored graphs are those the builder makes from the same feature store: the same
+    products S·y, degrees, grids, sources and inter-image radii."""
+    cfg = built_graphs(compose, tmp_path)
+    folders = list((tmp_path / "store").glob("*/graphs/*"))
+    assert len(folders) == 1 and (folders[0] / "meta.json").is_file()
+    assert stages(cfg)["graphs"]["store_write_s"] >= 0
+    loaded = load_graphs(folders[0])
+    from ldsc.features.store import FeatureStore
+    from ldsc.graphs.knn import KnnGraphBuilder
+
+    fresh = KnnGraphBuilder("vv").dataset_graphs(FeatureStore(folders[0].parents[1]), 16, progress=False)
+    assert [g.name for g in loaded] == [g.name for g in fresh]
+    for a, b in zip(loaded, fresh):
+        y = torch.randn(b.degree.numel(), 3, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(a.apply(y), b.apply(y), atol=1e-6)
+        assert torch.equal(a.degree, b.degree) and a.grid == b.grid and a.source == b.source
+        assert torch.equal(a.radius, b.radius)
+
+
+def test_a_resumed_run_and_a_run_with_another_K_do_no_neighbour_search(compose, tmp_path, monkeypatch):
+    first = built_graphs(compose, tmp_path)
+    assert "reused" not in stages(first)["graphs"]
+    import ldsc.graphs.search as search
+
+    calls = []
+    for name in ("intra_image_knn", "inter_image_knn"):
+        real = getattr(search, name)
+        monkeypatch.setattr(search, name, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    resumed = compose([*RUN, f"store.dir={tmp_path / 'store'}", "resume=true", "trainer.max_epochs=4"],
+                      out=tmp_path / "first")
+    fit(resumed)
+    assert calls == [] and stages(resumed)["graphs"]["reused"]
+    other_k = compose([*RUN, f"store.dir={tmp_path / 'store'}", "K=3"], out=tmp_path / "other_k")
+    fit(other_k)
+    assert calls == [] and torch.load(Path(other_k.paths.output_dir) / "eigvecs.pt", weights_only=True
+                                      )["eigvecs"].shape[1] == 3
+    rebuilt = compose([*RUN, f"store.dir={tmp_path / 'store'}", "graph.rebuild=true"], out=tmp_path / "rebuilt")
+    fit(rebuilt)
+    assert calls, "graph.rebuild=true must search again"
+    calls.clear()
+    other_graph = compose([*RUN, f"store.dir={tmp_path / 'store'}", "graph.k_intra=5"], out=tmp_path / "k5")
+    fit(other_graph)
+    assert calls, "other graph settings must build their own graphs"
+    assert len(list((tmp_path / "store").glob("*/graphs/*"))) == 2
+
+
+def test_a_resume_on_stored_graphs_equals_an_uninterrupted_run(compose, tmp_path, monkeypatch):
+    whole = compose([*RUN, f"store.dir={tmp_path / 'store_whole'}", "trainer.max_epochs=4"], out=tmp_path / "whole")
+    fit(whole)
+    built_graphs(compose, tmp_path)
+    import ldsc.graphs.search as search
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a neighbour search ran, though the graphs are stored")
+
+    monkeypatch.setattr(search, "intra_image_knn", refuse)
+    monkeypatch.setattr(search, "inter_image_knn", refuse)
+    resumed = compose([*RUN, f"store.dir={tmp_path / 'store'}", "resume=true", "trainer.max_epochs=4"],
+                      out=tmp_path / "first")
+    fit(resumed)
+    a, b = (torch.load(Path(c.paths.output_dir) / "eigvecs.pt", weights_only=True)["eigvecs"] for c in (whole, resumed))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "edited meta", "missing meta"])
+def test_a_damaged_graph_store_is_found_and_built_again(compose, tmp_path, damage, caplog):
+    built_graphs(compose, tmp_path)
+    folder, = (tmp_path / "store").glob("*/graphs/*")
+    identity = json.loads((folder / "meta.json").read_text())["identity"]
+    assert graph_problem(folder, identity) is None
+    if damage == "truncated array":
+        f = folder / "0_0_col.npy"
+        arr = np.load(f)
+        np.save(f, arr[: len(arr) // 2])
+        expected = "0_0_col.npy holds"
+    elif damage == "edited meta":
+        meta = json.loads((folder / "meta.json").read_text())
+        meta["identity"]["graph"]["k_intra"] = 99
+        (folder / "meta.json").write_text(json.dumps(meta))
+        expected = "other settings"
+    else:
+        (folder / "meta.json").unlink()
+        expected = "meta.json is missing"
+    assert expected in graph_problem(folder, identity)
+    again = compose([*RUN, f"store.dir={tmp_path / 'store'}"], out=tmp_path / "again")
+    fit(again)  # built again (a warning names the problem), then stored afresh
+    assert "reused" not in stages(again)["graphs"] and graph_problem(folder, identity) is None
+
+
+def test_save_is_atomic_and_replaces(tmp_path):
+    from ldsc.graphs.dataset import DatasetGraph
+
+    crow, col, val = torch.tensor([0, 1, 2]), torch.tensor([1, 0]), torch.tensor([0.5, 0.5])
+    g = DatasetGraph("l", (1, 2), 1, [(0, torch.sparse_csr_tensor(crow, col, val, (2, 2)))], torch.ones(2))
+    folder = save_graphs(tmp_path / "g", [g], {"k": 1})
+    assert graph_problem(folder, {"k": 1}) is None and graph_problem(folder, {"k": 2}) is not None
+    save_graphs(folder, [g, g], {"k": 2})
+    assert len(load_graphs(folder)) == 2 and not list(tmp_path.glob("*.tmp*"))
