@@ -244,7 +244,9 @@ class ImageDataModule(L.LightningDataModule):
             self.stages["graphs"]["layers"] = self.graph_builder.layer_timings
             check_edges(self.graphs, self.graph_builder)
             log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
-            if folder is not None:
+            from ldsc.graphs.dataset import DatasetGraph
+
+            if folder is not None and all(isinstance(g, DatasetGraph) for g in self.graphs):  # (not attention graphs)
                 self.write_graph_store(folder, identity)
         return self.graphs
 
