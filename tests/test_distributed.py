@@ -156,6 +156,12 @@ def test_a_resumed_two_process_run_equals_an_uninterrupted_one(tmp_path):
     shutil.copytree(tmp_path / "split", tmp_path / "split_on_one")
     res = run_cli(_args(tmp_path, "split", *common, "resume=true"))
     assert res.returncode == 0, res.stderr[-3000:]
+    # both processes mapped their own rows of the graphs the first run stored (no search)
+    import json
+
+    for r in (0, 1):
+        stages = json.loads((tmp_path / "split" / ("stages.json" if r == 0 else f"stages.rank{r}.json")).read_text())
+        assert stages["graphs"]["reused"].endswith(f"rank{r}of2"), stages["graphs"]
     torch.testing.assert_close(load_eigenvectors(tmp_path / "split")["eigvecs"],
                                load_eigenvectors(tmp_path / "full")["eigvecs"])
     # the same checkpoint resumes on one process (sums in another order: equal to rounding)
