@@ -127,3 +127,26 @@ def test_save_is_atomic_and_replaces(tmp_path):
     assert graph_problem(folder, {"k": 1}) is None and graph_problem(folder, {"k": 2}) is not None
     save_graphs(folder, [g, g], {"k": 2})
     assert len(load_graphs(folder)) == 2 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_the_memory_check_counts_mapped_graphs_as_not_built(compose, tmp_path, monkeypatch):
+    """Reusing stored graphs builds nothing: only the solver's memory is counted, so a limit the
+    build would exceed still lets a run on the stored graphs through."""
+    from ldsc.errors import ConfigError
+    from ldsc.features.backbones.pixel import PixelBackbone
+    from ldsc.run import build_datamodule
+
+    monkeypatch.setattr(PixelBackbone, "pass_bytes", lambda self, batch: None)  # the graphs' check, not the pass's
+    cfg = built_graphs(compose, tmp_path)
+    dm, _ = build_datamodule(cfg)
+    dm.feature_store()
+    full, mapped = dm.check_memory(), dm.check_memory(mapped_graphs=True)
+    assert mapped["peak"] < full["peak"] and mapped["build"] == mapped["graphs"] == 0
+    limit = (mapped["peak"] + full["peak"]) / 2 / 2**30
+    reuse = compose([*RUN, f"store.dir={tmp_path / 'store'}", f"data.memory_limit_gb={limit}", "K=3"], out=tmp_path / "r")
+    fit(reuse)
+    assert stages(reuse)["graphs"]["reused"]
+    rebuild = compose([*RUN, f"store.dir={tmp_path / 'store'}", f"data.memory_limit_gb={limit}", "graph.rebuild=true"],
+                      out=tmp_path / "b")
+    with pytest.raises(ConfigError, match="This run needs about"):
+        fit(rebuild)

@@ -191,9 +191,11 @@ class ImageDataModule(L.LightningDataModule):
                 f"needs about {(need + PROCESS_BYTES) / gb:.1f} GB but {limit / gb:.1f} GB are available: lower "
                 f"base_size or data.batch_size (or backbone.n_features), or raise data.memory_limit_gb.")
 
-    def check_memory(self) -> dict:
+    def check_memory(self, mapped_graphs: bool = False) -> dict:
         """Estimate the peak memory of the whole-data-set graphs and solver; refuse, with one
-        sentence, a run that would not fit (see :func:`~ldsc.graphs.memory.estimate_dataset_graph_bytes`)."""
+        sentence, a run that would not fit (see :func:`~ldsc.graphs.memory.estimate_dataset_graph_bytes`).
+        ``mapped_graphs``: the graphs come memory-mapped from the graph store (nothing is built;
+        their pages are file-backed, so the kernel can drop them): only the solver's part counts."""
         from ldsc.distributed import world_size
         from ldsc.errors import ConfigError
         from ldsc.graphs.memory import PROCESS_BYTES
@@ -208,6 +210,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.scope == "batch" and self.solver_state_bytes:
             est["solver"] = max(est["solver"], self.solver_state_bytes)
             est["peak"] = PROCESS_BYTES + max(est["build"], est["graphs"] + est["solver"])
+        if mapped_graphs:
+            est = dict(est, build=0, graphs=0, peak=PROCESS_BYTES + est["solver"])
         limit = self.memory_limit()
         # the processes of one machine share its memory
         local = int(self.trainer.num_devices) if self.trainer is not None and world_size() > 1 else 1
@@ -231,6 +235,7 @@ class ImageDataModule(L.LightningDataModule):
             if folder is not None and self.stored_graphs_usable(folder, identity):
                 from ldsc.graphs.graph_store import load_graphs
 
+                self.check_memory(mapped_graphs=True)
                 with stage("graphs", self.stages):
                     self.graphs = load_graphs(folder)
                 self.stages["graphs"]["reused"] = str(folder)
