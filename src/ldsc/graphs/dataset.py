@@ -187,24 +187,23 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
     T_ind = [np.empty(int(p[-1]), dtype=np.int32) for p in T_ptr]
     T_val = [np.empty(int(p[-1]), dtype=np.float32) for p in T_ptr]
     filled = np.zeros(n, dtype=np.int64)
-    bounds = np.asarray(starts + [n])
+    columns = np.arange(n, dtype=np.int32)
     for r0, Ab in zip(starts, A):
-        rows = (np.repeat(np.arange(Ab.shape[0], dtype=np.int64), np.diff(Ab.indptr)) + r0).astype(np.int32)
-        perm = np.argsort(Ab.indices, kind="stable")
-        c = Ab.indices[perm]
-        first = np.searchsorted(c, c, side="left")
-        within = np.arange(c.size) - first  # rank among this block's entries of column c
-        offset = filled[c] + within
-        heads = np.flatnonzero(first == np.arange(c.size))  # first entry of each column present
-        filled[c[heads]] += np.diff(np.append(heads, c.size))
-        cut = np.searchsorted(c, bounds)
-        for b in range(len(starts)):
-            lo, hi = cut[b], cut[b + 1]
+        # the block's entries grouped by column, rows ascending within a column: scipy's CSR->CSC
+        # conversion is a counting sort (O(nnz + N)), no comparison sort of the column ids
+        Ac = Ab.tocsc()
+        ptr, counts = Ac.indptr, np.diff(Ac.indptr)
+        c = np.repeat(columns, counts)
+        offset = filled[c] + (np.arange(c.size) - ptr[c])  # after earlier blocks' entries of column c
+        filled += counts
+        rows = Ac.indices.astype(np.int32) + np.int32(r0)
+        for b, (lo_col, hi_col) in enumerate(zip(starts, ends)):
+            lo, hi = int(ptr[lo_col]), int(ptr[hi_col])
             if lo < hi:
-                pos = T_ptr[b][c[lo:hi] - starts[b]] + offset[lo:hi]
-                T_ind[b][pos] = rows[perm[lo:hi]]
-                T_val[b][pos] = Ab.data[perm[lo:hi]]
-        del rows, perm, c, first, within, offset, heads, cut
+                pos = T_ptr[b][c[lo:hi] - lo_col] + offset[lo:hi]
+                T_ind[b][pos] = rows[lo:hi]
+                T_val[b][pos] = Ac.data[lo:hi]
+        del Ac, ptr, counts, c, offset, rows
     # 3. W = (A + Aᵀ)/2 block by block, freeing each block of A and Aᵀ once used
     pieces, degree = [], np.zeros(n, dtype=np.float64)
     for b, (r0, r1) in enumerate(zip(starts, ends)):
