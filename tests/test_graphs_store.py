@@ -150,3 +150,25 @@ def test_the_memory_check_counts_mapped_graphs_as_not_built(compose, tmp_path, m
                       out=tmp_path / "b")
     with pytest.raises(ConfigError, match="This run needs about"):
         fit(rebuild)
+
+
+def test_a_run_on_stored_features_and_graphs_is_not_refused_for_a_backbone_pass_it_does_not_run(compose, tmp_path):
+    """The feature store and the graphs are reused: no backbone pass, no search — a memory limit
+    that a backbone pass would exceed does not stop the run; a new store under it is refused."""
+    from ldsc.errors import ConfigError
+    from ldsc.graphs.memory import PROCESS_BYTES
+    from ldsc.run import build_datamodule
+
+    cfg = built_graphs(compose, tmp_path)
+    dm, _ = build_datamodule(cfg)
+    dm.feature_store()
+    mapped = dm.check_memory(mapped_graphs=True)["peak"]
+    pass_need = PROCESS_BYTES + dm.backbone.pass_bytes(dm.batch_size)
+    assert mapped < pass_need
+    limit = (mapped + pass_need) / 2 / 2**30
+    reuse = compose([*RUN, f"store.dir={tmp_path / 'store'}", f"data.memory_limit_gb={limit}", "K=3"], out=tmp_path / "r")
+    fit(reuse)
+    assert stages(reuse)["graphs"]["reused"]
+    fresh = compose([*RUN, f"store.dir={tmp_path / 'other_store'}", f"data.memory_limit_gb={limit}"], out=tmp_path / "f")
+    with pytest.raises(ConfigError, match="The backbone pass over a batch"):
+        fit(fresh)

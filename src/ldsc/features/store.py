@@ -307,6 +307,20 @@ def _reserve(f: Path) -> None:
             raise
 
 
+def store_location(options: StoreOptions, files: Sequence[str], backbone_config: dict, base_size: int,
+                   kinds: Sequence[str], draws: int, seed: int) -> tuple[Path, dict]:
+    """``(folder, identity)`` of the store of these files and settings."""
+    identity = store_identity(backbone_config, base_size, kinds, draws, seed, options.dtype, files)
+    return Path(os.path.expanduser(options.dir)) / identity_key(identity), identity
+
+
+def reusable(options: StoreOptions, files: Sequence[str], backbone_config: dict, base_size: int,
+             kinds: Sequence[str], draws: int, seed: int) -> bool:
+    """Whether :func:`open_or_build` would reuse a finished store (no backbone pass)."""
+    path, identity = store_location(options, files, backbone_config, base_size, kinds, draws, seed)
+    return not options.rebuild and path.exists() and store_problem(path, identity) is None
+
+
 def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbone_config: dict, base_size: int,
                   kinds: Sequence[str], seed: int = 0, batch_size: int = 16, device="cpu",
                   num_workers: int = 0) -> FeatureStore:
@@ -319,8 +333,7 @@ def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbon
 
     from ldsc.distributed import rank
 
-    identity = store_identity(backbone_config, base_size, kinds, draws, seed, options.dtype, files)
-    path = Path(os.path.expanduser(options.dir)) / identity_key(identity)
+    path, identity = store_location(options, files, backbone_config, base_size, kinds, draws, seed)
     # rank 0 decides for every process (they share the folder)
     problem = None
     if rank() == 0 and path.exists() and not options.rebuild:
