@@ -48,17 +48,6 @@ BACKBONES = {
 }
 
 
-def compose_backbone(name: str, overrides: list[str]):
-    """The user's config for ``backbone=name`` (plus overrides), from ``conf/``."""
-    from hydra import compose, initialize_config_dir
-
-    from ldsc.run import config_dir
-
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose("config", overrides=[f"backbone={name}", *overrides])
-    return cfg
-
-
 def images(n: int, size: int) -> torch.Tensor:
     """``n`` real photographs (../shared/data if present, else scikit-image's) as ``(n,3,size,size)``."""
     from ldsc.runtime.data import image_tensor
@@ -102,7 +91,9 @@ def report(name: str, size: str, batch: int, repeats: int, device: str, dtype: s
         overrides = [source, f"backbone.dtype={dtype}"]
         if size == "tiny":
             overrides.append(f"backbone.input_size={TINY_INPUT[maker]}")
-        cfg = compose_backbone(group, overrides)
+        from ldsc.layers import compose_backbone  # (the config a run composes)
+
+        cfg = compose_backbone([f"backbone={group}", *overrides])
         t = time.perf_counter()
         backbone = instantiate(cfg.backbone).to(device)
         load_s = time.perf_counter() - t

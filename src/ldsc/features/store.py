@@ -314,18 +314,12 @@ def store_location(options: StoreOptions, files: Sequence[str], backbone_config:
     return Path(os.path.expanduser(options.dir)) / identity_key(identity), identity
 
 
-def reusable(options: StoreOptions, files: Sequence[str], backbone_config: dict, base_size: int,
-             kinds: Sequence[str], draws: int, seed: int) -> bool:
-    """Whether :func:`open_or_build` would reuse a finished store (no backbone pass)."""
-    path, identity = store_location(options, files, backbone_config, base_size, kinds, draws, seed)
-    return not options.rebuild and path.exists() and store_problem(path, identity) is None
-
-
 def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbone_config: dict, base_size: int,
                   kinds: Sequence[str], seed: int = 0, batch_size: int = 16, device="cpu",
-                  num_workers: int = 0) -> FeatureStore:
+                  num_workers: int = 0, before_building=None) -> FeatureStore:
     """The store of these files and settings: reused when complete (unless ``options.rebuild``),
-    built otherwise."""
+    built otherwise (``before_building()`` is called first: e.g. the backbone pass's memory check,
+    which a reused store, running no pass, does not need)."""
     draws = int(getattr(backbone, "draws", 1))
     if draws < 1:
         raise ConfigError(f"backbone.draws must be at least 1, not {draws}.")
@@ -343,6 +337,8 @@ def open_or_build(options: StoreOptions, files: Sequence[str], backbone, backbon
     if broadcast_object(path.exists() and problem is None and not options.rebuild):
         log.info("feature store: reusing %s", path)
         return FeatureStore(path)
+    if before_building is not None:
+        before_building()
     log.info("feature store: writing %d image(s) x %d draw(s) to %s", len(files), draws, path)
     try:
         return build_store(path, files, backbone, kinds, draws, batch_size, device, seed, options.dtype, num_workers,

@@ -163,16 +163,12 @@ class ImageDataModule(L.LightningDataModule):
         if self.store is None:
             if self.backbone is None or self.graph_builder is None:
                 raise RuntimeError("call attach(backbone, graph_builder, base_size) before using the data module")
-            from ldsc.features.store import reusable
-
-            if not reusable(self.store_options, self.prepare_files(), self.backbone_config, self.base_size,
-                            self.graph_builder.kinds, int(self.backbone.draws), self.seed):
-                self.check_backbone_memory()  # (a reused store runs no backbone pass)
             with stage("features", self.stages):
                 self.store = open_or_build(self.store_options, self.prepare_files(), self.backbone,
                                            self.backbone_config, self.base_size, self.graph_builder.kinds,
                                            seed=self.seed, batch_size=self.batch_size,
-                                           device=device or self._device(), num_workers=self.num_workers)
+                                           device=device or self._device(), num_workers=self.num_workers,
+                                           before_building=self.check_backbone_memory)
         return self.store
 
     def memory_limit(self) -> int | None:
