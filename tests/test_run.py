@@ -233,3 +233,64 @@ def test_a_gpu_trainer_without_a_gpu_is_one_sentence(compose):
         pytest.skip("a CUDA GPU is visible")
     with pytest.raises(ConfigError, match="trainer.accelerator=gpu but torch sees no CUDA GPU"):
         fit(compose([*SMALL, "trainer=gpu"]))
+
+
+def _wait_for(predicate, seconds: float = 180.0) -> bool:
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return predicate()
+
+
+def test_figures_drawn_in_the_background_arrive_after_the_run_has_returned(tmp_path):
+    """figures=background (the default): the run returns once eigvecs.pt is written; a separate
+    process draws the figures from it and says so in run.log; no half-written file is ever seen."""
+    out = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("callbacks.export.figures")]
+    r = run_cli([*args, f"hydra.run.dir={out}", f"store.dir={tmp_path / 'store'}"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "eigvecs.pt").is_file()
+    assert "figures: drawn in the background by process" in r.stdout + r.stderr
+    log = out / "run.log"
+    assert _wait_for(lambda: "figures written to" in log.read_text()), log.read_text()[-2000:]
+    names = sorted(p.name for p in (out / "figures").iterdir())
+    assert names == ["eigenvector_grid.png", "eigenvectors_0000_astronaut.png", "eigenvectors_0001_coffee.png"]
+    from PIL import Image
+
+    assert Image.open(out / "figures" / "eigenvector_grid.png").size[0] > 500
+
+
+def test_in_a_slurm_job_the_figures_are_drawn_before_the_run_returns(tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in TINY if not a.startswith("callbacks.export.figures")]
+    r = run_cli([*args, f"hydra.run.dir={out}", f"store.dir={tmp_path / 'store'}"], env_extra={"SLURM_JOB_ID": "42"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "drawn before the run returns (a SLURM job ends its processes with it)" in r.stdout + r.stderr
+    assert len(list((out / "figures").glob("*.png"))) == 3
+
+
+def test_ldsc_export_draws_a_finished_runs_figures_and_refuses_a_folder_without_one(tmp_path):
+    import subprocess
+    import sys
+
+    from ldsc.export import save_eigenvectors
+
+    import skimage.data
+    from PIL import Image
+
+    img = tmp_path / "astronaut.png"
+    Image.fromarray(skimage.data.astronaut()).save(img)
+    save_eigenvectors(tmp_path / "run", torch.randn(1, 4, 8, 8), [str(img)], keep_order=True)
+    r = subprocess.run([sys.executable, "-m", "ldsc.export", str(tmp_path / "run"), "--n-vectors=3"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in (tmp_path / "run" / "figures").iterdir()] == ["eigenvectors_0000_astronaut.png"]
+    r = subprocess.run([sys.executable, "-m", "ldsc.export", str(tmp_path / "nothing")], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 1
+    assert "figures not drawn" in r.stderr and "does not exist" in r.stderr
+    assert "Traceback" not in r.stderr

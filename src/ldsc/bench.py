@@ -69,7 +69,7 @@ def ncut_process(args) -> None:
 
     root = Path(args.root)
     files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-    backbone = PixelBackbone()
+    backbone = PixelBackbone(n_features=args.n_features)
     backbone.set_base_size(args.base)
     images = torch.stack([image_tensor(f, backbone.input_size) for f in files])
     layer = backbone(images)[0]  # the finest layer: the base grid
@@ -99,6 +99,7 @@ def main(argv=None) -> None:
     p.add_argument("--root", help=argparse.SUPPRESS)
     p.add_argument("--base", type=int, default=32, help=argparse.SUPPRESS)
     p.add_argument("--K", type=int, default=15)
+    p.add_argument("--n-features", type=int, default=256, help="the pixel backbone's n_features (vectors of twice that width)")
     p.add_argument("--override", action="append", default=[],
                    help="an extra Hydra override for the ldsc run (not the reference), repeatable")
     p.add_argument("--methods", default="ldsc,ncut-pytorch", help="which of ldsc, ncut-pytorch to run")

@@ -1,5 +1,10 @@
 """Writing a finished run: ``eigvecs.pt``, the image index and the figures.
 
+The figures can be drawn by a separate process once ``eigvecs.pt`` is written
+(:func:`draw_figures_in_background`, ``callbacks.export.figures=background``), so the run returns
+its answer without waiting for matplotlib; ``python -m ldsc.export RUN_DIR`` draws them (again)
+from a finished run.
+
 ``eigvecs.pt`` holds ``eigvecs`` ``(n_images, K, H, W)`` (channel 0 first: SVD-ordered for the
 paper's solver, whose pseudo-eigenvectors are not orthogonal; in order of decreasing eigenvalue
 for the LOBPCG and exact solvers, whose output is), ``singular_values`` ``(K,)``, ``files`` (index -> image path), ``K``,
@@ -89,8 +94,73 @@ def write_figures(out_dir: str | Path, eigvecs: torch.Tensor, files: list[str], 
     return paths
 
 
+def background_allowed(use_wandb: bool = False) -> str | None:
+    """Why the figures must be drawn before the run returns, or ``None`` if a background process
+    may draw them: a W&B logger uploads them from the run, and a SLURM job's processes end with
+    the job (a process left drawing would be killed half-way)."""
+    import os
+
+    if use_wandb:
+        return "the W&B logger uploads them"
+    if os.environ.get("SLURM_JOB_ID"):
+        return "a SLURM job ends its processes with it"
+    return None
+
+
+def draw_figures_in_background(out_dir: str | Path, max_images: int | None = 16, n_vectors: int = 12,
+                               grid_vectors: int = 15, grid_images: int = 8):
+    """Start ``python -m ldsc.export out_dir ...`` in its own session (a Ctrl-C or the end of the
+    run does not stop it); it reads ``eigvecs.pt``, writes ``figures/`` (each file atomically) and
+    appends its log lines to the run's ``run.log``. Returns the ``subprocess.Popen``."""
+    import subprocess
+    import sys
+
+    out = Path(out_dir)
+    log_path = out / "run.log" if (out / "run.log").is_file() else out / "figures.log"
+    cmd = [sys.executable, "-m", "ldsc.export", str(out), f"--n-vectors={n_vectors}",
+           f"--grid-vectors={grid_vectors}", f"--grid-images={grid_images}",
+           f"--max-images={'all' if max_images is None else int(max_images)}"]
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                                start_new_session=True, close_fds=True)
+
+
+def main(argv=None) -> int:
+    """``python -m ldsc.export RUN_DIR``: draw a finished run's figures from its ``eigvecs.pt``."""
+    import argparse
+    import logging
+    import sys
+
+    from ldsc.errors import LdscError
+
+    p = argparse.ArgumentParser(prog="python -m ldsc.export", description=main.__doc__.split(": ", 1)[1])
+    p.add_argument("run_dir")
+    p.add_argument("--max-images", default="16", help="per-image figures for the first N images ('all': every image)")
+    p.add_argument("--n-vectors", type=int, default=12)
+    p.add_argument("--grid-vectors", type=int, default=15)
+    p.add_argument("--grid-images", type=int, default=8)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+                        stream=sys.stderr)
+    log = logging.getLogger("ldsc.export")
+    try:
+        max_images = None if args.max_images == "all" else int(args.max_images)
+        run = load_eigenvectors(args.run_dir)
+        paths = write_figures(args.run_dir, run["eigvecs"], run["files"], max_images=max_images,
+                              n_vectors=args.n_vectors, grid_vectors=args.grid_vectors, grid_images=args.grid_images)
+    except (LdscError, OSError, ValueError) as err:
+        log.error("figures not drawn: %s", err)
+        return 1
+    log.info("figures written to %s (%d files)", Path(args.run_dir) / "figures", len(paths))
+    return 0
+
+
 def _thumbnail(img, side: int):
     """``img`` scaled so that its longer side is ``side`` pixels (its shape kept)."""
     w, h = img.size
     scale = side / max(w, h)
     return img.resize((max(1, round(w * scale)), max(1, round(h * scale))))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

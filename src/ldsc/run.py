@@ -453,6 +453,17 @@ def main() -> None:
         print(f"ldsc: error: {len(_failed_jobs)} of {len(_job_overrides)} jobs of the sweep were refused, each for the "
               f"reason printed above ({named}); {done} finished.", file=sys.stderr)
         sys.exit(1)
+    exit_now(0)
+
+
+def exit_now(code: int = 0) -> None:
+    """End a finished run without the interpreter's teardown (freeing torch's and Lightning's
+    objects one by one took 1.2–1.4 s after the last line): the exit handlers run, the logs and
+    streams are flushed, then the process ends. Every output is already on disk (written atomically)."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    quiet_exit(code)
 
 
 #: sweep bookkeeping (``-m``): the overrides of every job run, and the numbers of the refused ones

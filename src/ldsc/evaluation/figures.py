@@ -110,13 +110,13 @@ def eigenvector_panel(image, eigvecs: Tensor, n_vectors: int = 12, title: str | 
     axes = axes.ravel()
     aspect = _aspect(image, eigvecs.shape[-2:])
     axes[0].imshow(_to_display(image))
-    axes[0].set_title("input")
+    axes[0].set_title("input", y=1.0)
     axes[1].imshow(pca_rgb(eigvecs), aspect=aspect)
-    axes[1].set_title("PCA → RGB")
+    axes[1].set_title("PCA → RGB", y=1.0)
     E = _scaled(eigvecs[None, :n].cpu())[0]
     for c in range(n):
         axes[c + 2].imshow(E[c].numpy(), cmap=CMAP, vmin=0, vmax=1, aspect=aspect)
-        axes[c + 2].set_title(f"eigenvector {c}")
+        axes[c + 2].set_title(f"eigenvector {c}", y=1.0)
     for ax in axes:
         ax.axis("off")
     if title:
@@ -147,9 +147,9 @@ def eigenvector_grid(images: Sequence, eigvecs: Tensor, n_vectors: int = 15, max
         ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
-    axes[0, 0].set_title("input", fontsize=11)
+    axes[0, 0].set_title("input", fontsize=11, y=1.0)
     for c in range(n):
-        axes[0, c + 1].set_title(f"{c}", fontsize=11)
+        axes[0, c + 1].set_title(f"{c}", fontsize=11, y=1.0)
     for i in range(m):
         name = str(names[i]) if names is not None and i < len(names) else f"image {i}"
         axes[i, 0].set_ylabel(name if len(name) <= 18 else name[:8] + "…" + name[-8:], fontsize=9, rotation=0,
@@ -161,8 +161,13 @@ def eigenvector_grid(images: Sequence, eigvecs: Tensor, n_vectors: int = 15, max
 
 
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write ``fig`` as PNG (atomically: a reader never sees half a file) and close it."""
+    from ldsc.atomic import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+    finally:
+        _plt().close(fig)
     return path

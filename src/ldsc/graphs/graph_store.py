@@ -143,7 +143,9 @@ def load_graphs(folder: str | Path) -> list[DatasetGraph]:
         blocks = []
         for b_index, block in enumerate(entry["blocks"]):
             crow, col, val = (_load(folder / f"{g_index}_{b_index}_{part}.npy") for part in ("crow", "col", "val"))
-            csr = torch.sparse_csr_tensor(crow, col, val, tuple(block["shape"]), check_invariants=False)
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = torch.sparse_csr_tensor(crow, col, val, tuple(block["shape"]), check_invariants=False)
             blocks.append((int(block["first_row"]), csr))
         arrays = {name: _load(folder / f"{g_index}_{name}.npy") for name in entry["arrays"]}
         g = DatasetGraph(entry["name"], tuple(entry["grid"]), entry["n_images"], blocks, arrays["degree"],

@@ -13,10 +13,10 @@ plus ``chunk·N`` (one block of similarities), never with ``N²``.
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
-
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +27,8 @@ from ldsc.graphs.dataset import DatasetGraph, relabel_lists, sharded_symmetric_n
     symmetric_normalized_blocks
 from ldsc.graphs.memory import estimate_dataset_graph_bytes
 from ldsc.graphs.normalize import inverse_sqrt_degree, normalized_values
+
+log = logging.getLogger(__name__)
 
 #: graph types built from token vectors: (row vectors, column vectors)
 PAIRS = {"qk": ("q", "k"), "vv": ("v", "v"), "kk": ("k", "k"), "qq": ("q", "q")}
@@ -279,7 +281,8 @@ class KnnGraphBuilder:
                  exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128,
                  nprobe: int = 12, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
-                 dim: int | None = None, reduce: str = "pca", seed: int = 0, rebuild: bool = False):
+                 dim: int | str | None = "auto", max_vectors_gb: float = 3.0, reduce: str = "pca", seed: int = 0,
+                 rebuild: bool = False):
         from ldsc.graphs.search import SEARCH_METHODS
 
         if pair not in PAIRS:
@@ -294,7 +297,10 @@ class KnnGraphBuilder:
         self.gpu_exact_max_tokens = int(gpu_exact_max_tokens)
         self.list_size, self.nlist, self.nprobe = int(list_size), nlist, int(nprobe)
         self.hnsw_m, self.ef_search, self.ef_construction = int(hnsw_m), int(ef_search), int(ef_construction)
-        self.dim, self.reduce, self.seed = (int(dim) if dim else None), reduce, int(seed)
+        if isinstance(dim, str) and dim != "auto":
+            raise ValueError(f"graph.dim must be a number of dimensions, auto or null, not {dim!r}")
+        self.dim = dim if dim == "auto" else (int(dim) if dim else None)
+        self.max_vectors_gb, self.reduce, self.seed = float(max_vectors_gb), reduce, int(seed)
         self.rebuild = bool(rebuild)
         #: seconds per stage of the last :meth:`dataset_graphs` (``vectors``, ``search``, ``symmetrize``)
         self.timings: dict[str, float] = {}
@@ -306,10 +312,30 @@ class KnnGraphBuilder:
         """The vector kinds this graph type compares (what the feature store must hold)."""
         return sorted(set(PAIRS[self.pair]))
 
+    def vector_width(self, info: dict) -> int:
+        """Width of one graph's vectors of a store layer ``info`` before any reduction (heads concatenated
+        with ``heads="concat"``)."""
+        return int(info.get("dim", 512)) * (int(info["heads"]) if self.heads == "concat" else 1)
+
+    def layer_dim(self, n_tokens: int, width: int) -> int | None:
+        """The width a layer's vectors are searched at (``None``: all of ``width``). ``dim`` a number:
+        that (if smaller); ``auto``: all of them while ``n_tokens × width`` float32 values fit in
+        ``max_vectors_gb``, else the widest multiple of 16 that fits (at least 32) — reduced by
+        ``reduce`` (PCA), so a layer's vectors are never held whole at full width."""
+        if self.dim is None:
+            return None
+        if self.dim != "auto":
+            return self.dim if self.dim < width else None
+        budget = self.max_vectors_gb * 2**30
+        if n_tokens * width * 4 <= budget:
+            return None
+        return min(width, max(32, int(budget // (4 * max(1, n_tokens))) // 16 * 16)) if width > 32 else None
+
     def memory_estimate(self, n_images: int, layers, draws: int, base_size: int, shards: int = 1) -> dict:
         """The peak of building and solving these graphs (:func:`estimate_dataset_graph_bytes`)."""
         k = self.k_intra + (self.k_inter if n_images > 1 else 0)
-        return estimate_dataset_graph_bytes(n_images, layers, max(k, 1), draws, self.dim, self.heads,
+        dims = [self.layer_dim(n_images * info["grid"][0] * info["grid"][1], self.vector_width(info)) for info in layers]
+        return estimate_dataset_graph_bytes(n_images, layers, max(k, 1), draws, dims, self.heads,
                                             base_size=base_size, vectors=len(self.kinds), shards=shards,
                                             chunk_elements=self.max_chunk_elements)
 
@@ -350,8 +376,14 @@ class KnnGraphBuilder:
         per = max(1, 2**22 // max(1, h * w * info["heads"]))  # images per read (~4M vectors rows x heads)
         n_graphs = info["heads"] if self.heads == "separate" else 1
         projections: list = [None] * n_graphs
-        if self.dim:
-            projections = self._fit_projections(store, layer, draw, n_graphs)
+        dim = self.layer_dim(n * h * w, self.vector_width(info))
+        if dim:
+            projections = self._fit_projections(store, layer, draw, n_graphs, dim)
+            if self.dim == "auto" and any(p is not None for p in projections):
+                log.info("graphs: %s vectors reduced %d -> %d dimensions by %s (graph.dim=auto: %s tokens x %d "
+                         "float32 would take %.1f GB > graph.max_vectors_gb=%g)", info["name"], self.vector_width(info),
+                         dim, self.reduce, f"{n * h * w:,}", self.vector_width(info),
+                         n * h * w * self.vector_width(info) * 4 / 2**30, self.max_vectors_gb)
         #: the projections of the last :meth:`layer_vectors`, one per graph (``None``: no reduction)
         self.projections = projections
         out = []
@@ -361,7 +393,7 @@ class KnnGraphBuilder:
                 e = min(n, s + per)
                 mats = head_vectors(store.vectors(layer, kind, draw, slice(s, e)), self.heads)
                 if full is None:
-                    d = self.dim or mats[0].shape[1]
+                    d = min(dim or mats[0].shape[1], mats[0].shape[1])
                     full = [torch.empty(n * h * w, d) for _ in mats]
                 for g, m in enumerate(mats):
                     if projections[g] is not None:
@@ -372,7 +404,7 @@ class KnnGraphBuilder:
         ys = out[1] if len(out) > 1 else out[0]
         return list(zip(xs, ys))
 
-    def _fit_projections(self, store, layer: int, draw: int, n_graphs: int) -> list[Tensor]:
+    def _fit_projections(self, store, layer: int, draw: int, n_graphs: int, dim: int) -> list[Tensor]:
         """``(D, dim)`` per graph: top principal axes of a sample of tokens (``pca``; uncentred, so
         inner products are kept best), or a fixed Gaussian projection (``random``)."""
         a, b = PAIRS[self.pair]
@@ -384,15 +416,15 @@ class KnnGraphBuilder:
         for g in range(n_graphs):
             sample = torch.cat([F.normalize(m[g], dim=-1) for m in mats])
             D = sample.shape[1]
-            if self.dim >= D:
+            if dim >= D:
                 projs.append(None)
                 continue
             if self.reduce == "random":
-                projs.append(torch.randn(D, self.dim, generator=gen) / self.dim**0.5)
+                projs.append(torch.randn(D, dim, generator=gen) / dim**0.5)
                 continue
             rows = torch.randperm(sample.shape[0], generator=gen)[:200_000]
             _, _, V = torch.linalg.svd(sample[rows], full_matrices=False)
-            projs.append(V[: self.dim].T.contiguous())
+            projs.append(V[:dim].T.contiguous())
         return projs
 
     def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None,

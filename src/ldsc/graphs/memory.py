@@ -4,7 +4,8 @@ is refused in one sentence by the data module)."""
 from __future__ import annotations
 
 
-def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1, dim: int | None = None,
+def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draws: int = 1,
+                                 dim: int | list[int | None] | None = None,
                                  heads: str = "concat", solver_columns: int = 20, base_size: int = 32,
                                  vectors: int = 1, shards: int = 1, chunk_elements: int = 2**24) -> dict:
     """Bytes a whole-data-set run needs at its peak, by part (``N`` tokens of a layer, ``k``
@@ -20,16 +21,18 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
     Lightning. Layers are built largest first. ``shards``: processes of a sharded run (each holds
     ``1/shards`` of the lists, graphs and solver blocks, but every layer's vectors whole).
-    ``chunk_elements``: similarities the intra-image search holds at once (``graph.max_chunk_elements``;
+    ``dim``: the width the vectors are searched at, one for all layers or one per layer (``None``:
+    the layer's own). ``chunk_elements``: similarities the intra-image search holds at once (``graph.max_chunk_elements``;
     at least one query row against a whole image: ``T``), with their top-``k`` selection.
     """
     sizes, largest = [], 0
-    for info in layers:
+    dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(layers)
+    for info, reduced in zip(layers, dims):
         h, w = info["grid"]
         N = n_images * h * w
         largest = max(largest, N)
         per_graph = info["heads"] if heads == "separate" else 1
-        D = dim or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
+        D = reduced or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
         lists = 8 * N * k // shards
         g = int(1.5 * lists) + 16 * N // shards
         T = h * w  # the intra-image search's similarity block: whole images, or query rows of one

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ProgressBar
 
 from ldsc import interrupt
 
-from ldsc.export import save_eigenvectors, write_figures
+from ldsc.export import background_allowed, draw_figures_in_background, save_eigenvectors, write_figures
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +181,19 @@ class SolverCheckpoint(L.Callback):
 
 class ExportEigenvectors(L.Callback):
     """At the end of training, write ``eigvecs.pt`` and the figures to ``output_dir`` and, when the
-    logger is a ``WandbLogger``, log the figures as images (other loggers: files only)."""
+    logger is a ``WandbLogger``, log the figures as images (other loggers: files only).
 
-    def __init__(self, output_dir: str, figures: bool = True, max_images: int | None = 16, n_vectors: int = 12,
-                 grid_vectors: int = 15, grid_images: int = 8, run_config: dict | None = None):
+    ``figures``: ``true`` draws them before the run returns; ``background`` (default) starts a
+    separate process that draws them from ``eigvecs.pt`` once it is written, so the run returns
+    without waiting (drawn before returning all the same with a W&B logger, or in a SLURM job);
+    ``false`` draws none (``python -m ldsc.export RUN_DIR`` draws them later)."""
+
+    def __init__(self, output_dir: str, figures: bool | str = "background", max_images: int | None = 16,
+                 n_vectors: int = 12, grid_vectors: int = 15, grid_images: int = 8, run_config: dict | None = None):
+        if figures not in (True, False, "background"):
+            from ldsc.errors import ConfigError
+
+            raise ConfigError(f"callbacks.export.figures must be true, false or background, not {figures!r}.")
         self.output_dir, self.figures, self.run_config = Path(output_dir), figures, run_config or {}
         self.fig_kwargs = dict(max_images=max_images, n_vectors=n_vectors, grid_vectors=grid_vectors,
                                grid_images=grid_images)
@@ -199,8 +208,13 @@ class ExportEigenvectors(L.Callback):
             E = save_eigenvectors(self.output_dir, Z, files, self.run_config,
                                   keep_order=pl_module.eigenvalue_ordered)
             log.info("eigenvectors written to %s", self.output_dir / "eigvecs.pt")
+            background = self.figures == "background" and self._background(trainer)
+            if background:  # the answer is on disk: a separate process draws the figures from it
+                child = draw_figures_in_background(self.output_dir, **self.fig_kwargs)
+                log.info("figures: drawn in the background by process %d into %s (its lines follow in run.log)",
+                         child.pid, self.output_dir / "figures")
             self._save_model(trainer, pl_module, E)
-            if self.figures:
+            if self.figures and not background:
                 self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)
                 log.info("figures written to %s", self.output_dir / "figures")
         except OSError as err:  # full disk, read-only or vanished folder: the checkpoint is already written
@@ -209,8 +223,19 @@ class ExportEigenvectors(L.Callback):
             raise DataError(f"Could not write the outputs to '{self.output_dir}' ({err.strerror or err}); the solver's "
                             f"state is in its checkpoints/last.ckpt: free space or fix the folder, then run the same "
                             f"command with `resume=true hydra.run.dir={self.output_dir}` to export.") from None
-        if self.figures:
+        if self.paths:
             self._log_images(trainer)
+
+    def _background(self, trainer: L.Trainer) -> bool:
+        """Whether the figures may be drawn in the background (:func:`ldsc.export.background_allowed`)."""
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except ImportError:  # pragma: no cover
+            WandbLogger = ()
+        why = background_allowed(use_wandb=any(isinstance(lg, WandbLogger) for lg in trainer.loggers))
+        if why:
+            log.info("figures: drawn before the run returns (%s)", why)
+        return why is None
 
     def _save_model(self, trainer: L.Trainer, pl_module, E) -> None:
         """``fit.safetensors``: what ``python -m ldsc.extend`` needs to embed new images into this

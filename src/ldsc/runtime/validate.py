@@ -91,8 +91,10 @@ def validate(cfg: DictConfig) -> None:
                 _integer(cfg, f"graph.{key}", 1)
         _integer(cfg, "graph.exact_max_tokens", 0, optional=True)
         _integer(cfg, "graph.gpu_exact_max_tokens", 0, optional=True)
-        if graph.get("dim") is not None:
-            _integer(cfg, "graph.dim", 1)
+        if graph.get("dim") is not None and graph.get("dim") != "auto":
+            _integer(cfg, "graph.dim", 1, hint=" (or auto, or null)")
+        if "max_vectors_gb" in graph:
+            _number(cfg, "graph.max_vectors_gb", 0.001, None)
         from ldsc.graphs.search import SEARCH_METHODS
 
         if "search" in graph and graph.search not in SEARCH_METHODS:

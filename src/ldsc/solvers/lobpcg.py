@@ -34,6 +34,7 @@ from torch import Tensor
 from ldsc import distributed, interrupt
 from ldsc.solvers.base import EigenSolver
 from ldsc.spectral.lobpcg import converged, lobpcg_iterate, lobpcg_start, orthonormalize, random_start
+from ldsc.spectral.multilevel import multilevel_start
 from ldsc.spectral.operator import LayerOperator, unflatten_channels
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,9 @@ class LobpcgSolver(EigenSolver):
         oversample: guard vectors kept beyond ``K`` (more: faster convergence, more memory).
         dtype: ``float32`` (default) or ``float64`` for the table and the products.
         init_scale: std of the random starting table.
+        multilevel: start from the coarse layers' solution (:mod:`ldsc.spectral.multilevel`: the
+            problem of the coarsest layer grid first, then each finer one) instead of the random
+            table; the same eigenvectors in about half the time.
     """
 
     #: the exported eigenvectors are orthonormal Ritz vectors, ordered by decreasing eigenvalue
@@ -58,12 +62,13 @@ class LobpcgSolver(EigenSolver):
     ROW_STATE = ("table", "MX", "P", "MP")
 
     def __init__(self, n_images: int, K: int, base_size: int, tol: float = 1e-3, iters_per_step: int = 10,
-                 oversample: int = 5, dtype: str = "float32", init_scale: float = 1.0):
+                 oversample: int = 5, dtype: str = "float32", init_scale: float = 1.0, multilevel: bool = True):
         super().__init__(n_images, K, base_size, init_scale=init_scale, ema=None, table=False)
         #: whether the processes agreed to stop at this step (see :meth:`stop_requested`)
         self.stopping = False
         self.m = int(K) + int(oversample)
         self.tol, self.iters_per_step = float(tol), max(1, int(iters_per_step))
+        self.multilevel = bool(multilevel)
         if dtype not in ("float32", "float64"):
             raise ValueError(f"solver.dtype must be 'float32' or 'float64', not {dtype!r}")
         dt = getattr(torch, dtype)
@@ -169,7 +174,16 @@ class LobpcgSolver(EigenSolver):
         reduce = distributed.all_reduce_sum if self.sharded else None
         X = self.table.data
         if not bool(self.started):
-            X.copy_(orthonormalize(self.initial_rows(self._rows()).to(X.device), reduce=reduce))
+            X0 = None
+            if self.multilevel:  # the coarse layers' problems first (ldsc.spectral.multilevel)
+                X0 = multilevel_start(graphs, (self.base_size, self.base_size), self.m, self.K, self.tol,
+                                      self._init_seed, self.image_range, X.dtype, reduce=reduce,
+                                      stop=self.stop_requested, device=X.device)
+                if X0 is None and self.stopping:
+                    return  # a signal during the start: the checkpoint says "not started"
+            if X0 is None:
+                X0 = self.initial_rows(self._rows()).to(X.device)
+            X.copy_(orthonormalize(X0, reduce=reduce))
             theta, X, MX = lobpcg_start(op, X, reduce)
             self.MX.copy_(MX)
             self.theta.copy_(theta)
