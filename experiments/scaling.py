@@ -6,7 +6,8 @@ wall time and peak memory per stage, and alignment with an exact reference where
 
 For every size N the first N images of ``--source`` are linked into ``<work>/imagesN`` and one run
 of the default config (``graph=vv``, K = 15, 32x32 base grid, pixel backbone with
-``backbone.n_features=32``: 64-dimensional vectors, so that 10^7 tokens fit in memory) is timed in a
+``backbone.n_features=32``: 64-dimensional vectors; ``--n-features 384``: 768, the width of ViT-B,
+which ``graph.dim=auto`` reduces by PCA for layers beyond ``graph.max_vectors_gb``) is timed in a
 subprocess; its ``stages.json`` gives seconds and peak resident memory per stage (features,
 graphs: vectors / search / symmetrise and per layer, solve, export); the run's peak is the
 largest of them. For sizes in ``--reference-sizes`` the exact
@@ -89,6 +90,8 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="outputs/scaling")
     ap.add_argument("--out", default=str(REPO / "notes" / "measurements" / "scaling_cpu.jsonl"))
     ap.add_argument("--override", nargs="*", default=[], help="extra overrides for every run")
+    ap.add_argument("--n-features", type=int, default=32,
+                    help="the pixel backbone's n_features (vectors twice as wide; 384: ViT-B's 768)")
     ap.add_argument("--rss-log", action="store_true",
                     help="also write each run's memory timeline (seconds, resident MB) to <work>/runN.rss")
     ap.add_argument("--reuse-reference", action="store_true",
@@ -99,7 +102,7 @@ def main(argv=None) -> None:
     import torch
 
     work = Path(args.work).resolve()
-    common = ["data=folder", "graph=vv", "K=15", "backbone.n_features=32", f"store.dir={work / 'store'}",
+    common = ["data=folder", "graph=vv", "K=15", f"backbone.n_features={args.n_features}", f"store.dir={work / 'store'}",
               "callbacks.alignment.enabled=false", "trainer.max_epochs=50", *args.override]
     refs = {int(s) for s in args.reference_sizes.split(",") if s}
     for n in [int(s) for s in args.sizes.split(",")]:

@@ -155,3 +155,21 @@ def test_gpu_check_dry_run_prints_one_line_per_check(tmp_path):
     assert all(pipe[k] >= 0 for k in ("features_s", "graphs_s", "solve_s", "export_s"))
     assert [json.loads(line)["check"] for line in out.read_text().splitlines()] == [
         "store:sd", "store:sdxl", "store:dit", "store:dinov2", "pipeline"]
+
+
+def test_bench_startup_prints_the_import_seconds_of_both_sides():
+    """`make bench`'s first case: one JSON line with the seconds of ldsc's imports and of
+    ncut-pytorch's (skipped with the reason where ncut_pytorch is not installed)."""
+    import json
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "ldsc.bench", "--cases", "startup", "--repeats", "1"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = json.loads(r.stdout.strip().splitlines()[-1])
+    assert line["case"] == "startup"
+    secs = line["seconds"]
+    assert 0 < secs["python -c pass"] < secs["ldsc: import ldsc.run, lightning"]
+    assert secs["ldsc: python -m ldsc.run --help"] > 0
+    assert "ncut-pytorch: import ncut_pytorch" in secs or secs["ncut-pytorch"].startswith("skipped")

@@ -115,3 +115,20 @@ def test_a_run_that_would_not_fit_in_memory_stops_with_one_sentence(compose, mon
     with pytest.raises(ConfigError, match=r"This run needs about .* GB .* but 0\.0 GB are available: lower "
                                           r"graph.k_intra/graph.k_inter, set graph.dim"):
         fit(cfg)
+
+
+def test_a_store_written_with_its_maps_reopened_every_few_bytes_is_the_same(tmp_path, monkeypatch, coco_dir):
+    """The writer unmaps its files every UNMAP_EVERY_BYTES (so written pages leave its resident
+    memory): reopening after every batch writes the same store as never reopening."""
+    import ldsc.features.store as st
+    from ldsc.features.backbones.pixel import PixelBackbone
+
+    files = sorted(str(p) for p in coco_dir.glob("*.jpg"))[:12]
+    bb = PixelBackbone(n_features=16)
+    bb.set_base_size(16)
+    monkeypatch.setattr(st, "UNMAP_EVERY_BYTES", 1000)
+    often = st.build_store(tmp_path / "often", files, bb, ["v"], batch_size=4, progress=False)
+    monkeypatch.setattr(st, "UNMAP_EVERY_BYTES", 1 << 40)
+    never = st.build_store(tmp_path / "never", files, bb, ["v"], batch_size=4, progress=False)
+    for li in range(len(never.layers)):
+        assert torch.equal(often.vectors(li, "v"), never.vectors(li, "v"))

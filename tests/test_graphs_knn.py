@@ -92,10 +92,10 @@ def test_builder_makes_one_graph_per_layer_and_head_with_weights():
 
 def test_dim_auto_keeps_every_dimension_while_a_layer_fits_and_reduces_beyond():
     auto = KnnGraphBuilder(pair="vv")  # the default: dim=auto, max_vectors_gb=3
-    assert auto.dim == "auto" and auto.max_vectors_gb == 3.0
+    assert auto.dim == "auto" and auto.max_vectors_gb == 3.0 and auto.auto_dim == 128
     assert auto.layer_dim(300 * 1024, 768) is None  # 0.9 GB: kept whole
-    assert auto.layer_dim(10_240_000, 768) == 64  # 29 GB at full width: the widest multiple of 16 in 3 GB
-    assert KnnGraphBuilder(pair="vv", max_vectors_gb=1.0).layer_dim(10_240_000, 768) == 32  # never below 32
+    assert auto.layer_dim(10_240_000, 768) == 128  # 29 GB at full width
+    assert auto.layer_dim(10_240_000, 96) is None  # no wider than auto_dim: nothing to reduce
     assert KnnGraphBuilder(pair="vv", dim=None).layer_dim(10**8, 768) is None
     assert KnnGraphBuilder(pair="vv", dim=64).layer_dim(10, 768) == 64
     assert KnnGraphBuilder(pair="vv", dim=64).layer_dim(10, 32) is None  # nothing to reduce
@@ -104,8 +104,9 @@ def test_dim_auto_keeps_every_dimension_while_a_layer_fits_and_reduces_beyond():
 
 
 def test_dim_auto_reduces_only_the_layer_that_does_not_fit(caplog):
-    """Six images, layers 16² (1,536 tokens x 64 dims = 393 kB) and 8² (98 kB), a 200 kB budget: the
-    first is searched at 32 PCA dimensions, the second at its own 64; the memory estimate counts that."""
+    """Six images, layers 16² (1,536 tokens x 64 dims = 393 kB) and 8² (98 kB), a 200 kB budget and
+    auto_dim 32: the first is searched at 32 PCA dimensions, the second at its own 64; the memory
+    estimate counts that."""
     import logging
 
     from ldsc.features.store import MemoryStore
@@ -114,7 +115,7 @@ def test_dim_auto_reduces_only_the_layer_that_does_not_fit(caplog):
     feats = [LayerFeatures(name=f"l{s}", v=torch.randn(6, 1, s, s, 64, generator=g)) for s in (16, 8)]
     store = MemoryStore(feats, ["v"])
     budget = 200e3 / 2**30
-    builder = KnnGraphBuilder(pair="vv", k_intra=5, k_inter=5, max_vectors_gb=budget)
+    builder = KnnGraphBuilder(pair="vv", k_intra=5, k_inter=5, max_vectors_gb=budget, auto_dim=32)
     with caplog.at_level(logging.INFO, logger="ldsc.graphs.knn"):
         graphs = builder.dataset_graphs(store, 16, progress=False)
     assert [t["dim"] for t in builder.layer_timings] == [32, 64]

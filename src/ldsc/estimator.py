@@ -92,7 +92,7 @@ class LDSC:
         heads: ``concat`` | ``mean`` | ``separate`` (one graph per head).
         dim: reduce the vectors to this many dimensions before the search (``None``: keep; ``"auto"``:
             keep while a layer's float32 vectors fit in ``max_vectors_gb``, 3 GB by default, else
-            reduce them by PCA to the widest multiple of 16 that fits).
+            reduce them by PCA to ``auto_dim``, 128 by default).
         tol: stop when every residual ``‖Mx − θx‖`` of the ``K`` vectors is at most ``tol · θ_max``.
         max_iters: at most this many LOBPCG iterations.
         oversample: guard vectors beyond ``K`` (faster convergence of the ``K``-th).

@@ -231,11 +231,20 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
         """``(draw, features)`` of a batch, one draw at a time (each written before the next)."""
         yield from backbone_draws(backbone, batch["image"].to(device), batch["index"], seed, draws)
 
+    written = [0]  # bytes written through the maps since they were last opened
+
     def write(batch, r: int, feats: list[LayerFeatures]) -> None:
         lo, hi = int(batch["index"][0]), int(batch["index"][-1]) + 1
         for li, layer in enumerate(feats):
             for kind in kinds:
-                arrays[li, kind][r, lo:hi] = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
+                block = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
+                arrays[li, kind][r, lo:hi] = block
+                written[0] += block.nbytes
+        if written[0] > UNMAP_EVERY_BYTES:  # written pages would stay in this process's resident memory
+            for arr in arrays.values():
+                arr.flush()
+            _open_for_writing(path, len(feats), kinds, arrays)  # the old maps (and their pages) are dropped
+            written[0] = 0
         bar.update(hi - lo)
 
     it = iter(loader)
@@ -268,6 +277,11 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
         os.replace(tmp, path / "meta.json")
     distributed.barrier()
     return FeatureStore(path)
+
+
+#: a store being written is unmapped and mapped again after this many bytes, so that the pages
+#: written stay in the page cache (written back by the kernel) and not in the writer's resident set
+UNMAP_EVERY_BYTES = 1 << 30
 
 
 def _open_for_writing(path: Path, n_layers: int, kinds: Sequence[str], arrays: dict) -> None:

@@ -281,8 +281,8 @@ class KnnGraphBuilder:
                  exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128,
                  nprobe: int = 12, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
-                 dim: int | str | None = "auto", max_vectors_gb: float = 3.0, reduce: str = "pca", seed: int = 0,
-                 rebuild: bool = False):
+                 dim: int | str | None = "auto", max_vectors_gb: float = 3.0, auto_dim: int = 128, reduce: str = "pca",
+                 seed: int = 0, rebuild: bool = False):
         from ldsc.graphs.search import SEARCH_METHODS
 
         if pair not in PAIRS:
@@ -300,7 +300,8 @@ class KnnGraphBuilder:
         if isinstance(dim, str) and dim != "auto":
             raise ValueError(f"graph.dim must be a number of dimensions, auto or null, not {dim!r}")
         self.dim = dim if dim == "auto" else (int(dim) if dim else None)
-        self.max_vectors_gb, self.reduce, self.seed = float(max_vectors_gb), reduce, int(seed)
+        self.max_vectors_gb, self.auto_dim = float(max_vectors_gb), int(auto_dim)
+        self.reduce, self.seed = reduce, int(seed)
         self.rebuild = bool(rebuild)
         #: seconds per stage of the last :meth:`dataset_graphs` (``vectors``, ``search``, ``symmetrize``)
         self.timings: dict[str, float] = {}
@@ -320,16 +321,17 @@ class KnnGraphBuilder:
     def layer_dim(self, n_tokens: int, width: int) -> int | None:
         """The width a layer's vectors are searched at (``None``: all of ``width``). ``dim`` a number:
         that (if smaller); ``auto``: all of them while ``n_tokens × width`` float32 values fit in
-        ``max_vectors_gb``, else the widest multiple of 16 that fits (at least 32) — reduced by
-        ``reduce`` (PCA), so a layer's vectors are never held whole at full width."""
+        ``max_vectors_gb``, else ``auto_dim`` — reduced by ``reduce`` (PCA), so a large layer's
+        vectors are never held whole at full width. (On 300 crops of 768-d vectors, graphs from
+        128 PCA dimensions gave eigenvectors aligned 0.996 with the full width's, 96: 0.988, 64:
+        0.927; docs/benchmarks.md.)"""
         if self.dim is None:
             return None
         if self.dim != "auto":
             return self.dim if self.dim < width else None
-        budget = self.max_vectors_gb * 2**30
-        if n_tokens * width * 4 <= budget:
+        if n_tokens * width * 4 <= self.max_vectors_gb * 2**30 or width <= self.auto_dim:
             return None
-        return min(width, max(32, int(budget // (4 * max(1, n_tokens))) // 16 * 16)) if width > 32 else None
+        return self.auto_dim
 
     def memory_estimate(self, n_images: int, layers, draws: int, base_size: int, shards: int = 1) -> dict:
         """The peak of building and solving these graphs (:func:`estimate_dataset_graph_bytes`)."""
@@ -373,7 +375,8 @@ class KnnGraphBuilder:
         info = store.layers[layer]
         h, w = info["grid"]
         n = store.n_images
-        per = max(1, 2**22 // max(1, h * w * info["heads"]))  # images per read (~4M vectors rows x heads)
+        # images per read: ~2^27 float32 values (512 MB) of the store at full width, whatever the width
+        per = max(1, 2**27 // max(1, h * w * info["heads"] * int(info.get("dim", 512))))
         n_graphs = info["heads"] if self.heads == "separate" else 1
         projections: list = [None] * n_graphs
         dim = self.layer_dim(n * h * w, self.vector_width(info))
@@ -381,7 +384,7 @@ class KnnGraphBuilder:
             projections = self._fit_projections(store, layer, draw, n_graphs, dim)
             if self.dim == "auto" and any(p is not None for p in projections):
                 log.info("graphs: %s vectors reduced %d -> %d dimensions by %s (graph.dim=auto: %s tokens x %d "
-                         "float32 would take %.1f GB > graph.max_vectors_gb=%g)", info["name"], self.vector_width(info),
+                         "float32 would take %.1f GB > graph.max_vectors_gb=%g; graph.auto_dim)", info["name"], self.vector_width(info),
                          dim, self.reduce, f"{n * h * w:,}", self.vector_width(info),
                          n * h * w * self.vector_width(info) * 4 / 2**30, self.max_vectors_gb)
         #: the projections of the last :meth:`layer_vectors`, one per graph (``None``: no reduction)
@@ -399,6 +402,9 @@ class KnnGraphBuilder:
                     if projections[g] is not None:
                         m = m @ projections[g]
                     full[g][s * h * w:e * h * w] = F.normalize(m, dim=-1)
+                del mats
+                if hasattr(store, "release"):
+                    store.release()  # the block's pages leave the resident memory (a layer may be larger than it)
             out.append(full)
         xs = out[0]
         ys = out[1] if len(out) > 1 else out[0]

@@ -346,8 +346,9 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
                    gather: Callable | None = None) -> Tensor:
     """Clustered search scored densely: keys and queries fall into the leaves of one
     :class:`ClusterTree`. For the queries of one leaf, each query picks its ``nprobe`` most
-    similar leaves among the ``4·nprobe`` leaves nearest to its own; the union of those picks is
-    scored in one matrix product, own-image keys masked, top ``k`` kept. Work per query is about
+    similar leaves among the ``4·nprobe`` leaves nearest to its own; the union of those picks (at
+    most the ``2·nprobe`` leaves the most queries picked) is scored in one matrix product,
+    own-image keys masked, top ``k`` kept. Work per query is about
     ``nprobe·list_size`` inner products whatever the data set's size; the keys are copied once in
     leaf order, so a leaf's keys are read as one contiguous block. Returns the key ids sorted by
     leaf (similar tokens next to each other: an order that keeps graph products cache-local).
@@ -379,7 +380,14 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
         cands = near[leaf]
         # the leaves picked by all the leaf's queries (so a share of the queries gets the same
         # candidates, and the same neighbours, as in a search of all of them)
-        picked = cands[(xq @ C[cands].T).topk(nprobe, 1).indices.unique()].tolist()
+        picks = (xq @ C[cands].T).topk(nprobe, 1).indices
+        votes = torch.bincount(picks.reshape(-1), minlength=cands.numel())
+        n_picked = int((votes > 0).sum())
+        if n_picked > 2 * nprobe:  # the 2·nprobe leaves most queries picked (ties: the nearer leaf)
+            rank = votes.double() - torch.arange(cands.numel(), dtype=torch.float64) / (2 * cands.numel())
+            picked = cands[rank.topk(2 * nprobe).indices].tolist()
+        else:
+            picked = cands[votes > 0].tolist()
         if mine is not None:
             q, xq = q[mine], xq[mine]
         pos = torch.cat([torch.arange(kstart[p], kstart[p + 1]) for p in picked])  # positions in ys

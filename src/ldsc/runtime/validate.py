@@ -93,6 +93,8 @@ def validate(cfg: DictConfig) -> None:
         _integer(cfg, "graph.gpu_exact_max_tokens", 0, optional=True)
         if graph.get("dim") is not None and graph.get("dim") != "auto":
             _integer(cfg, "graph.dim", 1, hint=" (or auto, or null)")
+        if "auto_dim" in graph:
+            _integer(cfg, "graph.auto_dim", 1)
         if "max_vectors_gb" in graph:
             _number(cfg, "graph.max_vectors_gb", 0.001, None)
         from ldsc.graphs.search import SEARCH_METHODS
