@@ -156,9 +156,10 @@ def test_defaults_are_the_configs():
     m = LDSC()
     b = m.builder
     for key in ("k_intra", "k_inter", "threshold", "heads", "search", "dim", "reduce", "list_size", "nprobe", "nlist",
-                "hnsw_m", "ef_search", "ef_construction", "exact_max_tokens", "max_chunk_elements", "seed"):
+                "hnsw_m", "ef_search", "ef_construction", "exact_max_tokens", "max_chunk_elements", "seed",
+                "max_vectors_gb", "auto_dim"):
         assert getattr(b, key) == knn[key], key
-    assert (m.tol, m.oversample, m.K) == (solver["tol"], solver["oversample"], top["K"])
+    assert (m.tol, m.oversample, m.K, m.multilevel) == (solver["tol"], solver["oversample"], top["K"], solver["multilevel"])
 
 
 def test_readme_library_snippet_runs_as_written(tmp_path, monkeypatch):

@@ -171,7 +171,7 @@ def main(argv=None) -> None:
             tmp = Path(tmp)
             cache = Path(args.reference_cache) / case if args.reference_cache else tmp / "exact"
             if with_reference and not (cache / "eigvecs.pt").is_file():
-                wall, _ = timed([py, "-m", "ldsc.run", *over, "solver=exact", "graph.search=exact",
+                wall, _ = timed([py, "-m", "ldsc.run", *over, "solver=exact", "graph.search=exact", "solver.max_tokens=1000000",
                                     "callbacks.export.figures=false", "callbacks.alignment.enabled=false",
                                     f"store.dir={tmp / 'store_exact'}", f"hydra.run.dir={cache}"])
                 stages = json.loads((cache / "stages.json").read_text())
