@@ -294,3 +294,10 @@ def test_ldsc_export_draws_a_finished_runs_figures_and_refuses_a_folder_without_
     assert r.returncode == 1
     assert "figures not drawn" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_setting_an_experiment_adds_is_known_with_that_experiment_only():
+    from ldsc.run import misspelt_override
+
+    assert misspelt_override(["experiment=cocostuff27", "labels_dir=/data/labels"]) is None
+    assert "'labels_dir' is neither a config group nor a setting" in misspelt_override(["labels_dir=/data/labels"])

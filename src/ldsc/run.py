@@ -352,6 +352,13 @@ def misspelt_override(argv: list[str], conf: str | None = None) -> str | None:
         keys = sorted(k for k in (yaml.safe_load((folder / "config.yaml").read_text()) or {}) if k != "defaults")
     except (OSError, yaml.YAMLError):
         return None
+    for arg in argv:  # an experiment (@package _global_) may add top-level settings of its own
+        if arg.startswith("experiment="):
+            try:
+                extra = yaml.safe_load((folder / "experiment" / f"{arg.split('=', 1)[1]}.yaml").read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                continue
+            keys = sorted(set(keys) | {k for k in extra if k != "defaults"})
     known = set(groups) | set(keys) | {"hydra"}
     for arg in argv:
         if arg.startswith(("-", "+", "~")) or "=" not in arg:

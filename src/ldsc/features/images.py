@@ -27,6 +27,21 @@ SAMPLE_FILES = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "mot
                 "retina.jpg", "ihc.png", "hubble_deep_field.jpg")
 
 
+#: curated image lists shipped with the package (``ldsc/features/lists/``), by name. ``cocostuff27``:
+#: the 2,175 COCO val2017 ids on which IIC, PiCIE, STEGO, DiffSeg and DiffCut score COCO-Stuff-27,
+#: published as ``Coco164kFull_Stuff_Coarse_7.txt`` in the PiCIE and google/diffseg repositories
+#: (sha1 e7f3cea2b2ddf4e8f919c240a05a005e5b203816; docs/evaluation.md)
+CURATED_LISTS = {"cocostuff27": "cocostuff27_curated_val2017.txt"}
+
+
+def curated_ids(name: str) -> list[str]:
+    """The image ids (file stems) of the curated list ``name`` (:data:`CURATED_LISTS`), in its order."""
+    if name not in CURATED_LISTS:
+        raise DataError(f"There is no curated image list {name!r}: choose from {sorted(CURATED_LISTS)}.")
+    text = (Path(__file__).parent / "lists" / CURATED_LISTS[name]).read_text()
+    return text.split()
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open any image as 8-bit RGB, turned upright by its EXIF orientation tag.
 

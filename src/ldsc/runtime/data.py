@@ -454,3 +454,30 @@ class CocoDataModule(FolderDataModule):
             raise DataError(f"COCO image folder '{root}' does not exist: run `make data` (needs internet) "
                             f"or pass data.root=/path/to/val2017.")
         return super().find_images()
+
+
+class CocoStuffDataModule(CocoDataModule):
+    """COCO images scored on COCO-Stuff-27: with ``curated`` (default) only the images of the curated
+    2,175-image list (:func:`ldsc.features.images.curated_ids`, matched by file stem) that are in
+    ``root``; the log says how many of the list were found. ``curated=false``: every image."""
+
+    def __init__(self, root: str, curated: bool = True, **kwargs):
+        super().__init__(root, **kwargs)
+        self.curated = bool(curated)
+
+    def find_images(self) -> list[str]:
+        from ldsc.features.images import curated_ids
+
+        files = super().find_images()
+        if not self.curated:
+            return files
+        wanted = curated_ids("cocostuff27")
+        keep = set(wanted)
+        chosen = [f for f in files if Path(f).stem in keep]
+        if not chosen:
+            raise DataError(f"'{self.root}' holds none of the {len(wanted):,} images of the curated COCO-Stuff-27 list "
+                            f"(files named by their 12-digit COCO id, e.g. {wanted[0]}.jpg): point data.root at COCO "
+                            f"val2017, or set data.curated=false to use every image of the folder.")
+        log.info("COCO-Stuff-27 curated list: %d of its %s images are in %s (%d other image(s) there not used)",
+                 len(chosen), f"{len(wanted):,}", self.root, len(files) - len(chosen))
+        return chosen
