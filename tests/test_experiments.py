@@ -72,9 +72,9 @@ def test_metrics_table_compares_runs(tmp_path):
     a = fake_metrics(tmp_path / "sd_vv", "StableDiffusionBackbone", "vv", 0.125)
     b = fake_metrics(tmp_path / "dino_qk", "DINOBackbone", "qk", None)
     lines = metrics_table([a, b / "eval" / "metrics.json"]).splitlines()
-    assert len(lines) == 4 and lines[0].startswith("| run | backbone | graph | images | mIoU |")
-    assert lines[2].startswith("| sd_vv | sd | vv | 3 | 0.125 | 0.750 | 0.500 | 0.250 | 0.600 | 0.400 | 0.300 |")
-    assert lines[3].startswith("| dino_qk | dino | qk | 3 | – | – | 0.500 | 0.250 | – |")
+    assert len(lines) == 4 and lines[0].startswith("| run | backbone | graph | images | matching protocol | mIoU |")
+    assert lines[2].startswith("| sd_vv | sd | vv | 3 | dataset | 0.125 | 0.750 | 0.500 | 0.250 | 0.600 | 0.400 | 0.300 |")
+    assert lines[3].startswith("| dino_qk | dino | qk | 3 | dataset | – | – | 0.500 | 0.250 | – |")
     with pytest.raises(DataError, match="No metrics.json"):
         metrics_table([tmp_path / "missing"])
 
@@ -83,7 +83,7 @@ def test_metrics_table_script(tmp_path):
     a = fake_metrics(tmp_path / "run", "PixelBackbone", "qk", 0.5)
     res = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "metrics_table.py"), str(a)],
                          capture_output=True, text=True)
-    assert res.returncode == 0 and "| run | pixel | qk | 3 | 0.500 |" in res.stdout
+    assert res.returncode == 0 and "| run | pixel | qk | 3 | dataset | 0.500 |" in res.stdout
 
 
 # ------------------------------------------------------------------------------- downloads

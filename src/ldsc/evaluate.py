@@ -56,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--normalize", choices=["rows", "none", "channels"], default="rows",
                    help="embedding rows for k-means (see ldsc.evaluation.segment.pixel_embedding; default: rows)")
+    p.add_argument("--protocol", choices=["dataset", "official", "per-image"], default="dataset",
+                   help="how clusters are matched to classes: one Hungarian assignment for the data set "
+                        "(dataset), the paper's code (official: SVD components, k-means on the base grid, plus "
+                        "the greedy matching), or one per image (per-image: the DiffSeg/DiffCut protocol)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--wandb", dest="wandb", action="store_true", default=None,
                    help="log to W&B (default: only if RUN_DIR/wandb exists)")
@@ -75,7 +79,8 @@ def main(argv=None) -> int:
         m = evaluate_run(args.run_dir, labels=args.labels, label_map=args.label_map,
                          clusters=args.clusters, num_classes=args.num_classes,
                          eval_size=args.eval_size, n_figures=args.figures, out=args.out,
-                         seed=args.seed, use_wandb=args.wandb, normalize=args.normalize)
+                         seed=args.seed, use_wandb=args.wandb, normalize=args.normalize,
+                         protocol=args.protocol)
     except LdscError as err:
         print(f"ldsc.evaluate: error: {err}", file=sys.stderr)
         return 1

@@ -131,6 +131,31 @@ def assign_clusters(km, E: torch.Tensor, size: int, normalize: str = "rows") -> 
     return out
 
 
+#: how clusters are matched to classes (docs/evaluation.md, "Protocols"): ``dataset`` — k-means on
+#: the pixel embedding at the scoring size, one Hungarian assignment for the whole data set;
+#: ``official`` — the paper's code: the eigenvectors' first ``clusters`` principal components
+#: scaled by their singular values, k-means on the base grid, nearest upsampling, one Hungarian
+#: assignment for the data set (and the greedy many-to-one matching beside it); ``per-image`` —
+#: the ``dataset`` clusters matched to classes in every image on its own (DiffSeg, DiffCut)
+PROTOCOLS = ("dataset", "official", "per-image")
+
+
+def official_clusters(E: torch.Tensor, clusters: int, size: int, seed: int = 0) -> np.ndarray:
+    """The official code's clusters: the pixels' eigenvector rows ``(n·H·W, K)`` projected on their
+    first ``min(clusters, K)`` right singular vectors (= ``U S`` of the SVD: the components scaled
+    by their singular values, uncentred), k-means with ``clusters`` centres over every base-grid
+    pixel, each image's labels upsampled to ``size × size`` by nearest neighbour."""
+    from ldsc.evaluation.segment_viz import resize_nearest
+
+    n, K, H, W = E.shape
+    X = E.permute(0, 2, 3, 1).reshape(-1, K).double()
+    _, _, Vh = torch.linalg.svd(X, full_matrices=False)
+    feats = (X @ Vh[: min(clusters, K)].T).float().numpy()
+    labels = segment.kmeans_fit(feats, clusters, seed=seed).labels_.reshape(n, H, W)
+    dtype = np.uint8 if clusters <= 255 else np.int16
+    return np.stack([resize_nearest(labels[i], (size, size)) for i in range(n)]).astype(dtype)
+
+
 def evaluate_run(
     run_dir: str | Path,
     labels: str | Path | None = None,
@@ -143,6 +168,7 @@ def evaluate_run(
     seed: int = 0,
     use_wandb: bool | None = None,
     normalize: str = "rows",
+    protocol: str = "dataset",
 ) -> dict:
     """Evaluate ``run_dir`` (see the module docstring); returns the metrics written to
     ``<out>/metrics.json``."""
@@ -192,28 +218,42 @@ def evaluate_run(
         metrics["graph_pair"] = cfg["graph"]["pair"]
 
     X = segment.pixel_embedding(E)
+    if protocol not in PROTOCOLS:
+        raise DataError(f"--protocol must be one of {', '.join(PROTOCOLS)}, not {protocol!r}.")
     if Y is not None:
         t = time.perf_counter()
         C = int(clusters or num_classes)
         if C > n * H * W:
             raise DataError(f"--clusters={C} is more than the {n * H * W} base-grid pixels of the run's {n} image(s): "
                             f"use at most {n * H * W}.")
-        log.info("k-means: %d clusters over %d pixels", C, n * H * W)
-        km = segment.kmeans_fit(segment.pixel_embedding(E, normalize=normalize), C, seed=seed)
-        pred = assign_clusters(km, E, size, normalize)
+        log.info("k-means: %d clusters over %d pixels (protocol %s)", C, n * H * W, protocol)
+        if protocol == "official":
+            pred = official_clusters(E, C, size, seed)
+        else:
+            km = segment.kmeans_fit(segment.pixel_embedding(E, normalize=normalize), C, seed=seed)
+            pred = assign_clusters(km, E, size, normalize)
         timings["kmeans_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        scores = segment.segmentation_scores(pred, Y, num_classes, n_pred=C)
-        timings["metrics_s"] = time.perf_counter() - t
         names = class_names(labels, label_map, num_classes)
-        pixels = scores["confusion"].sum(1)
+        metrics.update({"protocol": protocol, "clusters": C, "num_classes": num_classes,
+                        "normalize": None if protocol == "official" else normalize})
+        if protocol == "per-image":
+            scores = segment.per_image_scores(pred, Y, num_classes, n_pred=C)
+        else:
+            scores = segment.segmentation_scores(pred, Y, num_classes, n_pred=C)
         metrics.update({
-            "clusters": C, "num_classes": num_classes, "normalize": normalize, "miou": scores["miou"],
-            "pixel_accuracy": scores["pixel_accuracy"],
-            "per_class_iou": {nm: (None if np.isnan(v) else v)
-                              for nm, v in zip(names, scores["per_class_iou"])},
-            "mapping": scores["mapping"].tolist(), "unmatched_pixels": scores["unmatched_pixels"],
+            "miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"],
+            "per_class_iou": {nm: (None if np.isnan(v) else v) for nm, v in zip(names, scores["per_class_iou"])},
         })
+        if protocol == "official":  # the greedy (many-to-one) matching, reported beside
+            mapping = segment.greedy_mapping(pred, Y, C, num_classes)
+            greedy = segment.segmentation_scores(np.maximum(mapping, 0)[pred], Y, num_classes, match=False)
+            metrics["greedy"] = {"miou": greedy["miou"], "pixel_accuracy": greedy["pixel_accuracy"],
+                                 "mapping": mapping.tolist()}
+        timings["metrics_s"] = time.perf_counter() - t
+    if Y is not None and protocol != "per-image":
+        pixels = scores["confusion"].sum(1)
+        metrics.update({"mapping": scores["mapping"].tolist(), "unmatched_pixels": scores["unmatched_pixels"]})
         np.save(out / "confusion.npy", scores["confusion"])
         with open(out / "per_class_iou.csv", "w", newline="") as fh:
             w = csv.writer(fh)
@@ -328,13 +368,14 @@ def metrics_table(paths, digits: int = 3) -> str:
         m = json.loads(p.read_text())
         rows.append((p, m, {**m, **m.get("what_where", {})}))
     cols = [(h, k) for h, k in TABLE_COLUMNS if any(isinstance(r[2].get(k), (int, float)) for r in rows)]
-    lines = ["| run | backbone | graph | images | " + " | ".join(h for h, _ in cols) + " |",
-             "|---|---|---|---:|" + "---:|" * len(cols)]
+    lines = ["| run | backbone | graph | images | matching protocol | " + " | ".join(h for h, _ in cols) + " |",
+             "|---|---|---|---:|---|" + "---:|" * len(cols)]
     for p, m, flat in rows:
         run = p.parent.parent.name if p.parent.name == "eval" else p.parent.name
         backbone, graph = run_name(m)
         vals = [f"{flat[k]:.{digits}f}" if isinstance(flat.get(k), (int, float)) else "–" for _, k in cols]
-        lines.append(f"| {run} | {backbone} | {graph} | {m.get('n_images', '–')} | " + " | ".join(vals) + " |")
+        lines.append(f"| {run} | {backbone} | {graph} | {m.get('n_images', '–')} | {m.get('protocol', 'dataset')} | "
+                     + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
@@ -342,8 +383,11 @@ def format_summary(m: dict) -> str:
     """A short human-readable report of :func:`evaluate_run`'s metrics."""
     lines = [f"{m['n_images']} image(s), K={m['K']}, base grid {m['base_size'][0]}x{m['base_size'][1]}"]
     if "miou" in m:
-        lines.append(f"k-means C={m['clusters']} vs {m['num_classes']} classes at {m['eval_size']}px: "
-                     f"mIoU {m['miou']:.4f}  pixel accuracy {m['pixel_accuracy']:.4f}")
+        lines.append(f"k-means C={m['clusters']} vs {m['num_classes']} classes at {m['eval_size']}px, "
+                     f"{m.get('protocol', 'dataset')} matching: mIoU {m['miou']:.4f}  pixel accuracy {m['pixel_accuracy']:.4f}")
+        if "greedy" in m:
+            lines.append(f"greedy (many-to-one) matching: mIoU {m['greedy']['miou']:.4f}  "
+                         f"pixel accuracy {m['greedy']['pixel_accuracy']:.4f}")
         width = max(len(k) for k in m["per_class_iou"])
         for name, v in m["per_class_iou"].items():
             lines.append(f"  {name:<{width}}  {'   n/a' if v is None else f'{v:6.3f}'}")

@@ -399,6 +399,64 @@ def segmentation_scores(
     }
 
 
+def _iou_scores(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, total: int) -> dict:
+    union = tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    return {"miou": float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+            "pixel_accuracy": float(tp.sum() / total) if total else float("nan"),
+            "per_class_iou": [float(x) for x in iou]}
+
+
+def per_image_scores(pred, target, num_classes: int, n_pred: int, ignore_index: int = IGNORE_INDEX) -> dict:
+    """The per-image matching protocol of the training-free diffusion segmenters (DiffSeg, DiffCut):
+    every image's own one-to-one assignment of its predicted segments to classes (Hungarian,
+    maximising the image's matched pixels), the counts then summed over the images.
+
+    Per image, with ``h[c, s]`` its pixels of class ``c`` predicted as segment ``s`` (pixels whose
+    target is ``ignore_index`` left out) and ``c ↔ s(c)`` its assignment: class ``c`` gains
+    ``tp = h[c, s(c)]``, ``fn = Σ_s h[c, s] − tp`` (all of its row when it got no segment) and
+    ``fp = Σ_c' h[c', s(c)] − tp``; segments assigned to no class add nothing but the ``fn`` of
+    their pixels' classes. Over the data set, ``IoU_c = Σtp / (Σtp + Σfp + Σfn)`` (``nan`` when the
+    class never appears nor is predicted), mIoU their mean, accuracy ``Σtp / pixels``. Far more
+    lenient than one assignment for the whole data set (:func:`segmentation_scores`): each image
+    relabels its segments freely.
+
+    Args:
+        pred: ``(n, ...)`` segment ids in ``[0, n_pred)`` per image; target: ``(n, ...)`` class ids.
+    Returns:
+        dict with ``miou``, ``pixel_accuracy``, ``per_class_iou``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    pred, target = _numpy(pred), _numpy(target)
+    if pred.shape[0] != target.shape[0]:
+        raise ValueError(f"pred has {pred.shape[0]} images but target has {target.shape[0]}")
+    tp, fp, fn = (np.zeros(num_classes) for _ in range(3))
+    total = 0
+    for p_img, t_img in zip(pred, target):
+        p, t = _valid_pairs(p_img, t_img, ignore_index)
+        if p.size and (p.min() < 0 or p.max() >= n_pred):
+            raise ValueError(f"pred ids must lie in [0, {n_pred}), got [{p.min()}, {p.max()}]")
+        h = np.bincount(t * n_pred + p, minlength=num_classes * n_pred).reshape(num_classes, n_pred)
+        rows, cols = linear_sum_assignment(h, maximize=True)
+        matched = h[rows, cols]
+        tp[rows] += matched
+        fn += h.sum(1)
+        fn[rows] -= matched
+        fp[rows] += h[:, cols].sum(0) - matched
+        total += p.size
+    return _iou_scores(tp, fp, fn, total)
+
+
+def greedy_mapping(pred, target, n_pred: int, n_target: int, ignore_index: int = IGNORE_INDEX) -> np.ndarray:
+    """Many-to-one matching: every cluster to the class most of its pixels have (clusters with
+    no labelled pixel: −1). The "greedy" variant some unsupervised segmentation codes report."""
+    p, t = _valid_pairs(pred, target, ignore_index)
+    counts = np.bincount(p * n_target + t, minlength=n_pred * n_target).reshape(n_pred, n_target)
+    return np.where(counts.sum(1) > 0, counts.argmax(1), -1).astype(np.int64)
+
+
 # --------------------------------------------------------------------------------------------
 # what vs where
 

@@ -271,9 +271,9 @@ class EvaluateRun(L.Callback):
     an experiment preset (``conf/experiment/paper_*.yaml``); it must come after ``export``."""
 
     def __init__(self, output_dir: str, labels: str | None = None, label_map: str | None = None,
-                 clusters: int | None = None, figures: int = 4):
+                 clusters: int | None = None, figures: int = 4, protocol: str = "dataset"):
         self.output_dir, self.labels, self.label_map = Path(output_dir), labels, label_map
-        self.clusters, self.figures = clusters, int(figures)
+        self.clusters, self.figures, self.protocol = clusters, int(figures), protocol
         self.metrics: dict | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -282,12 +282,13 @@ class EvaluateRun(L.Callback):
         from ldsc.evaluation.dataset import evaluate_run, format_summary
 
         m = evaluate_run(self.output_dir, labels=self.labels, label_map=self.label_map,
-                         clusters=self.clusters, n_figures=self.figures, use_wandb=False)
+                         clusters=self.clusters, n_figures=self.figures, use_wandb=False, protocol=self.protocol)
         self.metrics = m
         log.info("evaluation:\n%s", format_summary(m))
         scalars = {f"eval/{k}": v for k, v in {**m, **m["what_where"]}.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        images = [*m["figures"], *([str(Path(m["out"]) / "confusion.png")] if "miou" in m else [])]
+        confusion = Path(m["out"]) / "confusion.png"
+        images = [*m["figures"], *([str(confusion)] if confusion.is_file() else [])]
         for logger in trainer.loggers:  # through the run's own loggers (W&B: the same run)
             logger.log_metrics(scalars, step=trainer.global_step)
             if images and hasattr(logger, "log_image") and type(logger).__name__ == "WandbLogger":
