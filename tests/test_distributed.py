@@ -232,3 +232,30 @@ def test_the_memory_check_counts_every_process_of_the_machine(tmp_path):
     assert two.returncode != 0
     last = two.stderr.strip().splitlines()[-1]
     assert last.startswith("ldsc: error: This run needs about") and "in each of its 2 processes" in last, last
+
+
+def test_the_launchers_observer_gives_rank_0_time_to_finish_its_own_stop():
+    """Lightning's observer kills rank 0 (SIGKILL) as soon as a launched process exits non-zero;
+    when all of them stop together, rank 0 may still be writing its checkpoint or its sentence. The
+    patient observer waits first, and still kills a rank 0 that does not finish."""
+    import subprocess
+    import sys
+    import time
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from ldsc.distributed import patient_child_observer
+
+    rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
+    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(143)"])
+    child.wait()
+    observer = _ChildProcessObserver(rank0.pid, [child], sleep_period=0.5)
+    observer.start()
+    try:
+        assert patient_child_observer(grace_s=3.0)
+        assert not patient_child_observer(grace_s=3.0)  # once
+        time.sleep(2.0)  # the child's exit was seen; an impatient observer would have killed rank 0 by now
+        assert rank0.poll() is None
+        assert rank0.wait(timeout=10) == -9  # after the grace: killed, as Lightning intends
+    finally:
+        rank0.kill()

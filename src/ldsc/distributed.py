@@ -159,3 +159,38 @@ def _exchange_counts(n: int) -> list[int]:
     parts = [torch.empty_like(c) for _ in range(world_size())]
     dist.all_gather(parts, c, group=cpu_group())
     return [int(p) for p in parts]
+
+
+#: seconds rank 0 is given to finish by itself once a process it launched has ended with an error
+#: (a stop by a signal, a refused setting) before the launcher's observer kills it
+OBSERVER_GRACE_S = 60.0
+
+
+def patient_child_observer(grace_s: float = OBSERVER_GRACE_S) -> bool:
+    """Rank 0 of a run whose other processes Lightning launched: delay the launcher's observer.
+
+    Lightning watches the processes it launched and, as soon as one of them exits with a non-zero
+    code, kills every process of the run *including rank 0* with SIGKILL (so that none hangs in a
+    collective forever). When all processes stop together — a signal agreed at an iteration, an
+    error all of them raise — a launched process may finish a moment before rank 0, which is then
+    killed while it writes its checkpoint or prints the sentence saying how to resume (exit -9).
+    With this, the observer waits ``grace_s`` seconds first; rank 0 normally exits within them (the
+    observer is a daemon thread and ends with it), and a rank 0 stuck in a collective is still killed.
+    Returns whether an observer was found."""
+    import threading
+    import time
+
+    found = False
+    for thread in threading.enumerate():
+        terminate = getattr(thread, "_terminate_all", None)
+        if thread.name != "child-process-observer" or terminate is None or getattr(terminate, "patient", False):
+            continue
+
+        def patient(terminate=terminate) -> None:
+            time.sleep(grace_s)
+            terminate()
+
+        patient.patient = True
+        thread._terminate_all = patient
+        found = True
+    return found

@@ -302,7 +302,7 @@ class ImageDataModule(L.LightningDataModule):
                    for layer in self.store.layers)
 
     def setup(self, stage: str | None = None) -> None:
-        from ldsc.distributed import world_size
+        from ldsc.distributed import patient_child_observer, world_size
 
         if world_size() > 1:  # before the collectives of building the store and graphs (Lightning
             # registers its own SIGTERM handler, which runs a collective, only after set-up: the
@@ -310,6 +310,7 @@ class ImageDataModule(L.LightningDataModule):
             from ldsc import interrupt
 
             interrupt.take_over_sigterm(getattr(self.trainer.strategy.launcher, "kill", None))
+            patient_child_observer()  # rank 0 finishes its own stop before the launcher's observer kills it
         self.prepare_files()
         self.feature_store()
         if self.scope == "dataset":
