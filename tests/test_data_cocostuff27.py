@@ -89,3 +89,19 @@ def test_a_coco_folder_without_any_curated_image_is_one_sentence(tmp_path):
     assert len(err) == 1 and "none of the 2,175 images of the curated COCO-Stuff-27 list" in err[0]
     assert "data.curated=false" in err[0]
     assert "Traceback" not in r.stderr
+
+
+def test_the_paper_coco_preset_trains_and_scores_the_curated_images_by_the_official_protocol(tmp_path):
+    """experiment=paper_coco_vv (the official code's settings, here on the pixel backbone and
+    shortened): the curated images only, labels scored by the official protocol at 256 x 256."""
+    images, labels = _coco_folder(tmp_path / "coco", ON_LIST + OFF_LIST)
+    out = tmp_path / "run"
+    r = run_cli(["experiment=paper_coco_vv", "backbone=pixel", f"data.root={images}", f"labels_dir={labels}",
+                 "data.num_workers=0", "data.batch_size=2", "base_size=16", "K=6", "trainer.max_epochs=2",
+                 "logger=none", "trainer.enable_progress_bar=false", "~callbacks.progress", "callbacks.export.figures=false",
+                 f"hydra.run.dir={out}", f"store.dir={tmp_path / 'store'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["n_images"] == 3 and metrics["protocol"] == "official" and metrics["eval_size"] == 256
+    assert metrics["clusters"] == 27 and metrics["label_map"] == "cocostuff27"
+    assert 0 <= metrics["greedy"]["miou"] <= 1 and 0 < metrics["pixel_accuracy"] <= 1

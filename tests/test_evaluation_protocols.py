@@ -108,7 +108,7 @@ def test_the_official_protocol_equals_its_step_by_step_definition(tmp_path):
     X = E.transpose(0, 2, 3, 1).reshape(-1, K)
     U, S, _ = np.linalg.svd(X, full_matrices=False)
     feats = (U[:, :3] * S[:3]).astype(np.float32)
-    labels = KMeans(n_clusters=3, random_state=0, n_init=3).fit(feats).labels_.reshape(n, H, W)
+    labels = KMeans(n_clusters=3, random_state=0).fit(feats).labels_.reshape(n, H, W)
     pred = np.stack([resize_nearest(labels[i], (16, 16)) for i in range(n)])
     files = json.loads((run_dir / "files.json").read_text())
     Y = evaluation.load_labels(files, evaluation.label_files(files, lab_dir), 16, None)

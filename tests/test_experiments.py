@@ -30,7 +30,8 @@ def test_presets_compose_with_every_backbone(compose, preset, backbone):
     command line (the COCO-Stuff table and the no-download pixel runs do that)."""
     cfg = compose([f"experiment={preset}", f"backbone={backbone}", "++data.path=/tmp/x.jpg"])
     c = OmegaConf.to_container(cfg, resolve=True)
-    assert c["K"] == 15 and c["callbacks"]["evaluate"]["_target_"] == "ldsc.runtime.callbacks.EvaluateRun"
+    assert c["K"] == (100 if preset.startswith("paper_coco") else 15)
+    assert c["callbacks"]["evaluate"]["_target_"] == "ldsc.runtime.callbacks.EvaluateRun"
     assert list(c["callbacks"]).index("evaluate") > list(c["callbacks"]).index("export")
     default = compose([f"experiment={preset}", "++data.path=/tmp/x.jpg"])
     assert default.backbone._target_.endswith("StableDiffusionBackbone")
@@ -41,6 +42,62 @@ def test_presets_compose_with_every_backbone(compose, preset, backbone):
         ev = c["callbacks"]["evaluate"]
         assert ev["label_map"] == "cocostuff27" and ev["clusters"] == 27
         assert ev["labels"].endswith("coco/stuffthingmaps_trainval2017/val2017")
+
+
+#: the official code's settings (github xiao7199/layer_distributed_spectral_clustering: main_cls.py,
+#: srun.sh, diffusion_extractor.py, model_seg.py, eval_utils.py) as the reproduction issue lists them
+OFFICIAL_DATASET = {
+    "backbone": {"model_id": "CompVis/stable-diffusion-v1-4", "resize": 256, "crop": 256, "input_size": 512,
+                 "t_min": 0, "t_max": 299, "layers": ["mid_block.*", "up_blocks.*"], "max_grid": 32,
+                 "heads": "concat", "latent": "sample", "schedule": "random"},
+    "graph": {"k_intra": 50, "k_inter": 50, "threshold": 0.1},
+    "K": 100, "base_size": 32, "seed": 12345,
+    "solver": {"_target_": "ldsc.solvers.paper.PaperSolver", "steps_per_batch": 5, "ema": 0.99,
+               "parametrization": "softmax", "optimizer": {"_target_": "torch.optim.AdamW", "lr": 0.01, "weight_decay": 0.0}},
+    "data": {"batch_size": 40, "shuffle": True},
+    "trainer": {"max_epochs": 200},
+}
+
+
+def _subset(actual: dict, expected: dict, path: str = "") -> list[str]:
+    """Where ``actual`` differs from ``expected`` (keys of ``expected`` only)."""
+    wrong = []
+    for key, want in expected.items():
+        got = actual.get(key)
+        if isinstance(want, dict):
+            wrong += _subset(got or {}, want, f"{path}{key}.")
+        elif got != want:
+            wrong.append(f"{path}{key}={got!r} (official: {want!r})")
+    return wrong
+
+
+@pytest.mark.parametrize("preset", ["paper_dataset", "paper_coco_qk", "paper_coco_vv"])
+def test_the_paper_presets_hold_the_official_settings(compose, preset):
+    c = OmegaConf.to_container(compose([f"experiment={preset}"]), resolve=True)
+    assert _subset(c, OFFICIAL_DATASET) == []
+    assert c["callbacks"]["evaluate"]["protocol"] == "official"
+    assert c["callbacks"]["export"]["grid_vectors"] == 15  # the figures show 15 of the 100
+    if preset != "paper_dataset":
+        assert c["data"]["limit"] == 100 and c["graph"]["pair"] == preset[-2:]
+        assert c["data"]["_target_"].endswith("CocoStuffDataModule") and c["data"]["curated"]
+        ev = c["callbacks"]["evaluate"]
+        assert ev["label_map"] == "cocostuff27" and ev["clusters"] == 27 and ev["eval_size"] == 256
+    # the view the backbone is built with: the official transform, step by step in test_features_view.py
+    from ldsc.features.images import ImageView
+
+    assert ImageView.of(c["backbone"]) == ImageView(resize=256, crop=256)
+
+
+@pytest.mark.parametrize("preset", ["paper_single", "paper_single_image_figure"])
+def test_the_single_image_presets_hold_the_published_settings(compose, preset):
+    c = OmegaConf.to_container(compose([f"experiment={preset}", "data.path=/tmp/x.jpg"]), resolve=True)
+    expected = {"backbone": {"model_id": "CompVis/stable-diffusion-v1-4", "resize": None, "crop": None,
+                             "input_size": 512, "t_min": 0, "t_max": 250, "latent": "sample"},
+                "K": 15, "base_size": 64}
+    assert _subset(c, expected) == []
+    if preset == "paper_single":
+        assert c["seed"] == 12345 and c["solver"]["steps_per_batch"] == 2000 and c["solver"]["accumulate"] == 20
+        assert c["solver"]["optimizer"]["lr"] == 0.002 and c["solver"]["parametrization"] == "convnet"
 
 
 def test_single_image_figure_preset_runs_with_pixel_backbone(compose, single_image):

@@ -144,8 +144,14 @@ def test_grid_features_drops_special_tokens_strides_and_averages_heads():
     assert torch.allclose(sub.q[0, 0, 1, 2], call.q[0, :, prefix + 2 * w + 4].mean(0))
     assert sub.attn.shape == (b, 1, 6, 6)
     assert torch.allclose(sub.attn.sum(-1), torch.ones(b, 1, 6))
+    cat = grid_features("l", call, (h, w), offset=prefix, head_mode="concat", compute_attn=True)
+    assert cat.q.shape == (b, 1, h, w, heads * d)  # the heads side by side, head 0 first
+    assert torch.equal(cat.v[1, 0, 3, 5], call.v[1, :, prefix + 3 * w + 5].reshape(-1))
+    assert cat.attn.shape == (b, 1, h * w, h * w)
     with pytest.raises(ValueError, match="tokens"):
         grid_features("l", call, (h, w + 1), offset=prefix)
+    with pytest.raises(ValueError, match="keep, mean, concat"):
+        grid_features("l", call, (h, w), offset=prefix, head_mode="sum")
 
 
 def keep_tokens(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -364,6 +370,20 @@ def test_sd_layers_grids_and_shapes(tiny_dir):
     ]
     (f, *_) = make_sd(tiny_dir, layers=["up_blocks.2.*"], heads="mean", token_stride=2)(images(1, TINY_SD_INPUT))
     assert f.q.shape == (1, 1, 4, 4, 8)
+    # heads=concat (the paper's code): exactly the layer's to_q / to_k / to_v projections of its input
+    concat = make_sd(tiny_dir, layers=["up_blocks.2.*"], heads="concat")
+    module = concat.unet.get_submodule(concat.layer_names[0])
+    seen = {}
+    hooks = [getattr(module, f"to_{r}").register_forward_hook(lambda m, a, out, r=r: seen.__setitem__(r, out))
+             for r in "qkv"]
+    try:
+        (f, *_) = concat(images(1, TINY_SD_INPUT), torch.Generator().manual_seed(0))
+    finally:
+        for hk in hooks:
+            hk.remove()
+    assert f.q.shape == (1, 1, 8, 8, 16)
+    for r in "qkv":
+        assert torch.allclose(getattr(f, r).reshape(1, 64, 16), seen[r].float(), atol=1e-5)
     with pytest.raises(ValueError, match="no layer selected"):
         make_sd(tiny_dir, layers=["up_blocks.2.*"], max_grid=4)
 

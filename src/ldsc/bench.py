@@ -84,7 +84,7 @@ def ncut_process(args) -> None:
     backbone = PixelBackbone(n_features=args.n_features)
     backbone.set_base_size(args.base)
     t1 = time.perf_counter()
-    images = torch.stack([image_tensor(f, backbone.input_size) for f in files])
+    images = torch.stack([image_tensor(f, backbone.input_size, getattr(backbone, "view", None)) for f in files])
     t2 = time.perf_counter()
     layer = backbone(images)[0]  # the finest layer: the base grid
     x = head_vectors(layer.vectors("v"), "concat")[0]

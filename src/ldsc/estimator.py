@@ -422,7 +422,7 @@ def extract_features(images, backbone, base_size: int | None, kinds: Sequence[st
                     batch = torch.nn.functional.interpolate(batch, size=(backbone.input_size,) * 2, mode="bilinear",
                                                             antialias=True, align_corners=False)
             else:
-                batch = torch.stack([image_tensor(p, backbone.input_size) for p in images[s:e]])
+                batch = torch.stack([image_tensor(p, backbone.input_size, getattr(backbone, "view", None)) for p in images[s:e]])
             _, feats = next(backbone_draws(backbone, batch, torch.arange(s, e), seed))
             names = [f.name for f in feats]
             parts.append([{k: f.vectors(k).float().cpu() for k in kinds} for f in feats])

@@ -71,23 +71,27 @@ def load_eigenvectors(run_dir: str | Path) -> dict:
 
 
 def write_figures(out_dir: str | Path, eigvecs: torch.Tensor, files: list[str], max_images: int | None = 16,
-                  n_vectors: int = 12, grid_vectors: int = 15, grid_images: int = 8) -> list[Path]:
+                  n_vectors: int = 12, grid_vectors: int = 15, grid_images: int = 8, view=None) -> list[Path]:
     """Per-image panels (input, first ``n_vectors`` eigenvectors, PCA-to-RGB) for the first
     ``max_images`` images (``None``: every image) and, for several images, the
-    leading-``grid_vectors`` grid of the first ``grid_images`` images."""
+    leading-``grid_vectors`` grid of the first ``grid_images`` images. ``view``: the part of each
+    image the backbone saw (:class:`~ldsc.features.images.ImageView`; default: the whole image)."""
+    from ldsc.features.images import ImageView
     from ldsc.progress import bar
+
+    view = view or ImageView()
 
     fig_dir = Path(out_dir) / "figures"
     paths = []
     n = len(files)
     shown = n if max_images is None else min(int(max_images), n)
     for i in bar(range(shown), desc="figures", unit="fig", disable=shown < 8):
-        img = load_image(files[i])
+        img = view.visible(load_image(files[i]))
         fig = viz.eigenvector_panel(img, eigvecs[i], n_vectors=n_vectors, title=Path(files[i]).name)
         paths.append(viz.save(fig, fig_dir / f"eigenvectors_{i:04d}_{Path(files[i]).stem}.png"))
     if n > 1:
         m = min(grid_images, n)
-        imgs = [_thumbnail(load_image(f), 4 * eigvecs.shape[-1]) for f in files[:m]]
+        imgs = [_thumbnail(view.visible(load_image(f)), 4 * eigvecs.shape[-1]) for f in files[:m]]
         fig = viz.eigenvector_grid(imgs, eigvecs, n_vectors=grid_vectors, max_images=m,
                                    names=[Path(f).name for f in files[:m]])
         paths.append(viz.save(fig, fig_dir / "eigenvector_grid.png"))
@@ -146,8 +150,12 @@ def main(argv=None) -> int:
     try:
         max_images = None if args.max_images == "all" else int(args.max_images)
         run = load_eigenvectors(args.run_dir)
+        from ldsc.features.images import ImageView
+
+        view = ImageView.of((run.get("config") or {}).get("backbone"))
         paths = write_figures(args.run_dir, run["eigvecs"], run["files"], max_images=max_images,
-                              n_vectors=args.n_vectors, grid_vectors=args.grid_vectors, grid_images=args.grid_images)
+                              n_vectors=args.n_vectors, grid_vectors=args.grid_vectors, grid_images=args.grid_images,
+                              view=view)
     except (LdscError, OSError, ValueError) as err:
         log.error("figures not drawn: %s", err)
         return 1

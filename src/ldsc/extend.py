@@ -136,7 +136,7 @@ def extend(run_dir: str | Path, overrides: list[str] | None = None, out: str | P
              model.base_size_, model.base_size_, len(model.graphs_))
     n = len(files)
     Z = torch.empty(n, model.K, model.base_size_, model.base_size_)
-    loader = DataLoader(ImageFiles(files, backbone.input_size), batch_size=int(cfg.data.batch_size),
+    loader = DataLoader(ImageFiles(files, backbone.input_size, getattr(backbone, "view", None)), batch_size=int(cfg.data.batch_size),
                         num_workers=int(cfg.data.get("num_workers", 0)))
     seed = int(cfg.seed)
     with bar(total=n, desc="extend", unit="img") as pbar:
@@ -150,7 +150,7 @@ def extend(run_dir: str | Path, overrides: list[str] | None = None, out: str | P
     resolved["extends"] = str(run_dir)
     save_eigenvectors(out, Z, files, resolved, keep_order=True, keep_signs=True)
     log.info("eigenvectors written to %s", out / "eigvecs.pt")
-    write_figures(out, Z, files)
+    write_figures(out, Z, files, view=getattr(backbone, "view", None))
     log.info("figures written to %s", out / "figures")
     return out
 

@@ -72,9 +72,12 @@ def label_files(files: list[str], labels_dir: str | Path) -> list[Path]:
     return paths
 
 
-def load_labels(files: list[str], label_paths: list[Path], size: int, label_map: str | None) -> np.ndarray:
-    """``(n, size, size)`` uint8 label maps, each checked against its image's size and resized
-    (nearest) the way the data pipeline resized the image."""
+def load_labels(files: list[str], label_paths: list[Path], size: int, label_map: str | None, view=None) -> np.ndarray:
+    """``(n, size, size)`` uint8 label maps, each checked against its image's size, cut as ``view``
+    cut the image (:class:`~ldsc.features.images.ImageView`; default: whole) and resized (nearest)
+    the way the data pipeline resized the image."""
+    from ldsc.features.images import ImageView
+
     from ldsc.evaluation.cocostuff import read_label_map
     from ldsc.features.images import image_size
     from ldsc.evaluation.segment_viz import resize_nearest
@@ -93,7 +96,7 @@ def load_labels(files: list[str], label_paths: list[Path], size: int, label_map:
         if lab.shape != (h, w):
             raise DataError(f"Label map '{lp}' is {lab.shape[1]}x{lab.shape[0]} but its image '{f}' is "
                             f"{w}x{h}: label maps must have their image's size.")
-        out[i] = resize_nearest(lab, (size, size))
+        out[i] = resize_nearest((view or ImageView()).labels(lab), (size, size))
     return out
 
 
@@ -144,14 +147,19 @@ def official_clusters(E: torch.Tensor, clusters: int, size: int, seed: int = 0) 
     """The official code's clusters: the pixels' eigenvector rows ``(n·H·W, K)`` projected on their
     first ``min(clusters, K)`` right singular vectors (= ``U S`` of the SVD: the components scaled
     by their singular values, uncentred), k-means with ``clusters`` centres over every base-grid
-    pixel, each image's labels upsampled to ``size × size`` by nearest neighbour."""
+    pixel — scikit-learn's ``KMeans(clusters, random_state=seed)`` as the official code calls it
+    (full Lloyd iterations at any size, scikit-learn's default ``n_init``), not the mini-batch
+    k-means the other protocols use beyond 50,000 pixels — each image's labels upsampled to
+    ``size × size`` by nearest neighbour."""
+    from sklearn.cluster import KMeans
+
     from ldsc.evaluation.segment_viz import resize_nearest
 
     n, K, H, W = E.shape
     X = E.permute(0, 2, 3, 1).reshape(-1, K).double()
     _, _, Vh = torch.linalg.svd(X, full_matrices=False)
     feats = (X @ Vh[: min(clusters, K)].T).float().numpy()
-    labels = segment.kmeans_fit(feats, clusters, seed=seed).labels_.reshape(n, H, W)
+    labels = KMeans(n_clusters=clusters, random_state=seed).fit(feats).labels_.reshape(n, H, W)
     dtype = np.uint8 if clusters <= 255 else np.int16
     return np.stack([resize_nearest(labels[i], (size, size)) for i in range(n)]).astype(dtype)
 
@@ -188,9 +196,14 @@ def evaluate_run(
     size = int(eval_size or min(4 * max(H, W), 320))
 
     Y = None
-    log.info("evaluating %d image(s) of %s (K=%d, base grid %dx%d)", n, run_dir, K, H, W)
+    cfg = run.get("config") or {}
+    from ldsc.features.images import ImageView
+
+    view = ImageView.of(cfg.get("backbone"))  # the part of each image the run saw
+    log.info("evaluating %d image(s) of %s (K=%d, base grid %dx%d%s)", n, run_dir, K, H, W,
+             "" if view.squashes else f", images seen as resize {view.resize} / centre crop {view.crop}")
     if labels is not None:
-        Y = load_labels(files, label_files(files, labels), size, label_map)
+        Y = load_labels(files, label_files(files, labels), size, label_map, view)
         present = np.unique(Y[Y != segment.IGNORE_INDEX])
         if present.size == 0:
             raise DataError(f"Every pixel of the label maps in '{labels}' is {segment.IGNORE_INDEX} (unlabelled): "
@@ -208,8 +221,7 @@ def evaluate_run(
 
     metrics: dict = {"run_dir": str(run_dir), "n_images": n, "K": K, "base_size": [H, W],
                      "eval_size": size, "labels": str(labels) if labels else None,
-                     "label_map": label_map}
-    cfg = run.get("config") or {}
+                     "label_map": label_map, "view": {"resize": view.resize, "crop": view.crop}}
     for key in ("backbone", "graph", "solver"):
         target = (cfg.get(key) or {}).get("_target_") if isinstance(cfg.get(key), dict) else None
         if target:
@@ -276,7 +288,7 @@ def evaluate_run(
     timings["what_where_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    figures = write_four_panels(E, files, out / "figures", n_figures, seed)
+    figures = write_four_panels(E, files, out / "figures", n_figures, seed, view)
     timings["figures_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     metrics["timings"] = {k: round(v, 3) for k, v in timings.items()}
@@ -291,9 +303,10 @@ def evaluate_run(
     return metrics
 
 
-def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figures: int, seed: int) -> list[Path]:
-    """The paper's four-panel figure for the first ``n_figures`` images."""
-    from ldsc.features.images import load_image
+def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figures: int, seed: int,
+                      view=None) -> list[Path]:
+    """The paper's four-panel figure for the first ``n_figures`` images (of the part ``view`` saw)."""
+    from ldsc.features.images import ImageView, load_image
     from ldsc.progress import bar
     from ldsc.evaluation.segment_viz import four_panel_figure
 
@@ -303,7 +316,8 @@ def write_four_panels(E: torch.Tensor, files: list[str], fig_dir: Path, n_figure
         masks = segment.instance_masks(e, seed=seed)
         seg = segment.segment_image(e, seed=seed)
         p = fig_dir / f"four_panel_{i:04d}_{Path(files[i]).stem}.png"
-        paths.append(four_panel_figure(load_image(files[i]), e, masks, seg, p, title=Path(files[i]).name))
+        img = (view or ImageView()).visible(load_image(files[i]))
+        paths.append(four_panel_figure(img, e, masks, seg, p, title=Path(files[i]).name))
     return paths
 
 

@@ -83,9 +83,104 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     return w, h
 
 
-def image_tensor(path: str | os.PathLike, size: int) -> torch.Tensor:
-    """``(3, size, size)`` float in [0, 1]."""
-    im = load_image(path).resize((size, size), Image.BICUBIC)
+class ImageView:
+    """Which part of an image the backbone sees, and how it becomes its square input.
+
+    * default (``resize=None, crop=None``): the whole image, squashed to the input size (the
+      aspect ratio is not kept), so eigenvectors cover every pixel;
+    * ``resize=r``: first scale the image so that its shorter side is ``r`` (aspect kept);
+    * ``crop=c``: then cut out the centred ``c × c`` square (at most the shorter side), and resize
+      that to the input size. ``resize=256, crop=256`` with a 512 input is the paper's data-set
+      code (resize 256, centre crop 256, upsampled to 512); label maps are cut the same way
+      (:meth:`labels`) and figures show the same square (:meth:`visible`).
+    """
+
+    def __init__(self, resize: int | None = None, crop: int | None = None):
+        for name, value in (("resize", resize), ("crop", crop)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"backbone.{name} must be a positive number of pixels or null, not {value!r}")
+        if resize is not None and crop is not None and crop > resize:
+            raise ValueError(f"backbone.crop={crop} is larger than backbone.resize={resize} (the shorter side after "
+                             f"resizing): the centre crop must fit inside the resized image")
+        self.resize, self.crop = resize, crop
+
+    @classmethod
+    def of(cls, backbone_config) -> "ImageView":
+        """The view recorded in a run's backbone settings (a dict or DictConfig; missing keys: the default)."""
+        get = getattr(backbone_config, "get", None)
+        if get is None:
+            return cls()
+        return cls(get("resize"), get("crop"))
+
+    @property
+    def squashes(self) -> bool:
+        """Whether this is the default view (the whole image, aspect ratio not kept)."""
+        return self.resize is None and self.crop is None
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ImageView) and (self.resize, self.crop) == (other.resize, other.crop)
+
+    def __repr__(self) -> str:
+        return f"ImageView(resize={self.resize}, crop={self.crop})"
+
+    def _resized_size(self, w: int, h: int) -> tuple[int, int]:
+        if self.resize is None:
+            return w, h
+        # the shorter side becomes `resize`, the longer one keeps the ratio (rounded down, as torchvision does)
+        if w <= h:
+            return self.resize, int(self.resize * h / w)
+        return int(self.resize * w / h), self.resize
+
+    def _crop_box(self, w: int, h: int) -> tuple[int, int, int, int]:
+        """The centred square, in the coordinates of the image of size ``(w, h)``."""
+        side = min(self.crop, w, h)
+        left, top = int(round((w - side) / 2.0)), int(round((h - side) / 2.0))
+        return left, top, left + side, top + side
+
+    def box(self, w: int, h: int) -> tuple[float, float, float, float]:
+        """The region ``(left, top, right, bottom)`` of a ``w × h`` image the backbone sees, in
+        that image's pixel coordinates (the whole image unless cropped)."""
+        if self.crop is None:
+            return 0.0, 0.0, float(w), float(h)
+        rw, rh = self._resized_size(w, h)
+        left, top, right, bottom = self._crop_box(rw, rh)
+        sx, sy = w / rw, h / rh
+        return left * sx, top * sy, right * sx, bottom * sy
+
+    def image(self, im: Image.Image, size: int) -> Image.Image:
+        """``im`` as the backbone's ``size × size`` input."""
+        if self.squashes:
+            return im.resize((size, size), Image.BICUBIC)
+        im = im.resize(self._resized_size(*im.size), Image.BILINEAR) if self.resize is not None else im
+        if self.crop is not None:
+            im = im.crop(self._crop_box(*im.size))
+        return im if im.size == (size, size) else im.resize((size, size), Image.BILINEAR)
+
+    def labels(self, labels: np.ndarray) -> np.ndarray:
+        """A ``(h, w)`` label map cut the way :meth:`image` cuts its image (nearest neighbour), at the
+        resolution of the crop (the whole map when not cropped: callers resize it as they need)."""
+        if self.crop is None:
+            return labels
+        h, w = labels.shape
+        if self.resize is not None:
+            rw, rh = self._resized_size(w, h)
+            labels = np.asarray(Image.fromarray(labels).resize((rw, rh), Image.NEAREST))
+        left, top, right, bottom = self._crop_box(labels.shape[1], labels.shape[0])
+        return labels[top:bottom, left:right]
+
+    def visible(self, im: Image.Image) -> Image.Image:
+        """The part of ``im`` the backbone sees, at the image's own resolution (for figures)."""
+        if self.crop is None:
+            return im
+        left, top, right, bottom = self.box(*im.size)
+        width, height = round(right - left), round(bottom - top)
+        left, top = round(left), round(top)
+        return im.crop((left, top, left + width, top + height))
+
+
+def image_tensor(path: str | os.PathLike, size: int, view: ImageView | None = None) -> torch.Tensor:
+    """``(3, size, size)`` float in [0, 1]: the image as ``view`` (default: squashed whole) shows it."""
+    im = (view or ImageView()).image(load_image(path), size)
     return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
@@ -107,17 +202,17 @@ def readable_images(paths: Sequence[str], check: bool = True) -> tuple[list[str]
 
 
 class ImageFiles(Dataset):
-    """A list of image files, each read and resized to ``size``; items are
-    ``{"image": (3, size, size), "index": int}``."""
+    """A list of image files, each read and brought to ``size`` as ``view`` says (default: squashed
+    whole); items are ``{"image": (3, size, size), "index": int}``."""
 
-    def __init__(self, files: Sequence[str], size: int):
-        self.files, self.size = list(files), int(size)
+    def __init__(self, files: Sequence[str], size: int, view: ImageView | None = None):
+        self.files, self.size, self.view = list(files), int(size), view or ImageView()
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": image_tensor(self.files[i], self.size), "index": i}
+        return {"image": image_tensor(self.files[i], self.size, self.view), "index": i}
 
 
 def batch_seed(seed: int, epoch: int, index: torch.Tensor) -> int:

@@ -218,7 +218,7 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
     size = max(1, min(batch_size, len(files)))
     batches = [list(range(s, min(len(files), s + size))) for s in range(0, len(files), size)]
     mine = batches[distributed.rank()::parts]
-    loader = DataLoader(ImageFiles(files, backbone.input_size), batch_sampler=mine, num_workers=num_workers)
+    loader = DataLoader(ImageFiles(files, backbone.input_size, getattr(backbone, "view", None)), batch_sampler=mine, num_workers=num_workers)
     backbone = backbone.to(device)
     arrays: dict = {}
     layers: list[dict] = []

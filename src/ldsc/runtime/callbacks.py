@@ -215,7 +215,8 @@ class ExportEigenvectors(L.Callback):
                          child.pid, self.output_dir / "figures")
             self._save_model(trainer, pl_module, E)
             if self.figures and not background:
-                self.paths = write_figures(self.output_dir, E, files, **self.fig_kwargs)
+                self.paths = write_figures(self.output_dir, E, files, view=getattr(trainer.datamodule.backbone, "view", None),
+                                           **self.fig_kwargs)
                 log.info("figures written to %s", self.output_dir / "figures")
         except OSError as err:  # full disk, read-only or vanished folder: the checkpoint is already written
             from ldsc.errors import DataError
@@ -271,9 +272,9 @@ class EvaluateRun(L.Callback):
     an experiment preset (``conf/experiment/paper_*.yaml``); it must come after ``export``."""
 
     def __init__(self, output_dir: str, labels: str | None = None, label_map: str | None = None,
-                 clusters: int | None = None, figures: int = 4, protocol: str = "dataset"):
+                 clusters: int | None = None, figures: int = 4, protocol: str = "dataset", eval_size: int | None = None):
         self.output_dir, self.labels, self.label_map = Path(output_dir), labels, label_map
-        self.clusters, self.figures, self.protocol = clusters, int(figures), protocol
+        self.clusters, self.figures, self.protocol, self.eval_size = clusters, int(figures), protocol, eval_size
         self.metrics: dict | None = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -282,7 +283,8 @@ class EvaluateRun(L.Callback):
         from ldsc.evaluation.dataset import evaluate_run, format_summary
 
         m = evaluate_run(self.output_dir, labels=self.labels, label_map=self.label_map,
-                         clusters=self.clusters, n_figures=self.figures, use_wandb=False, protocol=self.protocol)
+                         clusters=self.clusters, n_figures=self.figures, use_wandb=False, protocol=self.protocol,
+                         eval_size=self.eval_size)
         self.metrics = m
         log.info("evaluation:\n%s", format_summary(m))
         scalars = {f"eval/{k}": v for k, v in {**m, **m["what_where"]}.items()

@@ -5,8 +5,10 @@ Datasets only read and resize images (that is all worker processes do). The
 store (:mod:`ldsc.features.store`), builds the graphs from the store, and hands the solver
 ``{"index": (B,), "graphs": [...]}``.
 
-Images are resized to the backbone's square ``input_size`` without cropping (aspect ratio is not
-kept), so the eigenvectors cover the whole image; figures and evaluation resize back.
+Images are resized to the backbone's square ``input_size`` without cropping by default (aspect
+ratio not kept), so the eigenvectors cover the whole image; figures and evaluation resize back. A
+backbone given ``resize`` / ``crop`` sees the centred square instead
+(:class:`~ldsc.features.images.ImageView`), and label maps and figures are cut the same way.
 """
 
 from __future__ import annotations

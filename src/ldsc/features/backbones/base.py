@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ldsc.errors import LdscError
+from ldsc.features.images import ImageView
 
 
 @dataclass
@@ -84,6 +85,13 @@ class Backbone(nn.Module):
     #: backbone passes per image into the feature store (each with its own randomness, e.g. SD's
     #: timestep and noise; each draw gives its own graphs, averaged by the solver's operator)
     draws: int = 1
+    #: which part of each image the backbone sees (:class:`~ldsc.features.images.ImageView`: the
+    #: whole image squashed, unless a backbone is given ``resize`` / ``crop``)
+    view: ImageView = ImageView()
+
+    def set_view(self, resize: int | None = None, crop: int | None = None) -> None:
+        """``resize`` / ``crop`` of the backbone's settings (see :class:`~ldsc.features.images.ImageView`)."""
+        self.view = ImageView(resize, crop)
 
     def set_base_size(self, base_size: int) -> None:
         """Told the solver's base grid before the run (the ``pixel`` backbone derives its grids from
@@ -141,10 +149,15 @@ def backbone_draws(backbone: "Backbone", images: Tensor, index: Tensor, seed: in
             yield r, backbone(images, generator=gen)
 
 
+#: what ``heads=`` may be: one graph per head, one of the heads' mean, or one of their vectors side
+#: by side (see :func:`ldsc.features.backbones.hooks.grid_features`)
+HEAD_MODES = ("keep", "mean", "concat")
+
+
 def check_capture_options(heads: str, token_stride: int) -> None:
     """Validate the capture options shared by the hooked backbones (``heads``, ``token_stride``)."""
-    if heads not in ("keep", "mean"):
-        raise ValueError(f"heads must be 'keep' or 'mean', got {heads!r}")
+    if heads not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
     if int(token_stride) < 1:
         raise ValueError(f"token_stride must be >= 1, got {token_stride}")
 

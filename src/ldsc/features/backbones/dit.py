@@ -83,8 +83,11 @@ class DiffusionTransformerBackbone(Backbone):
         cache_dir: str | None = None,
         compute_attn: bool = False,
         draws: int = 1,
+        resize: int | None = None,
+        crop: int | None = None,
     ):
         super().__init__()
+        self.set_view(resize, crop)
         import diffusers
         from diffusers import AutoencoderKL
 

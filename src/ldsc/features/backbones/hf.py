@@ -87,8 +87,10 @@ class HFBackbone(VisionTransformerBackbone):
         draws: int = 1,
         image_mean=None,
         image_std=None,
+        resize: int | None = None,
+        crop: int | None = None,
     ):
-        super().__init__(heads, token_stride, dtype, compute_attn, draws)
+        super().__init__(heads, token_stride, dtype, compute_attn, draws, resize, crop)
         self.model_id = str(model_id)
         self.model = self.load_model(self.model_id, cache_dir).to(self.dtype)
         config = vision_config(self.model.config)

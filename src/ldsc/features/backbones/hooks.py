@@ -14,7 +14,7 @@ import fnmatch
 import torch
 from torch import Tensor
 
-from ldsc.features.backbones.base import LayerFeatures
+from ldsc.features.backbones.base import HEAD_MODES, LayerFeatures
 from ldsc.features.backbones.capture import AttentionCall
 
 def select_layers(names: list[str], spec=None) -> list[str]:
@@ -69,7 +69,10 @@ def grid_features(
             ``h*w`` image tokens are ``offset … offset + h*w - 1`` in row-major order, the other
             ``N - h*w`` (class, register, distillation or text tokens) are dropped.
         grid: the ``(h, w)`` token grid.
-        head_mode: ``"keep"`` (one slice per head) or ``"mean"`` (average over heads → 1).
+        head_mode: ``"keep"`` (one slice per head), ``"mean"`` (average over heads → 1) or
+            ``"concat"`` (the heads' vectors side by side → one vector of ``heads·d``, the width of
+            the layer's q/k/v projections: what the paper's code compares). The attention
+            probabilities (``compute_attn``) are averaged over heads for ``mean`` and ``concat``.
         token_stride: keep every ``token_stride``-th token along each axis.
         compute_attn: also return the softmax attention ``(B, heads, n, n)`` between the kept
             grid tokens with the model's own logit scale: the network's attention over *all*
@@ -81,8 +84,8 @@ def grid_features(
 
     Features are returned in float32 whatever dtype the network ran in.
     """
-    if head_mode not in ("keep", "mean"):
-        raise ValueError(f"heads must be 'keep' or 'mean', got {head_mode!r}")
+    if head_mode not in HEAD_MODES:
+        raise ValueError(f"heads must be one of {', '.join(HEAD_MODES)}, got {head_mode!r}")
     h, w = grid
     batch, _, n_tokens, _ = call.q.shape
     if not (0 <= offset and offset + h * w <= n_tokens and call.k.shape[2] == n_tokens):
@@ -103,11 +106,15 @@ def grid_features(
     attn = None
     if compute_attn:
         attn = attention_probs(kept["q"], kept["k"], call.scale)
-        if head_mode == "mean":
+        if head_mode != "keep":
             attn = attn.mean(dim=1, keepdim=True)
 
     out = {}
     for role, t in kept.items():
         t = t.reshape(batch, t.shape[1], hs, ws, t.shape[-1]).float()
-        out[role] = t.mean(dim=1, keepdim=True) if head_mode == "mean" else t
+        if head_mode == "mean":
+            t = t.mean(dim=1, keepdim=True)
+        elif head_mode == "concat":  # (B, heads, h, w, d) -> (B, 1, h, w, heads·d), head by head
+            t = t.permute(0, 2, 3, 1, 4).reshape(batch, 1, hs, ws, -1)
+        out[role] = t
     return LayerFeatures(name, q=out["q"], k=out["k"], v=out["v"], attn=attn, timestep=timestep)

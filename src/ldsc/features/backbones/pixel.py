@@ -59,9 +59,11 @@ class PixelBackbone(Backbone):
     name = "pixel"
 
     def __init__(self, divisors=(1, 2, 4), grids=None, input_size: int | None = None, sigma_color: float = 8.0,
-                 sigma_xy: float = 0.15, n_features: int = 256, seed: int = 0, draws: int = 1):
+                 sigma_xy: float = 0.15, n_features: int = 256, seed: int = 0, draws: int = 1,
+                 resize: int | None = None, crop: int | None = None):
         super().__init__()
         self.draws = int(draws)
+        self.set_view(resize, crop)
         self.divisors = [int(d) for d in divisors]
         self.explicit_grids = [int(g) for g in grids] if grids else None
         self.explicit_input = input_size

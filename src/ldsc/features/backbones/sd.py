@@ -126,7 +126,8 @@ class StableDiffusionBackbone(Backbone):
             (``up_blocks.1.attentions.0.transformer_blocks.0.attn1``). Default: mid and up blocks.
         max_grid: skip layers whose token grid side exceeds this at ``input_size`` (``None``:
             no limit). 32 drops SD's 64×64 layers at 512 px, as the paper does.
-        heads: ``"keep"`` or ``"mean"`` (average q/k/v over heads).
+        heads: ``"keep"`` (a graph per head), ``"mean"`` (average q/k/v over heads) or ``"concat"``
+            (the heads side by side, as the paper's code compares them).
         token_stride: keep every n-th token along each axis.
         input_size: square image side fed to the VAE (multiple of 8 × 2^(UNet levels - 1)).
         t_min, t_max: timestep range (inclusive), in DDPM training steps.
@@ -136,6 +137,9 @@ class StableDiffusionBackbone(Backbone):
         dtype: ``float32 | float16 | bfloat16``; features are returned in float32.
         cache_dir: Hugging Face cache directory (``None``: the default).
         compute_attn: also compute ``softmax(q kᵀ/√d)`` between the grid tokens (from the captured q and k; nothing extra is captured).
+        resize, crop: which part of the image is fed (:class:`~ldsc.features.images.ImageView`):
+            ``null``/``null`` squashes the whole image to ``input_size``; the paper's data-set
+            code resizes the shorter side to 256, crops the centred 256 × 256 and upsamples to 512.
     """
 
     name = "sd"
@@ -157,9 +161,12 @@ class StableDiffusionBackbone(Backbone):
         cache_dir: str | None = None,
         compute_attn: bool = False,
         draws: int = 1,
+        resize: int | None = None,
+        crop: int | None = None,
     ):
         super().__init__()
         self.draws = int(draws)
+        self.set_view(resize, crop)
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
         check_diffusion_options(heads, token_stride, schedule, latent, t_min, t_max)

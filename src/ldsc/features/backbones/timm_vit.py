@@ -103,8 +103,10 @@ class TimmBackbone(VisionTransformerBackbone):
         dtype: str = "float32",
         compute_attn: bool = False,
         draws: int = 1,
+        resize: int | None = None,
+        crop: int | None = None,
     ):
-        super().__init__(heads, token_stride, dtype, compute_attn, draws)
+        super().__init__(heads, token_stride, dtype, compute_attn, draws, resize, crop)
         self.model_name = str(model_name)
         self.model = self.load_model(self.model_name, checkpoint, input_size).to(self.dtype)
         for module in self.model.modules():  # each attention hands its q/k/v to scaled_dot_product_attention

@@ -34,8 +34,9 @@ class VisionTransformerBackbone(Backbone):
     patch_size: int = 16
 
     def __init__(self, heads: str = "keep", token_stride: int = 1, dtype: str = "float32", compute_attn: bool = False,
-                 draws: int = 1):
+                 draws: int = 1, resize: int | None = None, crop: int | None = None):
         super().__init__()
+        self.set_view(resize, crop)
         check_capture_options(heads, token_stride)
         self.head_mode, self.token_stride = heads, int(token_stride)
         self.compute_attn, self.draws = bool(compute_attn), int(draws)
