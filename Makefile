@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 #   make install TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test test-all test-timm bench bench-ncut-venv bench-ddp scaling data weights gpu-check gpu-wheels backbone-report clean
+.PHONY: install demo test test-all test-timm bench bench-quality bench-ncut-venv bench-ddp scaling data weights gpu-check gpu-wheels backbone-report clean
 
 install:            ## create .venv, install torch, then ldsc with its test extras
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ NCUT_PY ?= $(shell [ -x .venv-ncut/bin/python ] && echo .venv-ncut/bin/python ||
 bench:              ## start-up, ldsc vs ncut-pytorch (101 COCO, single image, 300 and 1,000 crops) vs the exact reference (JSON lines)
 	[ -d data/crops10k ] || $(PY) experiments/make_images.py --sources ../shared/data/coco_val2017_first100 --n 10000 --out data/crops10k
 	$(PY) -m ldsc.bench --ncut-python $(NCUT_PY) --reference-cache outputs/bench/reference | tee -a notes/measurements/bench.jsonl
+
+bench-quality:      ## segmentation quality, ldsc vs ncut-pytorch (both affinities) on labelled composites of 8 and 16 sources, every matching protocol
+	$(PY) experiments/bench_quality.py --ncut-python $(NCUT_PY) --out notes/measurements/bench_quality.jsonl
 
 bench-ncut-venv:    ## ncut-pytorch in a venv of its own (.venv-ncut: CPU torch, ldsc, ncut-pytorch), used by make bench
 	python3 -m venv .venv-ncut && .venv-ncut/bin/pip install -q torch==2.13.0 && .venv-ncut/bin/pip install -q -e . ncut-pytorch

@@ -145,3 +145,22 @@ def test_every_protocol_is_named_in_the_metrics_and_the_table(tmp_path):
     assert all(f"| {p} |" in table for p in evaluation.PROTOCOLS)
     with pytest.raises(evaluation.DataError, match="--protocol"):
         evaluation.evaluate_run(run_dir, labels=lab_dir, clusters=3, n_figures=0, protocol="lenient")
+
+
+def test_the_official_protocol_keeps_the_leading_eigenvectors_of_an_eigenvalue_ordered_run(tmp_path):
+    """LOBPCG/exact runs export orthonormal eigenvectors in eigenvalue order (every singular value
+    1): the official protocol clusters the leading C of them, not an arbitrary rotation that a
+    second SVD of tied singular values would return."""
+    from sklearn.cluster import KMeans
+
+    from ldsc.export import save_eigenvectors
+
+    rng = np.random.default_rng(0)
+    n, K, H, W, C = 2, 6, 8, 8, 2
+    Q, _ = np.linalg.qr(rng.normal(size=(n * H * W, K)))  # orthonormal columns
+    Z = torch.from_numpy(Q).float().reshape(n, H, W, K).permute(0, 3, 1, 2)
+    E = save_eigenvectors(tmp_path / "run", Z, [f"img{i}.png" for i in range(n)], keep_order=True)
+    pred = evaluation.official_clusters(E, C, H)
+    lead = E[:, :C].permute(0, 2, 3, 1).reshape(-1, C).numpy()
+    want = KMeans(n_clusters=C, random_state=0).fit(lead).labels_.reshape(n, H, W)
+    assert np.array_equal(pred, want)

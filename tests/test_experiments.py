@@ -230,3 +230,25 @@ def test_bench_startup_prints_the_import_seconds_of_both_sides():
     assert 0 < secs["python -c pass"] < secs["ldsc: import ldsc.run, lightning"]
     assert secs["ldsc: python -m ldsc.run --help"] > 0
     assert "ncut-pytorch: import ncut_pytorch" in secs or secs["ncut-pytorch"].startswith("skipped")
+
+
+def test_bench_quality_scores_every_protocol_on_labelled_composites(tmp_path):
+    """`make bench-quality` on a small set (ldsc's side; ncut-pytorch's runs where it is installed):
+    one JSON line per run with mIoU and accuracy under every matching protocol, and the table."""
+    from conftest import COCO_DIR
+
+    if not COCO_DIR.is_dir():
+        pytest.skip(f"the COCO images are not in {COCO_DIR}")
+    out = tmp_path / "quality.jsonl"
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "experiments" / "bench_quality.py"), f"--sources={COCO_DIR}",
+                        f"--work={tmp_path / 'work'}", "--sizes=4", "--n-images=4", "--graphs=vv", "--methods=ldsc",
+                        "--K=4", f"--out={out}"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["sources"], row["graph"], row["method"]) == (4, "vv", "ldsc") and row["wall_s"] > 0
+    for protocol in ("dataset", "official", "official_greedy", "per-image"):
+        assert 0 < row["scores"][protocol]["miou"] <= 1 and 0 < row["scores"][protocol]["pixel_accuracy"] <= 1
+    # per image, each image's segments are matched on their own: never below the data-set matching's accuracy
+    assert row["scores"]["per-image"]["pixel_accuracy"] >= row["scores"]["dataset"]["pixel_accuracy"]
+    assert r.stdout.strip().splitlines()[-1].startswith("| 4 | vv | ldsc |")
+    assert len(list((tmp_path / "work" / "composite4" / "labels").glob("composite_*.png"))) == 4

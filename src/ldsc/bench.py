@@ -87,12 +87,17 @@ def ncut_process(args) -> None:
     images = torch.stack([image_tensor(f, backbone.input_size, getattr(backbone, "view", None)) for f in files])
     t2 = time.perf_counter()
     layer = backbone(images)[0]  # the finest layer: the base grid
-    x = head_vectors(layer.vectors("v"), "concat")[0]
+    x = head_vectors(layer.vectors(args.role), "concat")[0]
     t3 = time.perf_counter()
-    eig = Ncut(n_eig=args.K).fit_transform(x)
+    if args.affinity == "cosine":
+        from ncut_pytorch.utils.math import cosine_affinity
+
+        eig = Ncut(n_eig=args.K, affinity_fn=cosine_affinity).fit_transform(x)
+    else:  # ncut-pytorch's default: rbf_affinity
+        eig = Ncut(n_eig=args.K).fit_transform(x)
     t4 = time.perf_counter()
-    torch.save({"eigvecs": eig.reshape(len(files), args.base, args.base, args.K).permute(0, 3, 1, 2).contiguous()},
-               args.out)
+    torch.save({"eigvecs": eig.reshape(len(files), args.base, args.base, args.K).permute(0, 3, 1, 2).contiguous(),
+                "files": [str(f) for f in files]}, args.out)
     print(json.dumps({"imports_s": round(t1 - t0, 2), "load_s": round(t2 - t1, 2), "features_s": round(t3 - t2, 2),
                       "fit_s": round(t4 - t3, 2), "tokens": int(x.shape[0]), "dim": int(x.shape[1])}))
 
@@ -150,6 +155,8 @@ def main(argv=None) -> None:
     p.add_argument("--K", type=int, default=15)
     p.add_argument("--repeats", type=int, default=3, help="startup: the best of this many runs of each command")
     p.add_argument("--n-features", type=int, default=256, help=argparse.SUPPRESS)
+    p.add_argument("--role", default="v", choices=["v", "q", "k"], help=argparse.SUPPRESS)
+    p.add_argument("--affinity", default="rbf", choices=["rbf", "cosine"], help=argparse.SUPPRESS)
     p.add_argument("--override", action="append", default=[],
                    help="an extra Hydra override for the ldsc run (not the reference), repeatable")
     p.add_argument("--methods", default="ldsc,ncut-pytorch", help="which of ldsc, ncut-pytorch to run")

@@ -144,21 +144,25 @@ PROTOCOLS = ("dataset", "official", "per-image")
 
 
 def official_clusters(E: torch.Tensor, clusters: int, size: int, seed: int = 0) -> np.ndarray:
-    """The official code's clusters: the pixels' eigenvector rows ``(n·H·W, K)`` projected on their
-    first ``min(clusters, K)`` right singular vectors (= ``U S`` of the SVD: the components scaled
-    by their singular values, uncentred), k-means with ``clusters`` centres over every base-grid
-    pixel — scikit-learn's ``KMeans(clusters, random_state=seed)`` as the official code calls it
+    """The official code's clusters: the first ``min(clusters, K)`` SVD components of the pixels'
+    stacked rows scaled by their singular values (``U S``, uncentred), k-means with ``clusters``
+    centres over every base-grid pixel — scikit-learn's ``KMeans(clusters, random_state=seed)`` as the official code calls it
     (full Lloyd iterations at any size, scikit-learn's default ``n_init``), not the mini-batch
     k-means the other protocols use beyond 50,000 pixels — each image's labels upsampled to
-    ``size × size`` by nearest neighbour."""
+    ``size × size`` by nearest neighbour.
+
+    ``E`` is a run's ``eigvecs.pt``, whose channels the export already wrote as ``U S`` of the
+    solver's output in singular-value order (:func:`~ldsc.spectral.alignment.svd_order`): the
+    official code's SVD step is that one, so its first channels are taken as they are. For the
+    eigenvalue-ordered solvers (``lobpcg``, ``exact``) they are the eigenvectors in eigenvalue
+    order: orthonormal, every singular value 1, where a second SVD would return an arbitrary
+    rotation of them and "the first C components" would be an arbitrary C-dimensional subspace."""
     from sklearn.cluster import KMeans
 
     from ldsc.evaluation.segment_viz import resize_nearest
 
     n, K, H, W = E.shape
-    X = E.permute(0, 2, 3, 1).reshape(-1, K).double()
-    _, _, Vh = torch.linalg.svd(X, full_matrices=False)
-    feats = (X @ Vh[: min(clusters, K)].T).float().numpy()
+    feats = E[:, : min(clusters, K)].permute(0, 2, 3, 1).reshape(-1, min(clusters, K)).float().numpy()
     labels = KMeans(n_clusters=clusters, random_state=seed).fit(feats).labels_.reshape(n, H, W)
     dtype = np.uint8 if clusters <= 255 else np.int16
     return np.stack([resize_nearest(labels[i], (size, size)) for i in range(n)]).astype(dtype)
