@@ -156,6 +156,8 @@ def config_cases(ws: Workspace):
         "backbone=nonexistent": ["backbone=nonexistent"], "graph=nonexistent": ["graph=nonexistent"],
         "solver=nonexistent": ["solver=nonexistent"], "unknown key": ["foo=bar"],
         "backbone.draws=0": ["backbone.draws=0"], "backbone.n_features=0": ["backbone.n_features=0"],
+        "backbone.crop larger than backbone.resize": ["backbone.resize=128", "backbone.crop=256"],
+        "backbone.resize=0": ["backbone.resize=0"], "backbone.heads=bogus": ["backbone=clip", "backbone.heads=bogus"],
         "data.memory_limit_gb too small": ["data.memory_limit_gb=0.001"],
         "CLIP weights missing": ["backbone=clip", f"backbone.model_id={ws.root / 'no_such_model'}"],
         "CLIP weights folder empty": ["backbone=clip", f"backbone.model_id={ws.root / 'empty_model'}"],

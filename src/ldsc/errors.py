@@ -11,3 +11,8 @@ class DataError(LdscError):
 
 class ConfigError(LdscError):
     """A configuration that cannot work (e.g. K not smaller than the pixels of the base grid)."""
+
+
+class SettingError(ConfigError, ValueError):
+    """A setting given a value it cannot take (a ``ValueError`` too, for code that builds the
+    objects directly)."""

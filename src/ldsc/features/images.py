@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image, ImageFile, ImageOps
 
-from ldsc.errors import DataError
+from ldsc.errors import DataError, SettingError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -98,10 +98,10 @@ class ImageView:
     def __init__(self, resize: int | None = None, crop: int | None = None):
         for name, value in (("resize", resize), ("crop", crop)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"backbone.{name} must be a positive number of pixels or null, not {value!r}")
+                raise SettingError(f"backbone.{name} must be a positive number of pixels or null, not {value!r}.")
         if resize is not None and crop is not None and crop > resize:
-            raise ValueError(f"backbone.crop={crop} is larger than backbone.resize={resize} (the shorter side after "
-                             f"resizing): the centre crop must fit inside the resized image")
+            raise SettingError(f"backbone.crop={crop} is larger than backbone.resize={resize} (the shorter side after "
+                               f"resizing): the centre crop must fit inside the resized image.")
         self.resize, self.crop = resize, crop
 
     @classmethod

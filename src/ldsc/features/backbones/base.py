@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ldsc.errors import LdscError
+from ldsc.errors import LdscError, SettingError
 from ldsc.features.images import ImageView
 
 
@@ -157,9 +157,9 @@ HEAD_MODES = ("keep", "mean", "concat")
 def check_capture_options(heads: str, token_stride: int) -> None:
     """Validate the capture options shared by the hooked backbones (``heads``, ``token_stride``)."""
     if heads not in HEAD_MODES:
-        raise ValueError(f"heads must be one of {', '.join(HEAD_MODES)}, got {heads!r}")
+        raise SettingError(f"backbone.heads must be one of {', '.join(HEAD_MODES)}, not {heads!r}.")
     if int(token_stride) < 1:
-        raise ValueError(f"token_stride must be >= 1, got {token_stride}")
+        raise SettingError(f"backbone.token_stride must be 1 or more, not {token_stride}.")
 
 
 class WeightsNotFoundError(LdscError, RuntimeError):
