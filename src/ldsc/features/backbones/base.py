@@ -30,6 +30,9 @@ class LayerFeatures:
         q, k, v: ``(B, heads, h, w, d)`` tensors (any may be ``None`` if not captured).
         attn: optional ``(B, heads, h*w, h*w)`` softmax attention probabilities (``graph=attn``).
         timestep: optional ``(B,)`` diffusion timestep the features were computed at.
+        assign: optional ``(B, heads, h, w)`` integer index of the cluster each token joined, for
+            networks that cluster (FEC), numbered per image over ``centres``.
+        centres: the ``(rows, columns)`` grid of those clusters' centres.
     """
 
     name: str
@@ -38,6 +41,8 @@ class LayerFeatures:
     v: Tensor | None = None
     attn: Tensor | None = None
     timestep: Tensor | None = None
+    assign: Tensor | None = None
+    centres: tuple[int, int] | None = None
 
     def _any(self) -> Tensor:
         for t in (self.q, self.k, self.v):
