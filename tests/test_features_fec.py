@@ -254,3 +254,73 @@ def test_single_image_and_four_image_runs_end_to_end(tmp_path, graph, single_ima
     assert four.returncode == 0, four.stderr[-3000:]
     run = torch.load(tmp_path / "four" / "eigvecs.pt", weights_only=True)
     assert run["eigvecs"].shape == (4, 4, 16, 16) and torch.isfinite(run["eigvecs"]).all()
+
+
+# ---------------------------------------------------------------------------- graph=assign
+
+
+def test_the_co_assignment_operator_equals_the_dense_normalised_graph():
+    """W_ij = Σ_heads [i, j in the same image and cluster] / |cluster| + the inter-image kNN
+    similarities; S = D^-1/2 W D^-1/2 formed densely here, applied by the graph without forming it."""
+    import numpy as np
+
+    from ldsc.graphs.assignment import CoAssignmentGraph, membership_factor
+    from ldsc.graphs.dataset import DatasetGraph
+
+    g = torch.Generator().manual_seed(0)
+    n, H, h, w, C = 3, 2, 3, 4, 5
+    assign = torch.randint(0, C, (n, H, h, w), generator=g)
+    T, N = h * w, n * h * w
+    # an inter-image graph: a few symmetric edges between points of different images
+    Wi = torch.zeros(N, N, dtype=torch.float64)
+    for _ in range(12):
+        i, j = torch.randint(0, N, (2,), generator=g).tolist()
+        if i // T != j // T:
+            Wi[i, j] = Wi[j, i] = float(torch.rand(1, generator=g)) + 0.2
+    di = Wi.sum(1)
+    si = torch.where(di > 0, di.rsqrt(), torch.zeros_like(di))
+    inter = DatasetGraph("l", (h, w), n, [(0, (si[:, None] * Wi * si[None, :]).to_sparse_csr())], di)
+
+    Wd = Wi.clone()
+    a = assign.reshape(n, H, T)
+    for i in range(N):
+        for j in range(N):
+            if i // T == j // T:
+                for head in range(H):
+                    ci, cj = a[i // T, head, i % T], a[j // T, head, j % T]
+                    if ci == cj:
+                        Wd[i, j] += 1.0 / int((a[i // T, head] == ci).sum())
+    D = Wd.sum(1)
+    S = Wd / torch.sqrt(D[:, None] * D[None, :])
+
+    graph = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C), inter)
+    Y = torch.randn(N, 3, dtype=torch.float64, generator=g)
+    assert torch.allclose(graph.degree, D) and torch.allclose(graph.apply(Y), S @ Y, atol=1e-12)
+    assert np.allclose(graph.sym_scipy().toarray(), S.numpy(), atol=1e-12)
+    assert torch.allclose(graph.walk(Y), (Wd / D[:, None]) @ Y, atol=1e-12)
+    # without inter-image edges every point's degree is the number of heads
+    alone = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C))
+    assert torch.allclose(alone.degree, torch.full((N,), float(H), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("solver", ["lobpcg", "paper"])
+def test_graph_assign_runs_on_one_image_and_on_four(tmp_path, solver, single_image):
+    fec = ["backbone=fec", "backbone.pretrained=false", "backbone.input_size=64", "graph=assign", f"solver={solver}"]
+    one = run_cli([*fec, "data=single", f"data.path={single_image}", *SMALL, f"hydra.run.dir={tmp_path / 'one'}",
+                   f"store.dir={tmp_path / 'store'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    four = run_cli([*fec, "data.names=[astronaut.png,coffee.png,chelsea.png,rocket.jpg]", *SMALL,
+                    f"hydra.run.dir={tmp_path / 'four'}", f"store.dir={tmp_path / 'store'}"])
+    assert four.returncode == 0, four.stderr[-3000:]
+    E = torch.load(tmp_path / "four" / "eigvecs.pt", weights_only=True)["eigvecs"]
+    assert E.shape == (4, 4, 16, 16) and torch.isfinite(E).all()
+    if solver == "lobpcg":
+        assert "joined across images by 25 kNN edges per point" in four.stdout + four.stderr
+
+
+def test_graph_assign_without_a_clustering_backbone_is_one_sentence(tmp_path):
+    r = run_cli(["graph=assign", *SMALL, "data.names=[astronaut.png,coffee.png]", f"hydra.run.dir={tmp_path / 'run'}",
+                 f"store.dir={tmp_path / 'store'}"])
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].startswith("ldsc: error:")
+    assert "needs 'assign' from every layer" in r.stderr and "backbone=fec" in r.stderr

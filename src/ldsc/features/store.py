@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 
 #: dtypes a store may be written in
 STORE_DTYPES = {"float16": np.float16, "float32": np.float32}
+#: kinds kept as integers whatever the store's dtype: ``assign``, the cluster each token joined
+#: (``(draws, n_images, heads, h, w)``, from networks that cluster, such as FEC)
+INTEGER_KINDS = {"assign": np.int32}
 
 
 @dataclass
@@ -177,9 +180,12 @@ class FeatureStore:
         self._maps = {}
 
     def vectors(self, layer: int, kind: str, draw: int = 0, images: slice | Sequence[int] | None = None) -> torch.Tensor:
-        """``(B, heads, h, w, d)`` float32 vectors of ``images`` (default all) for one draw."""
+        """``(B, heads, h, w, d)`` float32 vectors of ``images`` (default all) for one draw (``assign``:
+        ``(B, heads, h, w)`` int64 cluster indices)."""
         arr = self.array(layer, kind)[draw]
         arr = arr if images is None else arr[images]
+        if kind in INTEGER_KINDS:
+            return torch.from_numpy(np.asarray(arr, dtype=np.int64))
         return torch.from_numpy(np.asarray(arr, dtype=np.float32))
 
     def features(self, images: Sequence[int], draw: int = 0) -> list[LayerFeatures]:
@@ -190,7 +196,8 @@ class FeatureStore:
         out = []
         for li, layer in enumerate(self.layers):
             tensors = {k: self.vectors(li, k, draw, idx[order])[torch.from_numpy(inverse)] for k in self.kinds}
-            out.append(LayerFeatures(name=layer["name"], **tensors))
+            centres = tuple(layer["centres"]) if "centres" in layer else None
+            out.append(LayerFeatures(name=layer["name"], centres=centres, **tensors))
         return out
 
 
@@ -237,7 +244,8 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
         lo, hi = int(batch["index"][0]), int(batch["index"][-1]) + 1
         for li, layer in enumerate(feats):
             for kind in kinds:
-                block = layer.vectors(kind).detach().float().cpu().numpy().astype(np_dtype)
+                t = layer.vectors(kind).detach().cpu()
+                block = t.numpy().astype(INTEGER_KINDS[kind]) if kind in INTEGER_KINDS else t.float().numpy().astype(np_dtype)
                 arrays[li, kind][r, lo:hi] = block
                 written[0] += block.nbytes
         if written[0] > UNMAP_EVERY_BYTES:  # written pages would stay in this process's resident memory
@@ -299,11 +307,15 @@ def _allocate(path: Path, feats: list[LayerFeatures], kinds: Sequence[str], draw
             t = layer.vectors(kind)
             shape = (draws, n, *t.shape[1:])
             f = path / f"{li}_{kind}.npy"
-            arrays[li, kind] = np.lib.format.open_memmap(f, mode="w+", dtype=np_dtype, shape=shape)
+            arrays[li, kind] = np.lib.format.open_memmap(f, mode="w+", dtype=INTEGER_KINDS.get(kind, np_dtype),
+                                                         shape=shape)
             _reserve(f)
         h, w = layer.grid
-        layers.append({"name": layer.name, "grid": [h, w], "heads": layer.heads,
-                       "dim": max(int(layer.vectors(kind).shape[-1]) for kind in kinds)})
+        info = {"name": layer.name, "grid": [h, w], "heads": layer.heads,
+                "dim": max([int(layer.vectors(kind).shape[-1]) for kind in kinds if kind not in INTEGER_KINDS] or [0])}
+        if layer.centres is not None:  # the cluster grid the ``assign`` indices count over
+            info["centres"] = [int(layer.centres[0]), int(layer.centres[1])]
+        layers.append(info)
     return layers
 
 

@@ -75,6 +75,10 @@ class LayerGraph:
         """``S Y`` with ``S`` given as :meth:`sym_blocks` (possibly in another dtype or device)."""
         return sym_apply(blocks, Y)
 
+    def walk(self, Y: Tensor) -> Tensor:
+        """``P Y``, the random walk ``D⁻¹W`` (the paper's objective)."""
+        return torch.sparse.mm(self.P, Y)
+
     def sym_blocks(self) -> list[tuple[int, Tensor]]:
         """``S`` as one row block: ``[(0, CSR (N, N))]`` (the interface of :class:`DatasetGraph`)."""
         with warnings.catch_warnings():  # "sparse CSR support is in beta"

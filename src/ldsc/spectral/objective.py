@@ -33,7 +33,7 @@ def paper_objective(
     off = ~torch.eye(K, dtype=torch.bool, device=Z.device)
     for g in graphs:
         Fl = F.normalize(layer_pool(Z, g.grid), dim=0)  # (N, K), unit columns
-        PF = torch.sparse.mm(g.P, Fl)
+        PF = g.walk(Fl)  # P_l F̂ (the graph's random walk D⁻¹W)
         lam = (Fl * PF).sum(0)  # (K,)  Rayleigh quotients F̂ᵀ P F̂
         gram = Fl.T @ Fl
         eig_terms.append(g.weight * (lam - 1).abs())

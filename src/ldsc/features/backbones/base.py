@@ -68,10 +68,10 @@ class LayerFeatures:
         """The ``(B, heads, h, w, d)`` tensor named ``which`` (``q``, ``k`` or ``v``)."""
         t = getattr(self, which, None)
         if t is None:
-            raise ValueError(
-                f"layer {self.name} has no {which!r} vectors; this backbone captured "
-                f"{[n for n in ('q', 'k', 'v', 'attn') if getattr(self, n) is not None]}"
-            )
+            have = ", ".join(n for n in ("q", "k", "v", "attn", "assign") if getattr(self, n) is not None)
+            hint = " (cluster assignments come from a clustering network: backbone=fec)" if which == "assign" else ""
+            raise SettingError(f"The graph type needs {which!r} from every layer, but layer {self.name} of this backbone "
+                               f"gives {have}{hint}.")
         return t
 
 
