@@ -324,3 +324,31 @@ def test_graph_assign_without_a_clustering_backbone_is_one_sentence(tmp_path):
     assert r.returncode != 0
     assert r.stderr.strip().splitlines()[-1].startswith("ldsc: error:")
     assert "needs 'assign' from every layer" in r.stderr and "backbone=fec" in r.stderr
+
+
+def test_each_poolings_clusters_chain_down_to_the_pixels():
+    """A 4x4 first grid on 8x8 pixels (2x2 patches), pooled to 2x2 then to 1x1: the pixels' labels
+    follow patch -> first pooling's centre -> second's."""
+    import numpy as np
+
+    from ldsc.evaluation.clusters import chain_to_pixels
+
+    first = np.array([[0, 0, 1, 1], [0, 2, 1, 3], [2, 2, 3, 3], [2, 2, 3, 0]])  # 4x4 points -> 4 centres
+    second = np.array([[0, 1], [1, 1]])  # 2x2 points -> 2 centres
+    after1, after2 = chain_to_pixels((4, 4), [first, second], (8, 8))
+    for y in range(8):
+        for x in range(8):
+            c1 = first[y // 2, x // 2]
+            assert after1[y, x] == c1 and after2[y, x] == second.reshape(-1)[c1]
+
+
+def test_experiment_fec_clusters_draws_the_stages_beside_the_eigenvector_segmentation(tmp_path, single_image):
+    from PIL import Image
+
+    r = run_cli(["experiment=fec_clusters", f"data.path={single_image}", "backbone.pretrained=false",
+                 "backbone.input_size=64", "base_size=16", "K=4", "trainer.max_epochs=2", "logger=none",
+                 "trainer.enable_progress_bar=false", "~callbacks.progress", "callbacks.export.figures=false",
+                 f"hydra.run.dir={tmp_path / 'run'}", f"store.dir={tmp_path / 'store'}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (fig,) = (tmp_path / "run" / "figures").glob("cluster_stages_0000_*.png")
+    assert Image.open(fig).size[0] > 5 * 200  # input, three poolings, ldsc's segmentation

@@ -297,6 +297,46 @@ class EvaluateRun(L.Callback):
                 logger.log_image(key="eval/figures", images=images, caption=[Path(p).stem for p in images])
 
 
+class ClusterStagesFigure(L.Callback):
+    """After :class:`ExportEigenvectors`: for the first ``max_images`` images, a clustering
+    network's clusters of every stage chained down to the pixels beside ldsc's eigenvector
+    segmentation (:func:`ldsc.evaluation.clusters.cluster_stages_figure`), in
+    ``<output_dir>/figures/cluster_stages_<i>_<name>.png``. Needs a backbone that exposes its
+    poolings (``backbone=fec``); ``experiment=fec_clusters`` adds it."""
+
+    def __init__(self, output_dir: str, max_images: int = 1, k: int | None = None, seed: int = 0):
+        self.output_dir, self.max_images, self.k, self.seed = Path(output_dir), int(max_images), k, int(seed)
+        self.paths: list[Path] = []
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        import torch
+
+        from ldsc.evaluation.clusters import chain_to_pixels, cluster_stages_figure
+        from ldsc.evaluation.segment import segment_image
+        from ldsc.export import load_eigenvectors
+        from ldsc.features.images import ImageView, image_tensor, load_image
+
+        backbone = trainer.datamodule.backbone
+        if not hasattr(backbone, "pool_assignments"):
+            from ldsc.errors import ConfigError
+
+            raise ConfigError(f"callbacks.cluster_stages draws a clustering network's stages: it needs backbone=fec, "
+                              f"not {type(backbone).__name__}.")
+        run = load_eigenvectors(self.output_dir)
+        view = getattr(backbone, "view", None) or ImageView()
+        for i, f in enumerate(run["files"][: self.max_images]):
+            x = image_tensor(f, backbone.input_size, view).unsqueeze(0).to(next(backbone.buffers()).device)
+            first, assigns = backbone.pool_assignments(x)
+            shown = view.visible(load_image(f))
+            stages = chain_to_pixels(first, [a[0].cpu().numpy() for a in assigns], (shown.size[1], shown.size[0]))
+            seg = segment_image(torch.as_tensor(run["eigvecs"][i]).float(), k=self.k, seed=self.seed)
+            path = self.output_dir / "figures" / f"cluster_stages_{i:04d}_{Path(f).stem}.png"
+            self.paths.append(cluster_stages_figure(shown, stages, seg, path, title=Path(f).name))
+        log.info("cluster stages: %s", ", ".join(str(p) for p in self.paths))
+
+
 class AlignmentMonitor(L.Callback):
     """Logs ``train/alignment``: the subspace alignment (docs/method.md, Exact reference) of the solver's
     pseudo-eigenvectors with the exact top-``K`` eigenspace of the whole data set's graphs.

@@ -28,7 +28,7 @@ from torch import Tensor
 from ldsc.features.backbones.base import Backbone, LayerFeatures, WeightsNotFoundError, check_capture_options
 from ldsc.errors import SettingError
 from ldsc.features.backbones.loading import resolve_dtype
-from ldsc.features.backbones.fec_model import FEC, IMAGENET_MEAN, IMAGENET_STD, VARIANTS, ClusterRecord
+from ldsc.features.backbones.fec_model import FEC, IMAGENET_MEAN, IMAGENET_STD, VARIANTS, ClusterPool, ClusterRecord
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,22 @@ class FECBackbone(Backbone):
             for m in self._layers.values():
                 m.records = None
         return [self.layer_features(n, r) for n, r in records.items()]
+
+    @torch.no_grad()
+    def pool_assignments(self, images: Tensor) -> tuple[tuple[int, int], list[Tensor]]:
+        """The cluster poolings of ``images`` (``(B, 3, S, S)`` in [0, 1]): ``(the first pooling's
+        input grid, [(B, h_s, w_s) centre index of every point, one per pooling, in order])`` —
+        what :func:`ldsc.evaluation.clusters.chain_to_pixels` follows down to the pixels."""
+        pools = [m for m in self.model.network if isinstance(m, ClusterPool)]
+        for m in pools:
+            m.records = []
+        try:
+            self.model.features(((images - self.mean) / self.std).to(self.dtype))
+            records = [m.records[0] for m in pools]
+        finally:
+            for m in pools:
+                m.records = None
+        return tuple(records[0].assign.shape[-2:]), [r.assign[:, 0] for r in records]
 
     def layer_features(self, name: str, r: ClusterRecord) -> LayerFeatures:
         s = self.token_stride
