@@ -183,7 +183,7 @@ def test_console_script_finds_the_configs_from_any_folder(tmp_path):
         pytest.skip(f"console script not installed next to {sys.executable}")
     res = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "backbone: clip, dino, dinov2, dinov2_reg, dit, hf, mae, pixel, sd, sd2, sd_paper, sd_paper_single, sdxl, siglip, timm" in res.stdout
+    assert "backbone: clip, dino, dinov2, dinov2_reg, dit, fec, hf, mae, pixel, sd, sd2, sd_paper, sd_paper_single, sdxl, siglip, timm" in res.stdout
 
 
 def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
