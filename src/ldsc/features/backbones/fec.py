@@ -114,10 +114,10 @@ class FECBackbone(Backbone):
 
         check_capture_options(heads, token_stride)
         if variant not in VARIANTS:
-            raise SettingError(f"backbone.variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+            raise SettingError(f"backbone.variant must be one of {', '.join(VARIANTS)}, not {variant!r}.")
         if int(input_size) % 32:
             raise SettingError(f"backbone.input_size={input_size} must be a multiple of 32 (the stem divides by 4, "
-                             f"three poolings by 2 more)")
+                             f"three poolings by 2 more).")
         self.set_view(resize, crop)
         self.variant, self.input_size, self.draws = variant, int(input_size), int(draws)
         self.head_mode, self.token_stride = heads, int(token_stride)
@@ -198,12 +198,12 @@ def select_layers(names: list[str], layers) -> list[str]:
         if isinstance(item, int) or (isinstance(item, str) and item.lstrip("-").isdigit()):
             i = int(item)
             if not -len(names) <= i < len(names):
-                raise SettingError(f"backbone.layers index {i} is out of range: FEC has {len(names)} clustering layers")
+                raise SettingError(f"backbone.layers index {i} is out of range: FEC has {len(names)} clustering layers.")
             picked.add(names[i])
         else:
             hits = fnmatch.filter(names, str(item))
             if not hits:
                 raise SettingError(f"backbone.layers pattern {item!r} matches none of FEC's layers "
-                                 f"(e.g. {names[0]}, {names[1]}; `python -m ldsc.layers backbone=fec` lists them)")
+                                 f"(e.g. {names[0]}, {names[1]}; `python -m ldsc.layers backbone=fec backbone.pretrained=false` lists them).")
             picked.update(hits)
     return [n for n in names if n in picked]
