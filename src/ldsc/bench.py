@@ -174,7 +174,8 @@ def main(argv=None) -> None:
         features = [f"backbone.n_features={n_features}"] if n_features else []
         over = [*data, "graph=vv", f"K={args.K}", *features]
         src = data[1].split("=", 1)[1]
-        with tempfile.TemporaryDirectory() as tmp:
+        # (ignore_cleanup_errors: the figures a background process may still be writing into the run folder)
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as tmp:
             tmp = Path(tmp)
             cache = Path(args.reference_cache) / case if args.reference_cache else tmp / "exact"
             if with_reference and not (cache / "eigvecs.pt").is_file():
