@@ -260,8 +260,8 @@ def test_single_image_and_four_image_runs_end_to_end(tmp_path, graph, single_ima
 
 
 def test_the_co_assignment_operator_equals_the_dense_normalised_graph():
-    """W_ij = Σ_heads [i, j in the same image and cluster] / |cluster| + the inter-image kNN
-    similarities; S = D^-1/2 W D^-1/2 formed densely here, applied by the graph without forming it."""
+    """W_ij = Σ_heads [i, j in the same image and cluster] + the inter-image kNN similarities;
+    S = D^-1/2 W D^-1/2 formed densely here, applied by the graph without forming it."""
     import numpy as np
 
     from ldsc.graphs.assignment import CoAssignmentGraph, membership_factor
@@ -289,7 +289,7 @@ def test_the_co_assignment_operator_equals_the_dense_normalised_graph():
                 for head in range(H):
                     ci, cj = a[i // T, head, i % T], a[j // T, head, j % T]
                     if ci == cj:
-                        Wd[i, j] += 1.0 / int((a[i // T, head] == ci).sum())
+                        Wd[i, j] += 1.0
     D = Wd.sum(1)
     S = Wd / torch.sqrt(D[:, None] * D[None, :])
 
@@ -298,9 +298,13 @@ def test_the_co_assignment_operator_equals_the_dense_normalised_graph():
     assert torch.allclose(graph.degree, D) and torch.allclose(graph.apply(Y), S @ Y, atol=1e-12)
     assert np.allclose(graph.sym_scipy().toarray(), S.numpy(), atol=1e-12)
     assert torch.allclose(graph.walk(Y), (Wd / D[:, None]) @ Y, atol=1e-12)
-    # without inter-image edges every point's degree is the number of heads
-    alone = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C))
-    assert torch.allclose(alone.degree, torch.full((N,), float(H), dtype=torch.float64))
+    # one head, one image, no inter-image edges: S y is each cluster's mean of y broadcast back
+    one = assign[:1, :1]
+    alone = CoAssignmentGraph("l", (h, w), 1, membership_factor(one, C))
+    y = torch.randn(T, 1, dtype=torch.float64, generator=g)
+    labels = one.reshape(-1)
+    means = torch.stack([y[labels == labels[i]].mean(0) for i in range(T)])
+    assert torch.allclose(alone.apply(y), means, atol=1e-12)
 
 
 @pytest.mark.parametrize("solver", ["lobpcg", "paper"])

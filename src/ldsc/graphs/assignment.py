@@ -2,15 +2,15 @@
 says outright which points it grouped (docs/method.md, Graphs; docs/backbones.md, FEC).
 
 In one image, a layer's head joins each point to one centre. Two points are neighbours when they
-joined the same centre, each cluster weighted by the inverse of its size:
+joined the same centre: per head ``W_ij = 1`` for every pair of one cluster (itself included),
 
-    W_assign = Σ_heads  A_h diag(1 / |cluster|) A_hᵀ,
+    W_assign = Σ_heads  A_h A_hᵀ,
 
-with ``A_h`` the ``(points × clusters)`` membership of head ``h`` (``heads: separate``: one graph
-per head). ``W_assign · y`` is each cluster's mean of ``y`` broadcast back to its points, summed over
-heads, so every point's co-assignment degree is the number of heads. It is kept as its factor
-``F = A diag(|cluster|^-½)`` (``W = F Fᵀ``: one entry per point and head) and applied as
-``F (Fᵀ y)`` — neither the ``N × N`` matrix nor a list of clique edges is ever formed.
+with ``A_h`` the ``(points × clusters)`` membership of head ``h`` (``assign_heads: separate``: one
+graph per head). Normalised, ``S = D^{-1/2} W D^{-1/2}`` with ``D_i = Σ_heads |cluster of i|``: for
+one head ``S y`` is each cluster's mean of ``y`` broadcast back to its points. ``W`` is kept as its
+factor ``A`` (one entry per point and head) and applied as ``A (Aᵀ y)`` — neither the ``N × N``
+matrix nor a list of clique edges is ever formed.
 
 There are no clusters across images, so in data-set mode the points of different images are joined
 by the ``k_inter`` most similar points of the other images in the layer's own similarity space
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 def membership_factor(assign: Tensor, n_centres: int, heads: Sequence[int] | None = None) -> Tensor:
-    """``F = A diag(|cluster|^-½)`` as CSR ``(N, n_images · len(heads) · n_centres)``.
+    """The membership ``A`` (``W = A Aᵀ``) as CSR ``(N, n_images · len(heads) · n_centres)`` of ones.
 
     ``assign``: ``(n_images, H, h, w)`` cluster index of every point per head (``0 … n_centres-1``,
     per image); points are numbered ``(image, y, x)``; ``heads``: which heads (default all)."""
@@ -53,8 +53,7 @@ def membership_factor(assign: Tensor, n_centres: int, heads: Sequence[int] | Non
     # column of (image i, head j, centre c): (i·e + j)·n_centres + c
     cols = (torch.arange(n).view(n, 1, 1) * e + torch.arange(e).view(1, e, 1)) * n_centres + a  # (n, e, T)
     cols = cols.permute(0, 2, 1).reshape(N, e)  # each point's e columns, points in (image, y, x) order
-    size = torch.bincount(cols.reshape(-1), minlength=n * e * n_centres).double()
-    values = size[cols.reshape(-1)].rsqrt()
+    values = torch.ones(N * e, dtype=torch.float64)
     crow = torch.arange(0, N * e + 1, e)
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
@@ -65,17 +64,18 @@ def membership_factor(assign: Tensor, n_centres: int, heads: Sequence[int] | Non
 class CoAssignmentGraph:
     """One layer's (and head's) co-assignment graph, possibly joined across images by kNN edges.
 
-    ``S = D^{-1/2} (F Fᵀ + W_inter) D^{-1/2}`` (see the module docstring), applied by the solvers'
+    ``S = D^{-1/2} (A Aᵀ + W_inter) D^{-1/2}`` (see the module docstring), applied by the solvers'
     operator like any other graph (``sym_blocks`` / ``apply``); ``walk`` is the random walk
     ``D⁻¹ W`` the paper's objective uses; ``sym_scipy`` forms ``S`` for the exact reference (the
     clusters become cliques there: only for small cases, as the exact solver is).
 
     Attributes:
         name, grid, n_images, weight: as the other graphs (``weight = H / h``).
-        factor: CSR ``(N, clusters)``, ``F`` of the module docstring.
+        factor: CSR ``(N, clusters)``, the membership ``A`` of the module docstring (``W = A Aᵀ``).
         inter: the inter-image kNN graph (a :class:`~ldsc.graphs.dataset.DatasetGraph` holding
             ``S_inter`` and its own degrees), or ``None`` (one image, or ``k_inter = 0``).
-        degree: ``(N,)`` row sums of ``W`` (co-assignment: the number of heads; plus inter-image).
+        degree: ``(N,)`` row sums of ``W`` (co-assignment: the sizes of the point's clusters over
+            heads; plus the inter-image similarities).
     """
 
     def __init__(self, name: str, grid: tuple[int, int], n_images: int, factor: Tensor,
@@ -108,7 +108,7 @@ class CoAssignmentGraph:
 
     def sym_blocks(self) -> list[tuple[int, Tensor]]:
         """The tensors :meth:`apply` uses (the operator converts them to its dtype and device):
-        ``F``, ``Fᵀ``, the scalings, then the inter-image graph's blocks."""
+        ``A``, ``Aᵀ``, the scalings, then the inter-image graph's blocks."""
         parts = [(0, self.factor), (0, self.factor_t), (0, self.scale)]
         if self.inter is not None:
             parts += [(0, self.inter_scale), *self.inter.sym_blocks()]
