@@ -8,7 +8,8 @@ then the whole pipeline on the GPU for 100 images — one JSON line per check.
 Checks (``--checks`` picks some):
 
 * ``store:<backbone>`` for ``sd`` (SD 1.x UNet + VAE at 512 px), ``sdxl`` (SDXL at 1024 px), ``dit``
-  (SD 3.5-medium's MMDiT at 1024 px) and ``dinov2`` (DINOv2 ViT-B/14 at 518 px): the published
+  (SD 3.5-medium's MMDiT at 1024 px), ``dinov2`` (DINOv2 ViT-B/14 at 518 px) and ``fec`` (FEC-large
+  at 224 px, from an official-layout ``.pth.tar``): the published
   architecture with random weights (text encoders tiny: only the empty prompt is embedded),
   saved with ``save_pretrained`` and loaded through ``backbone.model_id`` as a user loads it,
   then ``--store-images`` images written into a feature store (the ``qk`` graph's kinds, float16)
@@ -47,6 +48,7 @@ STORE_CHECKS = {
     "sdxl": ("sdxl", "ldsc.features.backbones.sd.StableDiffusionXLBackbone", 1024, 16),
     "dit": ("sd3", "ldsc.features.backbones.dit.DiffusionTransformerBackbone", 1024, 16),
     "dinov2": ("dinov2", "ldsc.features.backbones.hf.HFBackbone", 518, 128),
+    "fec": ("fec", "ldsc.features.backbones.fec.FECBackbone", 224, 256),  # FEC-large (dry run: small at 64 px)
 }
 CHECKS = [f"store:{name}" for name in STORE_CHECKS] + ["pipeline"]
 
@@ -98,10 +100,23 @@ def load_backbone(name: str, model_dir: str, dry: bool, dtype: str):
     module, _, cls = target.rpartition(".")
     from tiny_models import TINY_INPUT
 
+    if name == "fec":  # an official-layout .pth.tar of random weights, loaded strictly as a user loads one
+        return getattr(importlib.import_module(module), cls)(variant="small" if dry else "large", checkpoint=model_dir,
+                                                            input_size=64 if dry else size, dtype=dtype)
     options = dict(dtype=dtype, input_size=TINY_INPUT[maker] if dry else size)
     if name in ("sd", "sdxl"):
         options["max_grid"] = None if dry else (32 if name == "sd" else 64)
     return getattr(importlib.import_module(module), cls)(model_dir, **options)
+
+
+def fec_checkpoint(folder: Path, dry: bool) -> str:
+    """FEC-large (dry run: small) with random weights, saved as the official checkpoints are."""
+    from ldsc.features.backbones.fec_model import FEC
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fec.pth.tar"
+    torch.save({"epoch": 0, "state_dict": FEC.variant("small" if dry else "large").state_dict()}, path)
+    return str(path)
 
 
 def store_check(name: str, files: list[str], work: Path, dry: bool, device: str, dtype: str, batch: int) -> dict:
@@ -111,7 +126,8 @@ def store_check(name: str, files: list[str], work: Path, dry: bool, device: str,
 
     maker = STORE_CHECKS[name][0]
     t = time.perf_counter()
-    model_dir = MAKERS[maker](str(work / f"model_{name}"), size="tiny" if dry else "base")
+    model_dir = fec_checkpoint(work / "model_fec", dry) if name == "fec" else \
+        MAKERS[maker](str(work / f"model_{name}"), size="tiny" if dry else "base")
     build_s = time.perf_counter() - t
     t = time.perf_counter()
     backbone = load_backbone(name, model_dir, dry, dtype).to(device)

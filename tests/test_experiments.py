@@ -202,7 +202,7 @@ def test_gpu_check_dry_run_prints_one_line_per_check(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
     by_check = {r["check"]: r for r in rows}
-    assert set(by_check) == {"store:sd", "store:sdxl", "store:dit", "store:dinov2", "pipeline", "total"}
+    assert set(by_check) == {"store:sd", "store:sdxl", "store:dit", "store:dinov2", "store:fec", "pipeline", "total"}
     for check, row in by_check.items():
         assert "error" not in row, row
         if check.startswith("store:"):
@@ -211,7 +211,7 @@ def test_gpu_check_dry_run_prints_one_line_per_check(tmp_path):
     assert pipe["eigvecs_shape"] == [6, 4, 4, 4] and pipe["residual"] < 1e-2
     assert all(pipe[k] >= 0 for k in ("features_s", "graphs_s", "solve_s", "export_s"))
     assert [json.loads(line)["check"] for line in out.read_text().splitlines()] == [
-        "store:sd", "store:sdxl", "store:dit", "store:dinov2", "pipeline"]
+        "store:sd", "store:sdxl", "store:dit", "store:dinov2", "store:fec", "pipeline"]
 
 
 def test_bench_startup_prints_the_import_seconds_of_both_sides():

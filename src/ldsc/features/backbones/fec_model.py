@@ -75,16 +75,18 @@ def assign_and_aggregate(sim: Tensor, values: Tensor, centre_values: Tensor) -> 
     ``sim``: ``(G, M, N)`` similarity of each centre to each point (G groups: images × heads ×
     folds); ``values``: ``(G, N, D)``; ``centre_values``: ``(G, M, D)``. Returns ``(index (G, N)``
     of the most similar centre, that similarity ``(G, N)``, the aggregates ``(G, M, D)`` =
-    ``(centre value + Σ of its points' values) / (1 + its points))``."""
+    ``(centre value + Σ of its points' values) / (1 + its points))``. Sums and counts are kept in
+    float32 at least (a half-precision count is not exact beyond 256 or 2,048 points)."""
     best, index = sim.max(dim=1)
     G, M, N = sim.shape
+    acc = torch.promote_types(values.dtype, torch.float32)
     flat = (index + torch.arange(G, device=index.device).unsqueeze(1) * M).reshape(-1)
-    sums = torch.zeros(G * M, values.shape[-1], dtype=values.dtype, device=values.device)
-    sums.index_add_(0, flat, values.reshape(G * N, -1))
-    counts = torch.zeros(G * M, dtype=values.dtype, device=values.device)
-    counts.index_add_(0, flat, torch.ones_like(flat, dtype=values.dtype))
-    agg = (sums.view(G, M, -1) + centre_values) / (counts.view(G, M, 1) + 1.0)
-    return index, best, agg
+    sums = torch.zeros(G * M, values.shape[-1], dtype=acc, device=values.device)
+    sums.index_add_(0, flat, values.reshape(G * N, -1).to(acc))
+    counts = torch.zeros(G * M, dtype=acc, device=values.device)
+    counts.index_add_(0, flat, torch.ones_like(flat, dtype=acc))
+    agg = (sums.view(G, M, -1) + centre_values.to(acc)) / (counts.view(G, M, 1) + 1.0)
+    return index, best, agg.to(values.dtype)
 
 
 def to_folds(t: Tensor, fh: int, fw: int) -> Tensor:
