@@ -356,3 +356,13 @@ def test_experiment_fec_clusters_draws_the_stages_beside_the_eigenvector_segment
     assert r.returncode == 0, r.stderr[-3000:]
     (fig,) = (tmp_path / "run" / "figures").glob("cluster_stages_0000_*.png")
     assert Image.open(fig).size[0] > 5 * 200  # input, three poolings, ldsc's segmentation
+
+
+def test_the_library_fits_fec_features_and_embeds_new_images(single_image):
+    from ldsc import LDSC
+
+    backbone = FECBackbone(variant="small", pretrained=False, input_size=64)
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model = LDSC(K=4, graph="qk", progress=False).fit(images[:4], backbone=backbone)
+    Z = model.transform(images[4:], backbone=backbone)
+    assert Z.shape == (1, 4, 16, 16) and torch.isfinite(Z).all()
