@@ -293,11 +293,19 @@ def test_the_co_assignment_operator_equals_the_dense_normalised_graph():
     D = Wd.sum(1)
     S = Wd / torch.sqrt(D[:, None] * D[None, :])
 
-    graph = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C), inter)
+    graph = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C), inter, inter_weight=1.0)
     Y = torch.randn(N, 3, dtype=torch.float64, generator=g)
     assert torch.allclose(graph.degree, D) and torch.allclose(graph.apply(Y), S @ Y, atol=1e-12)
     assert np.allclose(graph.sym_scipy().toarray(), S.numpy(), atol=1e-12)
     assert torch.allclose(graph.walk(Y), (Wd / D[:, None]) @ Y, atol=1e-12)
+    # the inter-image edges weighted: W = co-assignment + 2.5 · W_inter
+    W2 = Wd - Wi + 2.5 * Wi
+    D2 = W2.sum(1)
+    weighted = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C), inter, inter_weight=2.5)
+    assert torch.allclose(weighted.apply(Y), (W2 / torch.sqrt(D2[:, None] * D2[None, :])) @ Y, atol=1e-12)
+    # auto: the inter-image part gets the co-assignment part's total weight
+    auto = CoAssignmentGraph("l", (h, w), n, membership_factor(assign, C), inter)
+    assert auto.inter_degree.sum() == pytest.approx(float(auto.degree.sum()) / 2)
     # one head, one image, no inter-image edges: S y is each cluster's mean of y broadcast back
     one = assign[:1, :1]
     alone = CoAssignmentGraph("l", (h, w), 1, membership_factor(one, C))

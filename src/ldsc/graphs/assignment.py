@@ -74,12 +74,14 @@ class CoAssignmentGraph:
         factor: CSR ``(N, clusters)``, the membership ``A`` of the module docstring (``W = A Aᵀ``).
         inter: the inter-image kNN graph (a :class:`~ldsc.graphs.dataset.DatasetGraph` holding
             ``S_inter`` and its own degrees), or ``None`` (one image, or ``k_inter = 0``).
+        inter_weight: the inter-image edges enter ``W`` times this (``W = A Aᵀ + inter_weight · W_inter``);
+            ``auto``: the weight that gives both parts the same total (sum of degrees).
         degree: ``(N,)`` row sums of ``W`` (co-assignment: the sizes of the point's clusters over
             heads; plus the inter-image similarities).
     """
 
     def __init__(self, name: str, grid: tuple[int, int], n_images: int, factor: Tensor,
-                 inter: DatasetGraph | None = None, weight: float = 1.0):
+                 inter: DatasetGraph | None = None, weight: float = 1.0, inter_weight: float | str = "auto"):
         self.name, self.grid, self.n_images, self.weight = name, tuple(grid), int(n_images), float(weight)
         self.factor = factor.to(torch.float64) if factor.dtype != torch.float64 else factor
         with warnings.catch_warnings():
@@ -88,8 +90,15 @@ class CoAssignmentGraph:
         self.inter = inter
         ones = torch.ones(self.factor.shape[0], 1, dtype=torch.float64)
         degree = (self.factor @ (self.factor_t @ ones)).squeeze(1)
-        self.inter_degree = None if inter is None else inter.degree.to(torch.float64)
+        self.inter_weight = None
+        self.inter_degree = None
         if inter is not None:
+            knn_degree = inter.degree.to(torch.float64)
+            if inter_weight == "auto":  # both parts carry the same total weight (as k_intra = k_inter does for kNN graphs)
+                inter_weight = float(degree.sum() / knn_degree.sum().clamp_min(1e-300))
+            self.inter_weight = float(inter_weight)
+            #: the inter-image part's row sums, ``inter_weight`` times the kNN graph's
+            self.inter_degree = self.inter_weight * knn_degree
             degree = degree + self.inter_degree
         self.degree = degree
         self.scale = torch.where(degree > 0, degree.clamp_min(1e-300).rsqrt(), torch.zeros_like(degree))
@@ -164,17 +173,25 @@ class CoAssignmentGraphBuilder:
 
     Args:
         assign_heads: ``sum`` (one graph per layer, the heads' co-assignments added) or ``separate``.
+        inter_weight: multiplies the inter-image edges in ``W``. A point's co-assignment degree is the
+            size of its clusters — hundreds on a 56² grid — against about ``k_inter`` × a similarity
+            for its inter-image edges, so unweighted (1) the images are joined so weakly that the
+            leading eigenvectors mostly tell images apart; ``auto`` (default) gives both parts the
+            same total weight, as equal ``k_intra`` and ``k_inter`` do for kNN graphs.
         k_inter, threshold, and every other :class:`~ldsc.graphs.knn.KnnGraphBuilder` setting: of
             the inter-image edges (``pair``: ``qq`` compares f with f).
     """
 
-    def __init__(self, assign_heads: str = "sum", pair: str = "qq", k_intra: int = 0, k_inter: int = 25,
-                 rebuild: bool = False, **knn):
+    def __init__(self, assign_heads: str = "sum", inter_weight: float | str = "auto", pair: str = "qq", k_intra: int = 0,
+                 k_inter: int = 25, rebuild: bool = False, **knn):
         from ldsc.graphs.knn import KnnGraphBuilder
 
         if assign_heads not in ("sum", "separate"):
             raise ConfigError(f"graph.assign_heads must be sum or separate, not {assign_heads!r}.")
+        if inter_weight != "auto" and not (isinstance(inter_weight, (int, float)) and inter_weight > 0):
+            raise ConfigError(f"graph.inter_weight must be auto or a positive number, not {inter_weight!r}.")
         self.assign_heads, self.k_inter, self.rebuild = assign_heads, int(k_inter), bool(rebuild)
+        self.inter_weight = inter_weight if inter_weight == "auto" else float(inter_weight)
         self.knn = KnnGraphBuilder(pair=pair, k_intra=0, k_inter=self.k_inter, rebuild=rebuild, **knn)
         self.timings: dict[str, float] = {}
         self.layer_timings: list = []
@@ -234,7 +251,8 @@ class CoAssignmentGraphBuilder:
             for heads in self._heads(layer.heads):
                 F_ = membership_factor(layer.vectors("assign").cpu(), self._centres(layer), heads)
                 name = layer.name if heads is None else f"{layer.name}.head{heads[0]}"
-                graphs.append(CoAssignmentGraph(name, (h, w), B, F_, inter, weight=base_size / h))
+                graphs.append(CoAssignmentGraph(name, (h, w), B, F_, inter, weight=base_size / h,
+                                                inter_weight=self.inter_weight))
         return graphs
 
     def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None) -> list[CoAssignmentGraph]:
@@ -260,7 +278,7 @@ class CoAssignmentGraphBuilder:
                     F_ = membership_factor(assign, self._centres(info), heads)
                     name = info["name"] if heads is None else f"{info['name']}.head{heads[0]}"
                     g = CoAssignmentGraph(name, (h, w), store.n_images, F_, inter.get((li, draw)),
-                                          weight=base_size / h / store.draws)
+                                          weight=base_size / h / store.draws, inter_weight=self.inter_weight)
                     g.source = (li, None if heads is None else heads[0], draw)
                     graphs.append(g)
         self.timings["assign"] = time.perf_counter() - t
