@@ -247,15 +247,15 @@ def test_the_launchers_observer_gives_rank_0_time_to_finish_its_own_stop():
     from ldsc.distributed import patient_child_observer
 
     rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
-    child = subprocess.Popen([sys.executable, "-c", "raise SystemExit(143)"])
-    child.wait()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(143)"])
     observer = _ChildProcessObserver(rank0.pid, [child], sleep_period=0.5)
     observer.start()
     try:
-        assert patient_child_observer(grace_s=3.0)
+        assert patient_child_observer(grace_s=3.0)  # (the child is still running: nothing to see yet)
         assert not patient_child_observer(grace_s=3.0)  # once
-        time.sleep(2.0)  # the child's exit was seen; an impatient observer would have killed rank 0 by now
+        child.wait()
+        time.sleep(1.0)  # the observer has seen the exit; an impatient one would have killed rank 0 by now
         assert rank0.poll() is None
-        assert rank0.wait(timeout=10) == -9  # after the grace: killed, as Lightning intends
+        assert rank0.wait(timeout=30) == -9  # after the grace: killed, as Lightning intends
     finally:
         rank0.kill()
