@@ -74,10 +74,6 @@ def cluster_stages_figure(image, stage_labels: Sequence[np.ndarray], segmentatio
         ax.imshow(a, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
-    if path is None:
-        return fig
-    from ldsc.evaluation.figures import save
+    from ldsc.evaluation.figures import finish
 
-    return save(fig, path, dpi=100)
+    return finish(fig, path, title)

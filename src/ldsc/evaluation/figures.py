@@ -160,6 +160,14 @@ def eigenvector_grid(images: Sequence, eigvecs: Tensor, n_vectors: int = 15, max
     return fig
 
 
+def finish(fig, path: str | Path | None, title: str | None = None, dpi: int = 100):
+    """Give ``fig`` its ``title``, then :func:`save` it to ``path`` (returning the path), or return
+    the figure itself when ``path`` is ``None``."""
+    if title:
+        fig.suptitle(title)
+    return fig if path is None else save(fig, path, dpi=dpi)
+
+
 def save(fig, path: str | Path, dpi: int = 110) -> Path:
     """Write ``fig`` as PNG (atomically: a reader never sees half a file) and close it."""
     from ldsc.atomic import atomic_write

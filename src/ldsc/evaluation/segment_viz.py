@@ -140,13 +140,9 @@ def four_panel_figure(
             ax.imshow(a, interpolation="nearest")
         ax.set_title(name)
         ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
-    if path is None:
-        return fig
-    from ldsc.evaluation.figures import save
+    from ldsc.evaluation.figures import finish
 
-    return save(fig, path, dpi=100)
+    return finish(fig, path, title)
 
 
 def confusion_figure(
@@ -171,8 +167,6 @@ def confusion_figure(
     ax.set_title(title)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    if path is None:
-        return fig
-    from ldsc.evaluation.figures import save
+    from ldsc.evaluation.figures import finish
 
-    return save(fig, path, dpi=100)
+    return finish(fig, path)
