@@ -328,6 +328,11 @@ def test_graph_assign_runs_on_one_image_and_on_four(tmp_path, solver, single_ima
     assert E.shape == (4, 4, 16, 16) and torch.isfinite(E).all()
     if solver == "lobpcg":
         assert "joined across images by 25 kNN edges per point" in four.stdout + four.stderr
+        # the store (with its integer assignments) is reused by a second run, not built again
+        again = run_cli([*fec, "data.names=[astronaut.png,coffee.png,chelsea.png,rocket.jpg]", *SMALL, "K=3",
+                         f"hydra.run.dir={tmp_path / 'again'}", f"store.dir={tmp_path / 'store'}"])
+        log = again.stdout + again.stderr
+        assert again.returncode == 0 and "feature store: reusing" in log and "cannot be used" not in log, log[-2000:]
 
 
 def test_graph_assign_without_a_clustering_backbone_is_one_sentence(tmp_path):

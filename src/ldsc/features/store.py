@@ -135,8 +135,9 @@ def store_problem(path: str | Path, identity: dict | None = None) -> str | None:
             return f"{f.name} is missing"
         except (OSError, ValueError, EOFError) as err:
             return f"{f.name} is unreadable ({str(err)[:80]})"
-        if tuple(arr.shape[:5]) != shape or arr.dtype != dtype:
-            return f"{f.name} holds {arr.dtype} {tuple(arr.shape)}, meta.json says {np.dtype(dtype)} {shape + ('d',)}"
+        want = INTEGER_KINDS.get(kind, dtype)
+        if tuple(arr.shape[:5]) != shape or arr.dtype != want:
+            return f"{f.name} holds {arr.dtype} {tuple(arr.shape)}, meta.json says {np.dtype(want)} {shape + ('d',)}"
     return None
 
 
