@@ -308,6 +308,14 @@ class ClusterStagesFigure(L.Callback):
         self.output_dir, self.max_images, self.k, self.seed = Path(output_dir), int(max_images), k, int(seed)
         self.paths: list[Path] = []
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:  # before any work: a wrong backbone is one sentence
+        backbone = trainer.datamodule.backbone
+        if not hasattr(backbone, "pool_assignments"):
+            from ldsc.errors import ConfigError
+
+            raise ConfigError(f"callbacks.cluster_stages draws a clustering network's stages: it needs backbone=fec, "
+                              f"not {type(backbone).__name__}.")
+
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
@@ -319,11 +327,6 @@ class ClusterStagesFigure(L.Callback):
         from ldsc.features.images import ImageView, image_tensor, load_image
 
         backbone = trainer.datamodule.backbone
-        if not hasattr(backbone, "pool_assignments"):
-            from ldsc.errors import ConfigError
-
-            raise ConfigError(f"callbacks.cluster_stages draws a clustering network's stages: it needs backbone=fec, "
-                              f"not {type(backbone).__name__}.")
         run = load_eigenvectors(self.output_dir)
         view = getattr(backbone, "view", None) or ImageView()
         for i, f in enumerate(run["files"][: self.max_images]):
