@@ -5,6 +5,7 @@ on tiny random instances."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import pytest
@@ -328,11 +329,15 @@ def test_graph_assign_runs_on_one_image_and_on_four(tmp_path, solver, single_ima
     assert E.shape == (4, 4, 16, 16) and torch.isfinite(E).all()
     if solver == "lobpcg":
         assert "joined across images by 25 kNN edges per point" in four.stdout + four.stderr
-        # the store (with its integer assignments) is reused by a second run, not built again
+        # a second run (another K) reuses the feature store (with its integer assignments) and the
+        # stored inter-image graphs: no neighbour search
         again = run_cli([*fec, "data.names=[astronaut.png,coffee.png,chelsea.png,rocket.jpg]", *SMALL, "K=3",
                          f"hydra.run.dir={tmp_path / 'again'}", f"store.dir={tmp_path / 'store'}"])
         log = again.stdout + again.stderr
         assert again.returncode == 0 and "feature store: reusing" in log and "cannot be used" not in log, log[-2000:]
+        assert "graphs: reusing" in log and "no neighbour search" in log
+        stages = json.loads((tmp_path / "again" / "stages.json").read_text())
+        assert "reused" in stages["graphs"] and "inter_search_s" not in stages["graphs"]
 
 
 def test_graph_assign_without_a_clustering_backbone_is_one_sentence(tmp_path):

@@ -255,19 +255,34 @@ class CoAssignmentGraphBuilder:
                                                 inter_weight=self.inter_weight))
         return graphs
 
+    def stored_parts(self, graphs: list[CoAssignmentGraph]) -> list[DatasetGraph]:
+        """The inter-image kNN graphs (the search a resume would otherwise repeat); the co-assignment
+        factors are formed again from the feature store, in a fraction of a second."""
+        unique = {id(g.inter): g.inter for g in graphs if g.inter is not None}
+        return list(unique.values())
+
+    def from_stored(self, parts: list[DatasetGraph], store, base_size: int) -> list[CoAssignmentGraph]:
+        self.timings, self.layer_timings = {}, []
+        return self._graphs(store, base_size, {(g.source[0], g.source[2]): g for g in parts})
+
     def dataset_graphs(self, store, base_size: int, progress: bool = True, device=None) -> list[CoAssignmentGraph]:
         """Every layer's (and draw's) graph over all images of ``store``."""
         from ldsc.distributed import world_size
 
         if world_size() > 1:
             raise ConfigError("graph=assign runs in one process: drop trainer=ddp / trainer.devices > 1.")
-        started = time.perf_counter()
         inter = {}
+        self.timings, self.layer_timings = {}, []
         if self.k_inter > 0 and store.n_images > 1:
             for g in self.knn.dataset_graphs(store, base_size, progress=progress, device=device):
                 inter[g.source[0], g.source[2]] = g
             self.timings = {f"inter_{k}": v for k, v in self.knn.timings.items()}
             self.layer_timings = self.knn.layer_timings
+        return self._graphs(store, base_size, inter)
+
+    def _graphs(self, store, base_size: int, inter: dict) -> list[CoAssignmentGraph]:
+        """The co-assignment graphs of every layer and draw of ``store``, joined by the inter-image
+        graphs ``inter[(layer, draw)]`` where there are any."""
         t = time.perf_counter()
         graphs = []
         for draw in range(store.draws):
@@ -284,5 +299,5 @@ class CoAssignmentGraphBuilder:
         self.timings["assign"] = time.perf_counter() - t
         log.info("graph=assign: %d co-assignment graph(s)%s in %.1f s", len(graphs),
                  f", joined across images by {self.k_inter} kNN edges per point" if inter else "",
-                 time.perf_counter() - started)
+                 self.timings["assign"])
         return graphs

@@ -133,6 +133,13 @@ class AttentionGraphBuilder:
     def search_method(self, n_tokens: int, device=None) -> str:
         return "exact"
 
+    def stored_parts(self, graphs: list) -> list:
+        """Attention graphs are cheap to form again: none is kept in the graph store."""
+        return []
+
+    def from_stored(self, parts: list, store, base_size: int) -> list:
+        raise NotImplementedError("attention graphs are never stored")
+
     def describe(self) -> str:
         return f"graph=attn with graph.heads={self.heads}"
 

@@ -44,3 +44,11 @@ class GraphBuilder(Protocol):
 
     def describe(self) -> str:
         """The settings that decide which edges exist, for messages (``graph.k_intra=25, ...``)."""
+
+    def stored_parts(self, graphs: list) -> list:
+        """The parts of :meth:`dataset_graphs`' result worth keeping in the graph store
+        (:class:`~ldsc.graphs.dataset.DatasetGraph` s: what a resume would otherwise search again);
+        ``[]`` when nothing is kept."""
+
+    def from_stored(self, parts: list, store, base_size: int) -> list:
+        """The whole-data-set graphs again from the stored ``parts`` (and the feature ``store``)."""

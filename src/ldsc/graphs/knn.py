@@ -345,6 +345,13 @@ class KnnGraphBuilder:
                                             base_size=base_size, vectors=len(self.kinds), shards=shards,
                                             chunk_elements=self.max_chunk_elements)
 
+    def stored_parts(self, graphs: list) -> list:
+        """Every graph (all are :class:`DatasetGraph` s) is kept in the graph store."""
+        return list(graphs)
+
+    def from_stored(self, parts: list, store, base_size: int) -> list:
+        return list(parts)
+
     def describe(self) -> str:
         return f"graph.threshold={self.threshold}, graph.k_intra={self.k_intra}, graph.k_inter={self.k_inter}"
 

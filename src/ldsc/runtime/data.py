@@ -239,7 +239,7 @@ class ImageDataModule(L.LightningDataModule):
 
                 self.check_memory(mapped_graphs=True)
                 with stage("graphs", self.stages):
-                    self.graphs = load_graphs(folder)
+                    self.graphs = self.graph_builder.from_stored(load_graphs(folder), store, self.base_size)
                 self.stages["graphs"]["reused"] = str(folder)
                 log.info("graphs: reusing %s (no neighbour search; graph.rebuild=true builds them again)", folder)
                 return self.graphs
@@ -251,10 +251,9 @@ class ImageDataModule(L.LightningDataModule):
             self.stages["graphs"]["layers"] = self.graph_builder.layer_timings
             check_edges(self.graphs, self.graph_builder)
             log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
-            from ldsc.graphs.dataset import DatasetGraph
-
-            if folder is not None and all(isinstance(g, DatasetGraph) for g in self.graphs):  # (not attention graphs)
-                self.write_graph_store(folder, identity)
+            parts = self.graph_builder.stored_parts(self.graphs)  # (none of attention graphs)
+            if folder is not None and parts:
+                self.write_graph_store(folder, identity, parts)
         return self.graphs
 
     def graph_store(self) -> tuple:
@@ -280,7 +279,7 @@ class ImageDataModule(L.LightningDataModule):
             log.warning("graph store %s cannot be used (%s): building the graphs again", folder, problem)
         return all_reduce_max(0.0 if problem is None and not self.graph_builder.rebuild else 1.0) == 0.0
 
-    def write_graph_store(self, folder, identity: dict) -> None:
+    def write_graph_store(self, folder, identity: dict, parts: list) -> None:
         """Keep the graphs for resumes and re-runs; a failed write only costs the reuse."""
         import time
 
@@ -288,7 +287,7 @@ class ImageDataModule(L.LightningDataModule):
 
         try:
             started = time.perf_counter()
-            save_graphs(folder, self.graphs, identity)
+            save_graphs(folder, parts, identity)
             self.stages.setdefault("graphs", {})["store_write_s"] = round(time.perf_counter() - started, 3)
             log.info("graphs: stored in %s", folder)
         except OSError as err:
