@@ -136,7 +136,10 @@ class CoAssignmentGraph:
     def walk(self, Y: Tensor) -> Tensor:
         """``D⁻¹ W Y`` (the random walk of the paper's objective)."""
         s = self.scale.to(Y.dtype).unsqueeze(1)
-        blocks = [(i, b.to(Y.dtype) if b.is_floating_point() else b) for i, b in self.sym_blocks()]
+        cache = self.__dict__.setdefault("_blocks_by_dtype", {})
+        if Y.dtype not in cache:  # converted once, not at every step of the paper's solver
+            cache[Y.dtype] = [(i, b.to(Y.dtype) if b.is_floating_point() else b) for i, b in self.sym_blocks()]
+        blocks = cache[Y.dtype]
         return s * self.apply(Y / s.clamp_min(1e-30), blocks)
 
     def sym_scipy(self):
@@ -158,6 +161,7 @@ class CoAssignmentGraph:
     def to(self, device) -> "CoAssignmentGraph":
         g = CoAssignmentGraph.__new__(CoAssignmentGraph)
         g.__dict__.update(self.__dict__)
+        g._blocks_by_dtype = {}
         for key in ("factor", "factor_t", "degree", "scale", "inter_degree", "inter_scale"):
             value = getattr(self, key)
             setattr(g, key, None if value is None else value.to(device))
