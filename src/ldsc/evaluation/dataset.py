@@ -76,10 +76,8 @@ def load_labels(files: list[str], label_paths: list[Path], size: int, label_map:
     """``(n, size, size)`` uint8 label maps, each checked against its image's size, cut as ``view``
     cut the image (:class:`~ldsc.features.images.ImageView`; default: whole) and resized (nearest)
     the way the data pipeline resized the image."""
-    from ldsc.features.images import ImageView
-
     from ldsc.evaluation.cocostuff import read_label_map
-    from ldsc.features.images import image_size
+    from ldsc.features.images import ImageView, image_size
     from ldsc.evaluation.segment_viz import resize_nearest
 
     from ldsc.progress import bar
