@@ -77,7 +77,7 @@ def test_sharded_symmetrisation_and_search_equal_one_process_on_two_gloo_process
     idx = torch.randint(0, n, (n, k), generator=g, dtype=torch.int32)
     idx[idx == torch.arange(n, dtype=torch.int32)[:, None]] = -1  # no self-loops; some empty slots
     sim = torch.rand(n, k, generator=g)
-    blocks, degree = symmetric_normalized_blocks(idx.clone(), sim.clone(), threshold=0.1, block_entries=256)
+    blocks, degree = symmetric_normalized_blocks(idx.clone(), sim.clone(), threshold=0.1)
     whole = torch.cat([b.to_dense() for _, b in blocks])
     bounds = [0, 140, n]
     T = 48

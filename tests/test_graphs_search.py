@@ -140,18 +140,16 @@ def test_cluster_tree_beam_search_finds_the_nearest_leaf(branching, depth):
     assert (tree.near[:, 0] == torch.arange(tree.nlist)).all()
 
 
-@pytest.mark.parametrize("block_entries", [2**25, 40])
-def test_csr_blocks_equal_the_symmetric_normalised_reference(block_entries):
-    """Neighbour lists -> S = D^-1/2 (A + Aᵀ)/2 D^-1/2 in row blocks of CSR equals the COO
-    construction of knn_affinity (same neighbours, same threshold), whatever the block size."""
+def test_csr_equals_the_symmetric_normalised_reference():
+    """Neighbour lists -> S = D^-1/2 (A + Aᵀ)/2 D^-1/2 in CSR (the compiled merge) equals the COO
+    construction of knn_affinity (same neighbours, same threshold)."""
     x = random_tokens(n_images=4, tokens=9, d=5, seed=4)
     ids = torch.arange(4).repeat_interleave(9)
     W = knn_affinity(x, ids, 3, 2, threshold=0.1).to_dense()
     ia, sa = intra_image_knn(x, x, 9, 3)
     ie, se = inter_image_knn(x, x, 9, 2, "exact")
-    blocks, degree = symmetric_normalized_blocks(torch.cat([ia, ie], 1), torch.cat([sa, se], 1), 0.1,
-                                                 block_entries=block_entries)
-    assert (len(blocks) == 1) == (block_entries > 1000)
+    blocks, degree = symmetric_normalized_blocks(torch.cat([ia, ie], 1), torch.cat([sa, se], 1), 0.1)
+    assert len(blocks) == 1 and blocks[0][1].col_indices().dtype == torch.int32
     S = torch.cat([b.to_dense() for _, b in blocks])
     d = W.sum(1)
     dinv = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
@@ -176,8 +174,8 @@ def test_relabelled_graph_applies_the_same_operator_in_token_order():
     ie, se, order = inter_image_knn(x, x, 16, 3, "cluster", list_size=8, nprobe=4, return_order=True)
     assert order is not None and torch.equal(order.sort().values, torch.arange(96))
     idx, sim = torch.cat([ia, ie], 1).int(), torch.cat([sa, se], 1)
-    plain = DatasetGraph("l", (4, 4), 6, *symmetric_normalized_blocks(idx.clone(), sim.clone(), 0.1, block_entries=200))
-    blocks, degree = symmetric_normalized_blocks(*relabel_lists(idx, sim, order), 0.1, block_entries=200)
+    plain = DatasetGraph("l", (4, 4), 6, *symmetric_normalized_blocks(idx.clone(), sim.clone(), 0.1))
+    blocks, degree = symmetric_normalized_blocks(*relabel_lists(idx, sim, order), 0.1)
     moved = DatasetGraph("l", (4, 4), 6, blocks, degree[DatasetGraph.inverse(order)], order=order)
     assert not torch.equal(order, torch.arange(96))  # the relabelling is not the identity
     Y = torch.randn(96, 5)

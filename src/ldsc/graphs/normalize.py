@@ -2,7 +2,9 @@
 
 ``W`` is a symmetric affinity and ``D`` its row sums; isolated nodes (degree 0) get zero rows, not
 infinities. Every graph of the project — batch graphs, whole-data-set graphs (one process or
-sharded), the rows of new images, the exact reference — normalises through these two functions.
+sharded), the rows of new images, the exact reference — normalises through these two functions
+(the compiled symmetrisation, :func:`ldsc.graphs.kernels.symmetrize_lists`, applies the same
+formula in its own loop and takes its ``d^{-1/2}`` from :func:`inverse_sqrt_degree`).
 """
 
 from __future__ import annotations

@@ -78,30 +78,34 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
     if out is None:
         out = (torch.empty(n, k, dtype=torch.long), torch.empty(n, k, dtype=torch.float32))
     idx, sim = out
+    on_cpu = x.device.type == "cpu"
+    if on_cpu:
+        from ldsc.graphs.kernels import intra_topk
+
+    def select(S: Tensor, first_image: int, row0: int, rows: slice) -> None:
+        """Top ``k`` of the block ``S`` ``(b, R, T)`` (rows ``row0..`` of images ``first_image..``) into ``rows``."""
+        if on_cpu:  # one compiled pass: no masked copy, no sort of the whole row
+            intra_topk(S, k, first_image, tokens, row0 if exclude_self else -tokens, idx[rows], sim[rows])
+            return
+        if exclude_self:
+            r = torch.arange(S.shape[1], device=S.device)
+            S[:, r, r + row0] = float("-inf")
+        v, j = S.topk(k, dim=2)
+        sim[rows] = v.reshape(-1, k).cpu()
+        first = (torch.arange(first_image, first_image + S.shape[0], device=j.device) * tokens).view(-1, 1, 1)
+        idx[rows] = (j + first).reshape(-1, k).cpu().to(idx.dtype)
+
     if tokens * tokens > max_chunk_elements:  # one image's T x T does not fit: blocks of its query rows
         rows_per = max(1, max_chunk_elements // tokens)
         for i in range(n_images):
             for r0 in range(0, tokens, rows_per):
                 r1 = min(tokens, r0 + rows_per)
-                S = xb[i, r0:r1] @ yb[i].T  # (rows, T)
-                if exclude_self:
-                    S[torch.arange(r1 - r0), torch.arange(r0, r1)] = float("-inf")
-                v, j = S.topk(k, dim=1)
-                rows = slice(i * tokens + r0, i * tokens + r1)
-                sim[rows] = v.cpu()
-                idx[rows] = (j + i * tokens).cpu().to(idx.dtype)
+                select((xb[i, r0:r1] @ yb[i].T).unsqueeze(0), i, r0, slice(i * tokens + r0, i * tokens + r1))
         return idx, sim
     per = max(1, max_chunk_elements // (tokens * tokens))
-    diag = torch.arange(tokens)
     for s in range(0, n_images, per):
         e = min(n_images, s + per)
-        S = torch.bmm(xb[s:e], yb[s:e].transpose(1, 2))  # (b, T, T)
-        if exclude_self:
-            S[:, diag, diag] = float("-inf")
-        v, j = S.topk(k, dim=2)
-        rows = slice(s * tokens, e * tokens)
-        sim[rows] = v.reshape(-1, k).cpu()
-        idx[rows] = (j + (torch.arange(s, e, device=j.device) * tokens).view(-1, 1, 1)).reshape(-1, k).cpu().to(idx.dtype)
+        select(torch.bmm(xb[s:e], yb[s:e].transpose(1, 2)), s, 0, slice(s * tokens, e * tokens))  # (b, T, T)
     return idx, sim
 
 
@@ -327,18 +331,27 @@ def _by_list(assign: Tensor, nlist: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
-def _same_image_pairs(q_img: Tensor, k_img: Tensor) -> tuple[Tensor, Tensor]:
-    """``(rows, cols)`` of every pair with ``q_img[row] == k_img[col]``, by sorting the keys'
-    images once (a few pairs among many: cheaper than comparing every query with every key)."""
-    ks, perm = k_img.sort()
-    lo = torch.searchsorted(ks, q_img)
-    count = torch.searchsorted(ks, q_img, right=True) - lo
-    total = int(count.sum())
-    if total == 0:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long)
-    rows = torch.repeat_interleave(torch.arange(q_img.numel()), count)
-    starts = torch.repeat_interleave(lo - (count.cumsum(0) - count), count)
-    return rows, perm[starts + torch.arange(total)]
+def leaf_parallel(work: Callable[[int], None], n: int) -> None:
+    """``work(i)`` for ``i`` in ``range(n)`` on as many threads as torch has, each running its
+    torch operations on one thread (restored afterwards); ``work`` must write disjoint outputs."""
+    threads = torch.get_num_threads()
+    if threads <= 1 or n < 2:
+        for i in range(n):
+            work(i)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            step = max(1, min(64, n // (8 * threads)))  # contiguous runs of leaves: cache-friendly, balanced
+            def run(start: int) -> None:
+                for i in range(start, min(n, start + step)):
+                    work(i)
+            for f in [pool.submit(run, s) for s in range(0, n, step)]:
+                f.result()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, nprobe: int, seed: int,
@@ -365,17 +378,20 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
     korder, koff = _by_list(key_leaf, tree.nlist)
     qorder, qoff = (korder, koff) if x is y else _by_list(query_leaf, tree.nlist)
     del key_leaf, query_leaf
+    from ldsc.graphs.kernels import masked_topk
+
     ys = y[korder]  # keys in leaf order
     k_img = korder // tokens
     C, near = tree.centroids, tree.near[:, :4 * nprobe]
     nprobe = min(nprobe, near.shape[1])
     kstart = koff.tolist()
     q0, q1 = queries or (0, x.shape[0])
-    for leaf in range(tree.nlist):
+
+    def search_leaf(leaf: int) -> None:
         q = qorder[qoff[leaf]:qoff[leaf + 1]]
         mine = None if queries is None else (q >= q0) & (q < q1)
         if q.numel() == 0 or (mine is not None and not bool(mine.any())):
-            continue
+            return
         xq = ys[kstart[leaf]:kstart[leaf + 1]] if x is y else x[q]
         cands = near[leaf]
         # the leaves picked by all the leaf's queries (so a share of the queries gets the same
@@ -391,20 +407,16 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
         if mine is not None:
             q, xq = q[mine], xq[mine]
         pos = torch.cat([torch.arange(kstart[p], kstart[p + 1]) for p in picked])  # positions in ys
-        kk = min(k, pos.numel())
-        if kk:
-            S = xq @ ys[pos].T
-            rows, cols = _same_image_pairs(q // tokens, k_img[pos])
-            S[rows, cols] = float("-inf")
-            v, j = S.topk(kk, dim=1)
-            hit = korder[pos[j]]
-            hit[v == float("-inf")] = -1
-            idx[q - q0, :kk] = hit.to(idx.dtype)
-            sim[q - q0, :kk] = v
-        if kk < k:
-            idx[q - q0, kk:], sim[q - q0, kk:] = -1, float("-inf")
+        # the candidates' similarities in one product; own-image keys skipped while the top k
+        # are kept (one compiled pass: no masked copy); fewer than k candidates leave -1 / -inf
+        masked_topk(xq @ ys[pos].T, q // tokens, k_img[pos], korder[pos], k, q - q0, idx, sim)
         if progress:
             progress(q.numel())
+
+    # a leaf's products are small: parallel over leaves (one torch thread per worker, the
+    # compiled selection without the GIL) rather than inside each product, whose threads would
+    # mostly wait at its barriers
+    leaf_parallel(search_leaf, tree.nlist)
     return korder
 
 

@@ -1,0 +1,286 @@
+"""Compiled loops of the graph stage (numba): top-k selection with exclusions, and the
+symmetrisation of neighbour lists into CSR.
+
+What these loops do is plain (a heap of the ``k`` best per row; a counting sort and a merge of
+sorted lists), but written with whole-array torch/numpy operations each needs several passes and
+temporaries as large as its input: ``topk`` over a masked copy of a block of similarities, an
+argsort of every ``(row, column)`` key of ``A`` and ``Aᵀ``. Here each is one pass over its input,
+in parallel over rows (``numba.prange``, as many threads as torch uses), with no temporaries beyond
+the output. Compiled on first use and cached on disk (``cache=True``): the first run on a machine
+pays the compilation (a few seconds), later runs load it.
+
+Conventions shared with :mod:`ldsc.graphs.search`: similarities are float32, ids int32 or int64,
+a missing neighbour is id ``-1`` with similarity ``-inf``; every selection returns each row's
+entries by decreasing similarity, ties kept in the order they were met (the lower column first).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numba import get_num_threads, njit, prange, set_num_threads
+
+NEG_INF = np.float32(-np.inf)
+
+
+def use_torch_threads() -> None:
+    """Run the kernels on as many threads as torch (``torch.set_num_threads`` governs both)."""
+    want = max(1, min(torch.get_num_threads(), _max_threads()))
+    if get_num_threads() != want:
+        set_num_threads(want)
+
+
+def _max_threads() -> int:
+    from numba import config
+
+    return int(config.NUMBA_NUM_THREADS)
+
+
+@njit(inline="always", cache=True)
+def _heap_replace(vals, ids, k, v, j):
+    """Put ``(v, j)`` in place of the root of the min-heap ``vals[:k]`` (the smallest kept) and sift down."""
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= k:
+            break
+        m = left
+        right = left + 1
+        if right < k and vals[right] < vals[left]:
+            m = right
+        if vals[m] < v:
+            vals[i] = vals[m]
+            ids[i] = ids[m]
+            i = m
+        else:
+            break
+    vals[i] = v
+    ids[i] = j
+
+
+@njit(inline="always", cache=True)
+def _sort_desc(vals, ids, k):
+    """Sort ``vals[:k]`` (and ``ids`` alike) by decreasing value, ties by increasing id (insertion sort: k is small)."""
+    for a in range(1, k):
+        v = vals[a]
+        j = ids[a]
+        b = a - 1
+        while b >= 0 and (vals[b] < v or (vals[b] == v and ids[b] > j)):
+            vals[b + 1] = vals[b]
+            ids[b + 1] = ids[b]
+            b -= 1
+        vals[b + 1] = v
+        ids[b + 1] = j
+
+
+@njit(parallel=True, cache=True)
+def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
+    """Per image ``b`` of ``S`` ``(B, T, T)`` and query row ``t``: the ``k`` largest ``S[b, t, j]``
+    with ``j != row0 + t`` (its own token), written to ``out_*[b·T + t]`` as global token ids
+    ``(first_image + b)·tokens + j``."""
+    B, R, C = S.shape
+    for r in prange(B * R):
+        b = r // R
+        t = r - b * R
+        vals = np.full(k, NEG_INF, dtype=np.float32)
+        ids = np.full(k, -1, dtype=np.int64)
+        row = S[b, t]
+        own = row0 + t
+        for j in range(C):
+            v = row[j]
+            if v > vals[0] and j != own:
+                _heap_replace(vals, ids, k, v, j)
+        _sort_desc(vals, ids, k)
+        base = (first_image + b) * tokens
+        for a in range(k):
+            out_sim[r, a] = vals[a]
+            out_idx[r, a] = ids[a] + base if ids[a] >= 0 else -1
+
+
+def intra_topk(S: torch.Tensor, k: int, first_image: int, tokens: int, row0: int,
+               out_idx: torch.Tensor, out_sim: torch.Tensor) -> None:
+    """Top ``k`` of each row of a block of intra-image similarities ``S`` ``(B, R, T)`` (rows
+    ``row0 .. row0 + R`` of images ``first_image ..``), the row's own token excluded, into the
+    ``(B·R, k)`` views ``out_idx`` / ``out_sim`` (global token ids, by decreasing similarity)."""
+    use_torch_threads()
+    _intra_topk(S.numpy(), int(k), int(first_image), int(tokens), int(row0), out_idx.numpy(), out_sim.numpy())
+
+
+@njit(nogil=True, cache=True)
+def _masked_topk(S, q_img, k_img, key_ids, k, out_rows, out_idx, out_sim):
+    """Per query row ``r`` of ``S`` ``(Q, C)``: the ``k`` largest ``S[r, j]`` over the keys ``j``
+    of other images (``k_img[j] != q_img[r]``), written to row ``out_rows[r]`` as ``key_ids[j]``."""
+    Q, C = S.shape
+    for r in range(Q):
+        vals = np.full(k, NEG_INF, dtype=np.float32)
+        ids = np.full(k, -1, dtype=np.int64)
+        mine = q_img[r]
+        row = S[r]
+        for j in range(C):
+            v = row[j]
+            if v > vals[0] and k_img[j] != mine:
+                _heap_replace(vals, ids, k, v, j)
+        _sort_desc(vals, ids, k)
+        o = out_rows[r]
+        for a in range(k):
+            out_sim[o, a] = vals[a]
+            out_idx[o, a] = key_ids[ids[a]] if ids[a] >= 0 else -1
+
+
+def masked_topk(S: torch.Tensor, q_img: torch.Tensor, k_img: torch.Tensor, key_ids: torch.Tensor, k: int,
+                out_rows: torch.Tensor, out_idx: torch.Tensor, out_sim: torch.Tensor) -> None:
+    """Top ``k`` of each row of ``S`` ``(Q, C)`` among the columns of *other* images
+    (``k_img[j] != q_img[r]``), written into rows ``out_rows`` of ``out_idx`` / ``out_sim`` as the
+    columns' ``key_ids`` (``-1`` / ``-inf`` where fewer than ``k`` columns qualify). One thread,
+    without the GIL: the clustered search calls it from several threads, a leaf each."""
+    _masked_topk(S.numpy(), q_img.numpy(), k_img.numpy(), key_ids.numpy(), int(k), out_rows.numpy(),
+                 out_idx.numpy(), out_sim.numpy())
+
+
+# -- symmetrisation: neighbour lists -> CSR of W = (A + Aᵀ)/2 --------------------------------------
+
+@njit(parallel=True, cache=True)
+def _sort_rows(idx, sim, threshold, sentinel, kept):
+    """In place: each row of the lists sorted by id, dropped entries (id < 0 or similarity at or
+    below ``threshold``) given id ``sentinel`` (> every id) and moved to the end; ``kept[r]`` counts
+    the rest. Duplicate ids in a row stay (they are summed later)."""
+    n, k = idx.shape
+    for r in prange(n):
+        c = 0
+        for a in range(k):
+            if idx[r, a] < 0 or not sim[r, a] > threshold:
+                idx[r, a] = sentinel
+            else:
+                c += 1
+        kept[r] = c
+        for a in range(1, k):  # insertion sort by id (k is small)
+            j = idx[r, a]
+            v = sim[r, a]
+            b = a - 1
+            while b >= 0 and idx[r, b] > j:
+                idx[r, b + 1] = idx[r, b]
+                sim[r, b + 1] = sim[r, b]
+                b -= 1
+            idx[r, b + 1] = j
+            sim[r, b + 1] = v
+
+
+@njit(cache=True)
+def _transpose(idx, sim, kept, n):
+    """``Aᵀ`` in CSR from the sorted lists: ``(ptr, rows, vals)``, each row's entries in increasing
+    row order (filled row by row of ``A``)."""
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    for r in range(idx.shape[0]):
+        for a in range(kept[r]):
+            ptr[idx[r, a] + 1] += 1
+    for c in range(n):
+        ptr[c + 1] += ptr[c]
+    rows = np.empty(ptr[n], dtype=np.int32)
+    vals = np.empty(ptr[n], dtype=np.float32)
+    pos = ptr[:n].copy()
+    for r in range(idx.shape[0]):
+        for a in range(kept[r]):
+            c = idx[r, a]
+            p = pos[c]
+            rows[p] = r
+            vals[p] = sim[r, a]
+            pos[c] = p + 1
+    return ptr, rows, vals
+
+
+@njit(parallel=True, cache=True)
+def _merged_lengths(idx, kept, tptr, trows, out_len):
+    """Entries of each row of ``A + Aᵀ``: the union of two sorted id lists (duplicates within one list counted once)."""
+    n = idx.shape[0]
+    for r in prange(n):
+        a, na = 0, kept[r]
+        b, nb = tptr[r], tptr[r + 1]
+        count, last = 0, -1
+        while a < na or b < nb:
+            if b >= nb or (a < na and idx[r, a] <= trows[b]):
+                c = idx[r, a]
+                a += 1
+            else:
+                c = trows[b]
+                b += 1
+            if c != last:
+                count += 1
+                last = c
+        out_len[r] = count
+
+
+@njit(parallel=True, cache=True)
+def _merge_fill(idx, sim, kept, tptr, trows, tvals, optr, oind, oval, degree):
+    """Row ``r`` of ``W = (A + Aᵀ)/2`` into ``oind/oval[optr[r]:optr[r+1]]`` (ids increasing,
+    equal ids summed) and its row sum into ``degree[r]`` (float64)."""
+    n = idx.shape[0]
+    for r in prange(n):
+        a, na = 0, kept[r]
+        b, nb = tptr[r], tptr[r + 1]
+        p = optr[r] - 1
+        last = -1
+        d = 0.0
+        while a < na or b < nb:
+            if b >= nb or (a < na and idx[r, a] <= trows[b]):
+                c = idx[r, a]
+                v = sim[r, a]
+                a += 1
+            else:
+                c = trows[b]
+                v = tvals[b]
+                b += 1
+            half = np.float32(0.5) * v
+            if c != last:
+                p += 1
+                oind[p] = c
+                oval[p] = half
+                last = c
+            else:
+                oval[p] += half
+            d += half
+        degree[r] = d
+
+
+@njit(parallel=True, cache=True)
+def _normalize(optr, oind, oval, dinv):
+    """``w_ij d_i^{-1/2} d_j^{-1/2}`` in place (the formula of :func:`ldsc.graphs.normalize.normalized_values`)."""
+    n = optr.shape[0] - 1
+    for r in prange(n):
+        s = dinv[r]
+        for p in range(optr[r], optr[r + 1]):
+            oval[p] = np.float32(oval[p] * s * dinv[oind[p]])
+
+
+def symmetrize_lists(idx: np.ndarray, sim: np.ndarray, threshold: float, free: list | None = None):
+    """Neighbour lists ``(N, k)`` -> CSR of ``S = D^{-1/2} W D^{-1/2}``, ``W = (A + Aᵀ)/2``:
+    ``(indptr int32|int64, indices int32, values float32, degree float64)``.
+
+    ``A`` holds each row's entries with id ≥ 0 and similarity above ``threshold`` (a pair listed
+    twice in one row counts twice). The lists are sorted in place (they are the caller's to
+    give up: ``free``, a list holding its only references, is cleared once they are read).
+    Memory: the lists, ``Aᵀ`` (8 bytes an entry) and the result; time ``O(N·k)``.
+    """
+    from ldsc.graphs.normalize import inverse_sqrt_degree
+
+    use_torch_threads()
+    n, k = idx.shape
+    idx = idx if idx.dtype == np.int32 and n < 2**31 - 1 else idx.astype(np.int64)
+    sim = np.ascontiguousarray(sim, dtype=np.float32)
+    kept = np.empty(n, dtype=np.int64)
+    _sort_rows(idx, sim, np.float32(threshold), idx.dtype.type(n), kept)
+    tptr, trows, tvals = _transpose(idx, sim, kept, n)
+    lengths = np.empty(n, dtype=np.int64)
+    _merged_lengths(idx, kept, tptr, trows, lengths)
+    total = int(lengths.sum())
+    optr = np.zeros(n + 1, dtype=np.int32 if total < 2**31 else np.int64)
+    np.cumsum(lengths, out=optr[1:])
+    del lengths
+    oind = np.empty(total, dtype=np.int32)
+    oval = np.empty(total, dtype=np.float32)
+    degree = np.empty(n, dtype=np.float64)
+    _merge_fill(idx, sim, kept, tptr, trows, tvals, optr, oind, oval, degree)
+    if free is not None:
+        free.clear()
+    del idx, sim, kept, tptr, trows, tvals
+    _normalize(optr, oind, oval, inverse_sqrt_degree(degree))
+    return optr, oind, oval, degree

@@ -1,0 +1,71 @@
+"""The compiled loops of the graph stage (ldsc.graphs.kernels) against their definitions written
+with plain torch operations."""
+
+import numpy as np
+import torch
+
+from ldsc.graphs import kernels
+
+
+def test_intra_topk_equals_topk_without_the_own_token():
+    g = torch.Generator().manual_seed(0)
+    B, R, T, k = 3, 5, 12, 4
+    S = torch.randn(B, R, T, generator=g)  # rows 2..6 of each of 3 images (no ties: continuous values)
+    idx = torch.empty(B * R, k, dtype=torch.int32)
+    sim = torch.empty(B * R, k)
+    kernels.intra_topk(S, k, 7, T, 2, idx, sim)
+    ref = S.clone()
+    r = torch.arange(R)
+    ref[:, r, r + 2] = float("-inf")
+    v, j = ref.topk(k, dim=2)
+    assert torch.equal(sim, v.reshape(-1, k))
+    assert torch.equal(idx.long(), (j + (torch.arange(7, 7 + B) * T).view(-1, 1, 1)).reshape(-1, k))
+
+
+def test_masked_topk_skips_own_image_keys_and_pads_short_rows():
+    g = torch.Generator().manual_seed(1)
+    Q, C, k = 6, 9, 3
+    S = torch.randn(Q, C, generator=g)
+    q_img = torch.tensor([0, 0, 1, 1, 2, 3])
+    k_img = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    key_ids = torch.arange(100, 100 + C)
+    out_rows = torch.tensor([5, 4, 3, 2, 1, 0])
+    idx = torch.full((6, k), 7, dtype=torch.int64)
+    sim = torch.zeros(6, k)
+    kernels.masked_topk(S, q_img, k_img, key_ids, k, out_rows, idx, sim)
+    for r in range(Q):
+        allowed = (k_img != q_img[r]).nonzero().squeeze(1)
+        vals, order = S[r, allowed].sort(descending=True)
+        want_v = torch.full((k,), float("-inf"))
+        want_i = torch.full((k,), -1)
+        n = min(k, allowed.numel())
+        want_v[:n], want_i[:n] = vals[:n], key_ids[allowed[order[:n]]]
+        assert torch.equal(sim[out_rows[r]], want_v) and torch.equal(idx[out_rows[r]], want_i)
+
+
+def test_symmetrize_lists_equals_the_dense_definition():
+    """W = (A + Aᵀ)/2 with A the kept entries (id ≥ 0, similarity > threshold; an id listed twice
+    counts twice), S = D^-1/2 W D^-1/2, as CSR with sorted columns."""
+    g = torch.Generator().manual_seed(2)
+    n, k, thr = 40, 6, 0.1
+    idx = torch.randint(0, n, (n, k), generator=g, dtype=torch.int32)
+    idx[idx == torch.arange(n, dtype=torch.int32)[:, None]] = -1
+    idx[3, :] = -1  # a row with no neighbours of its own
+    sim = torch.rand(n, k, generator=g) * 1.2 - 0.1
+    A = torch.zeros(n, n, dtype=torch.float64)
+    for r in range(n):
+        for a in range(k):
+            if idx[r, a] >= 0 and sim[r, a] > thr:
+                A[r, idx[r, a]] += sim[r, a].double()
+    W = (A + A.T) / 2
+    d = W.sum(1)
+    dinv = torch.where(d > 0, d.rsqrt(), torch.zeros_like(d))
+    indptr, indices, values, degree = kernels.symmetrize_lists(idx.numpy().copy(), sim.numpy().copy(), thr)
+    for r in range(n):
+        cols = indices[indptr[r]:indptr[r + 1]]
+        assert np.all(np.diff(cols) > 0)  # sorted, duplicates merged
+        assert set(cols.tolist()) == set(W[r].nonzero().squeeze(1).tolist())
+    S = torch.sparse_csr_tensor(torch.from_numpy(indptr.astype(np.int64)), torch.from_numpy(indices.astype(np.int64)),
+                                torch.from_numpy(values).double(), size=(n, n)).to_dense()
+    assert torch.allclose(torch.from_numpy(degree), d, atol=1e-6)
+    assert torch.allclose(S, dinv[:, None] * W * dinv[None, :], atol=1e-6)
