@@ -209,6 +209,7 @@ def _fit_inside(cfg: DictConfig):
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule, base = build_datamodule(cfg)
+    datamodule.background_writes = True  # the graph store is written while the solver runs
     n_images = datamodule.num_images
     solver = instantiate(cfg.solver, n_images=n_images, K=int(cfg.K), base_size=base)
     # the solver's state with an optimiser's two moments and the gradient (the memory check counts it)
@@ -242,6 +243,7 @@ def _fit_inside(cfg: DictConfig):
             check_checkpoint(ckpt, solver, signature, cfg.trainer.get("max_epochs"))
         with stage("fit", datamodule.stages):
             trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        datamodule.wait_for_writes()  # the graph store, written while the solver ran
         datamodule.stages["held_mb"] = held_memory(datamodule.graphs, solver)
         if trainer.world_size > 1:  # each process's own seconds and peak memory
             write_stages(cfg.paths.output_dir, datamodule.stages, f"stages.rank{trainer.global_rank}.json")

@@ -62,6 +62,15 @@ def graph_folder(store_path: str | Path, identity: dict) -> Path:
     return Path(store_path) / "graphs" / sub
 
 
+def _save(path: Path, array: np.ndarray) -> None:
+    """``np.save`` whose data write releases the GIL (a plain file write of the array's buffer), so
+    a store written from a thread does not hold up the solver's Python."""
+    array = np.ascontiguousarray(array)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(memoryview(array.reshape(-1)).cast("B"))
+
+
 def _tensor(t):
     return None if t is None else t.detach().cpu().contiguous()
 
@@ -78,12 +87,12 @@ def save_graphs(folder: str | Path, graphs: list[DatasetGraph], identity: dict) 
         for b_index, (first, block) in enumerate(g.blocks):
             block = block.detach().cpu()
             for part, t in (("crow", block.crow_indices()), ("col", block.col_indices()), ("val", block.values())):
-                np.save(tmp / f"{g_index}_{b_index}_{part}.npy", t.contiguous().numpy())
+                _save(tmp / f"{g_index}_{b_index}_{part}.npy", t.contiguous().numpy())
             blocks.append({"first_row": int(first), "shape": list(block.shape), "nnz": int(block.values().numel())})
         arrays = {"degree": g.degree, "order": g.order, "rank": g.rank, "radius": g.radius, "projection": g.projection}
         for name, t in arrays.items():
             if t is not None:
-                np.save(tmp / f"{g_index}_{name}.npy", _tensor(t).numpy())
+                _save(tmp / f"{g_index}_{name}.npy", _tensor(t).numpy())
         entries.append({"name": g.name, "grid": list(g.grid), "n_images": g.n_images, "weight": g.weight,
                         "source": list(g.source), "image_range": None if g.image_range is None else list(g.image_range),
                         "blocks": blocks, "arrays": sorted(k for k, t in arrays.items() if t is not None)})

@@ -284,3 +284,66 @@ def symmetrize_lists(idx: np.ndarray, sim: np.ndarray, threshold: float, free: l
     del idx, sim, kept, tptr, trows, tvals
     _normalize(optr, oind, oval, inverse_sqrt_degree(degree))
     return optr, oind, oval, degree
+
+
+# -- the clustered search's tree: a vector's leaf ---------------------------------------------------
+
+@njit(parallel=True, cache=True)
+def _rows_topk(S, k, out_idx):
+    """Column ids of the ``k`` largest entries of each row of ``S`` ``(R, C)``, largest first."""
+    R, C = S.shape
+    for r in prange(R):
+        vals = np.full(k, NEG_INF, dtype=np.float32)
+        ids = np.full(k, -1, dtype=np.int64)
+        row = S[r]
+        for j in range(C):
+            v = row[j]
+            if v > vals[0]:
+                _heap_replace(vals, ids, k, v, j)
+        _sort_desc(vals, ids, k)
+        for a in range(k):
+            out_idx[r, a] = ids[a]
+
+
+def rows_topk(S: torch.Tensor, k: int) -> torch.Tensor:
+    """``S.topk(k, dim=1).indices`` (int64; ``-1`` for ``-inf`` entries) in one compiled pass."""
+    use_torch_threads()
+    out = torch.empty(S.shape[0], k, dtype=torch.long)
+    _rows_topk(S.numpy(), int(k), out.numpy())
+    return out
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def _best_child(v, beam, first, count, cents, out):
+    """Per row of ``v`` ``(R, d)``: the most similar child (a row of ``cents``) of its ``beam``
+    nodes (``-1``: none); children of node ``p`` are ``first[p] .. first[p] + count[p]``."""
+    R, d = v.shape
+    for r in prange(R):
+        best = NEG_INF
+        arg = -1
+        x = v[r]
+        for a in range(beam.shape[1]):
+            p = beam[r, a]
+            if p < 0:
+                continue
+            for c in range(first[p], first[p] + count[p]):
+                s = np.float32(0.0)
+                cc = cents[c]
+                for t in range(d):
+                    s += x[t] * cc[t]
+                if s > best:
+                    best = s
+                    arg = c
+        out[r] = arg
+
+
+def best_child(v: torch.Tensor, beam: torch.Tensor, first: torch.Tensor, count: torch.Tensor,
+               cents: torch.Tensor) -> torch.Tensor:
+    """The last step of the tree's beam search: each row's most similar child of its beam nodes
+    (int64 ids into ``cents``), the dot products computed in place (no gathered copies of the rows
+    per parent, no scatter of partial maxima)."""
+    use_torch_threads()
+    out = torch.empty(v.shape[0], dtype=torch.long)
+    _best_child(v.contiguous().numpy(), beam.numpy(), first.numpy(), count.numpy(), cents.contiguous().numpy(),
+                out.numpy())
+    return out

@@ -282,16 +282,24 @@ class ClusterTree:
                 cand = torch.arange(self.nlist)
             self.near[s0:e0] = cand[(C[s0:e0] @ C[cand].T).topk(m, 1).indices]
 
-    def assign(self, v: Tensor, chunk: int = 1 << 20) -> Tensor:
+    def assign(self, v: Tensor, chunk: int = 1 << 16) -> Tensor:
         """Leaf id of every row of ``v`` (beam search, see the class docstring), a chunk of rows at
         a time (transient memory: a few times ``chunk × tops``)."""
+        from ldsc.graphs.kernels import best_child, rows_topk
+
         leaf = torch.empty(v.shape[0], dtype=torch.long)
+        last = len(self.levels) - 1
         for s in range(0, v.shape[0], chunk):
             vc = v[s:s + chunk]
-            beam = (vc @ self.levels[0].T).topk(min(self.tops, self.levels[0].shape[0]), 1).indices
-            for level in range(1, len(self.levels)):
-                beam = self._expand(vc, beam, level, keep=1 if level == len(self.levels) - 1 else self.tops)
-            leaf[s:s + chunk] = beam[:, 0]
+            if last == 0:
+                leaf[s:s + chunk] = (vc @ self.levels[0].T).argmax(1)
+                continue
+            beam = rows_topk(vc @ self.levels[0].T, min(self.tops, self.levels[0].shape[0]))
+            for level in range(1, last):
+                beam = self._expand(vc, beam, level, keep=self.tops)
+            # the leaves: each row's best child of its beam, compiled (cache-local, no gathers)
+            leaf[s:s + chunk] = best_child(vc, beam, self.child_first[last - 1], self.child_count[last - 1],
+                                           self.levels[last])
         return leaf
 
     def _expand(self, vc: Tensor, beam: Tensor, level: int, keep: int) -> Tensor:

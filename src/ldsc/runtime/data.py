@@ -111,6 +111,9 @@ class ImageDataModule(L.LightningDataModule):
         self._device_graphs: tuple | None = None
         #: bytes of the solver's own state (table, optimiser, EMA), set by ``run.py`` for the check
         self.solver_state_bytes = 0
+        #: write the graph store from a thread while the solver runs (``run.py`` sets it)
+        self.background_writes = False
+        self._writer = None
 
     # -- what subclasses provide -------------------------------------------------------------
     def find_images(self) -> list[str]:
@@ -280,19 +283,37 @@ class ImageDataModule(L.LightningDataModule):
         return all_reduce_max(0.0 if problem is None and not self.graph_builder.rebuild else 1.0) == 0.0
 
     def write_graph_store(self, folder, identity: dict, parts: list) -> None:
-        """Keep the graphs for resumes and re-runs; a failed write only costs the reuse."""
+        """Keep the graphs for resumes and re-runs; a failed write only costs the reuse. With
+        :attr:`background_writes` (set by ``run.py``) the files are written by a thread while the
+        solver starts (the writes release the GIL); :meth:`wait_for_writes` joins it."""
+        import threading
         import time
 
         from ldsc.graphs.graph_store import save_graphs
 
-        try:
-            started = time.perf_counter()
-            save_graphs(folder, parts, identity)
-            self.stages.setdefault("graphs", {})["store_write_s"] = round(time.perf_counter() - started, 3)
-            log.info("graphs: stored in %s", folder)
-        except OSError as err:
-            log.warning("graphs: could not be stored in %s (%s); a resume will build them again", folder,
-                        err.strerror or err)
+        def write() -> None:
+            try:
+                started = time.perf_counter()
+                save_graphs(folder, parts, identity)
+                self.stages.setdefault("graphs", {})["store_write_s"] = round(time.perf_counter() - started, 3)
+                log.info("graphs: stored in %s", folder)
+            except OSError as err:
+                log.warning("graphs: could not be stored in %s (%s); a resume will build them again", folder,
+                            err.strerror or err)
+
+        if not self.background_writes:
+            write()
+            return
+        # (a daemon: a run stopped by a signal does not wait for it; the folder is renamed into place
+        # only when complete, so an unfinished write leaves no store)
+        self._writer = threading.Thread(target=write, name="ldsc-graph-store", daemon=True)
+        self._writer.start()
+
+    def wait_for_writes(self) -> None:
+        """Wait until the graph store written in the background (if any) is on disk."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
 
     def graphs_are_exact(self) -> bool:
         """Whether the whole-data-set graphs were built by exact (brute-force) search."""
