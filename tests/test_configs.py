@@ -112,3 +112,43 @@ def test_docs_stand_alone():
         assert "DESIGN" not in f.read_text(), f
     readme = (repo / "README.md").read_text()
     assert "docs/benchmarks.md" in readme and "docs/method.md" in readme
+
+
+def test_whole_data_set_solvers_named_in_run_are_those_of_the_configs():
+    """run.py builds the features and graphs before importing Lightning for the solvers it names as
+    whole-data-set ones: the names must be exactly the configs' solvers whose graph_scope is dataset."""
+    import yaml
+    from hydra.utils import get_class
+
+    from ldsc.run import WHOLE_DATA_SET_SOLVERS
+
+    docs = [yaml.safe_load(p.read_text()) for p in (Path(config_dir()) / "solver").glob("*.yaml")]
+    targets = {d["_target_"] for d in docs if "_target_" in d}  # (the others extend one of these)
+    assert set(WHOLE_DATA_SET_SOLVERS) == {t for t in targets if get_class(t).graph_scope == "dataset"}
+
+
+def test_data_modules_build_features_and_graphs_without_lightning(tmp_path):
+    """The data stage imports no Lightning (so run.py overlaps Lightning's import with it), and the
+    Lightning view of a built data module shares its state."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from ldsc.runtime.data import SamplesDataModule\n"
+        "from ldsc.features.backbones.pixel import PixelBackbone\n"
+        "from ldsc.graphs.knn import KnnGraphBuilder\n"
+        "from ldsc.features.store import StoreOptions\n"
+        "dm = SamplesDataModule(names=['astronaut.png', 'coffee.png'])\n"
+        f"dm.attach(PixelBackbone(n_features=8), KnnGraphBuilder(pair='vv'), 16, store=StoreOptions(dir={str(tmp_path)!r}), graph_config={{'k': 1}})\n"
+        "dm.build()\n"
+        "assert 'lightning' not in sys.modules, 'the data stage imported Lightning'\n"
+        "from ldsc.runtime.data import as_lightning\n"
+        "import lightning as L\n"
+        "lm = as_lightning(dm)\n"
+        "assert isinstance(lm, L.LightningDataModule) and isinstance(lm, SamplesDataModule)\n"
+        "assert lm.graphs is dm.graphs and lm.stages is dm.stages and lm.trainer is None\n"
+        "assert [g.grid for g in lm.graphs] == [(16, 16), (8, 8), (4, 4)]\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]

@@ -144,16 +144,39 @@ def solver_class(cfg: DictConfig):
     return get_class(cfg.solver._target_)
 
 
-def build_datamodule(cfg: DictConfig):
+#: solvers whose graphs are the whole data set's (``graph_scope`` ``dataset``; a test checks the
+#: classes agree): their runs build the features and graphs before Lightning is needed
+WHOLE_DATA_SET_SOLVERS = ("ldsc.solvers.lobpcg.LobpcgSolver", "ldsc.solvers.exact.ExactSolver")
+
+
+def builds_before_lightning(cfg: DictConfig) -> bool:
+    """Whether this run computes its features and graphs while Lightning is still being imported:
+    one process on the CPU (Lightning would pick no accelerator) with a whole-data-set solver.
+    (Elsewhere the trainer decides the device and the processes first.)"""
+    import torch
+
+    from ldsc.distributed import launch_rank, world_size
+
+    t = cfg.trainer
+    one_process = (world_size() == 1 and launch_rank() == 0 and str(t.get("devices", 1)) in ("1", "auto")
+                   and int(t.get("num_nodes", 1)) == 1 and "strategy" not in t)
+    accelerator = str(t.get("accelerator", "auto"))
+    cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                   and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()))
+    return one_process and cpu and cfg.solver._target_ in WHOLE_DATA_SET_SOLVERS
+
+
+def build_datamodule(cfg: DictConfig, scope: str | None = None):
     """The data module of ``cfg`` with its frozen backbone, graph builder and feature store
-    attached, and the side of the base grid: ``(datamodule, base)``."""
+    attached, and the side of the base grid: ``(datamodule, base)``. ``scope``: the solver's
+    ``graph_scope`` (default: read from its class, which imports Lightning)."""
     from hydra.utils import instantiate
 
     datamodule = instantiate(cfg.data)
     base = base_grid(cfg, datamodule.num_images)
     log.info("%d image(s), base grid %dx%d, K=%d", datamodule.num_images, base, base, cfg.K)
     datamodule.attach(instantiate(cfg.backbone), instantiate(cfg.graph), base, seed=int(cfg.seed),
-                      scope=solver_class(cfg).graph_scope, store=instantiate(cfg.store),
+                      scope=scope or solver_class(cfg).graph_scope, store=instantiate(cfg.store),
                       backbone_config=OmegaConf.to_container(cfg.backbone, resolve=True),
                       graph_config=OmegaConf.to_container(cfg.graph, resolve=True))
     return datamodule, base
@@ -196,19 +219,71 @@ def _fit(cfg: DictConfig):
 
 
 def _fit_inside(cfg: DictConfig):
-    import lightning as L
     from hydra.utils import instantiate
 
-    quiet_lightning()
     from ldsc.distributed import launch_rank
+    from ldsc.profiling import stage
 
     if launch_rank() != 0:  # the other processes of a run on several: warnings and errors only, no repeats
         logging.getLogger("ldsc").setLevel(logging.WARNING)
-    from ldsc.runtime.callbacks import ExportEigenvectors, StageTimer
-    from ldsc.profiling import stage
+    stages: dict = {}
+    fit_stage = stage("fit", stages)  # from the first data work to the end of the export
+    fit_stage.__enter__()
+    early = builds_before_lightning(cfg)
+    if early:
+        # Lightning's import (~3 s of Python) runs in a thread while the features and graphs are
+        # computed here (torch and the compiled loops release the GIL)
+        importer = import_in_background("lightning")
+        seed_everything(int(cfg.seed))
+        datamodule, base = build_datamodule(cfg, scope="dataset")
+        datamodule.stages = stages
+        datamodule.build()
+        importer.join()
+    import lightning as L
 
+    quiet_lightning()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule, base = build_datamodule(cfg)
+    if not early:
+        datamodule, base = build_datamodule(cfg)
+        datamodule.stages = stages
+    return _fit_lightning(cfg, datamodule, base, L, instantiate, lambda: fit_stage.__exit__(None, None, None))
+
+
+def seed_everything(seed: int) -> None:
+    """The seeds ``lightning.seed_everything`` sets (Python, NumPy, torch), before Lightning is imported."""
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ["PL_GLOBAL_SEED"] = str(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def import_in_background(module: str):
+    """A started thread importing ``module`` (joined by the caller; an import error surfaces at the
+    caller's own import afterwards)."""
+    import importlib
+    import threading
+
+    def work() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - the main thread's own import reports it
+            pass
+
+    thread = threading.Thread(target=work, name=f"import-{module}", daemon=True)
+    thread.start()
+    return thread
+
+
+def _fit_lightning(cfg: DictConfig, datamodule, base: int, L, instantiate, end_fit_stage):
+    from ldsc.runtime.callbacks import ExportEigenvectors, StageTimer
+    from ldsc.runtime.data import as_lightning
+
+    datamodule = as_lightning(datamodule)
     datamodule.background_writes = True  # the graph store is written while the solver runs
     n_images = datamodule.num_images
     solver = instantiate(cfg.solver, n_images=n_images, K=int(cfg.K), base_size=base)
@@ -241,8 +316,8 @@ def _fit_inside(cfg: DictConfig):
         ckpt = checkpoint_to_resume(cfg)
         if ckpt:
             check_checkpoint(ckpt, solver, signature, cfg.trainer.get("max_epochs"))
-        with stage("fit", datamodule.stages):
-            trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        trainer.fit(solver, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        end_fit_stage()
         datamodule.wait_for_writes()  # the graph store, written while the solver ran
         datamodule.stages["held_mb"] = held_memory(datamodule.graphs, solver)
         if trainer.world_size > 1:  # each process's own seconds and peak memory

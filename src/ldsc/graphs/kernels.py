@@ -73,7 +73,7 @@ def _sort_desc(vals, ids, k):
         ids[b + 1] = j
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     """Per image ``b`` of ``S`` ``(B, T, T)`` and query row ``t``: the ``k`` largest ``S[b, t, j]``
     with ``j != row0 + t`` (its own token), written to ``out_*[b·T + t]`` as global token ids
@@ -139,7 +139,7 @@ def masked_topk(S: torch.Tensor, q_img: torch.Tensor, k_img: torch.Tensor, key_i
 
 # -- symmetrisation: neighbour lists -> CSR of W = (A + Aᵀ)/2 --------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _sort_rows(idx, sim, threshold, sentinel, kept):
     """In place: each row of the lists sorted by id, dropped entries (id < 0 or similarity at or
     below ``threshold``) given id ``sentinel`` (> every id) and moved to the end; ``kept[r]`` counts
@@ -165,7 +165,7 @@ def _sort_rows(idx, sim, threshold, sentinel, kept):
             sim[r, b + 1] = v
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _transpose(idx, sim, kept, n):
     """``Aᵀ`` in CSR from the sorted lists: ``(ptr, rows, vals)``, each row's entries in increasing
     row order (filled row by row of ``A``)."""
@@ -188,7 +188,7 @@ def _transpose(idx, sim, kept, n):
     return ptr, rows, vals
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _merged_lengths(idx, kept, tptr, trows, out_len):
     """Entries of each row of ``A + Aᵀ``: the union of two sorted id lists (duplicates within one list counted once)."""
     n = idx.shape[0]
@@ -209,7 +209,7 @@ def _merged_lengths(idx, kept, tptr, trows, out_len):
         out_len[r] = count
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _merge_fill(idx, sim, kept, tptr, trows, tvals, optr, oind, oval, degree):
     """Row ``r`` of ``W = (A + Aᵀ)/2`` into ``oind/oval[optr[r]:optr[r+1]]`` (ids increasing,
     equal ids summed) and its row sum into ``degree[r]`` (float64)."""
@@ -241,7 +241,7 @@ def _merge_fill(idx, sim, kept, tptr, trows, tvals, optr, oind, oval, degree):
         degree[r] = d
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _normalize(optr, oind, oval, dinv):
     """``w_ij d_i^{-1/2} d_j^{-1/2}`` in place (the formula of :func:`ldsc.graphs.normalize.normalized_values`)."""
     n = optr.shape[0] - 1
@@ -288,7 +288,7 @@ def symmetrize_lists(idx: np.ndarray, sim: np.ndarray, threshold: float, free: l
 
 # -- the clustered search's tree: a vector's leaf ---------------------------------------------------
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _rows_topk(S, k, out_idx):
     """Column ids of the ``k`` largest entries of each row of ``S`` ``(R, C)``, largest first."""
     R, C = S.shape
@@ -313,7 +313,7 @@ def rows_topk(S: torch.Tensor, k: int) -> torch.Tensor:
     return out
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath=True, nogil=True, cache=True)
 def _best_child(v, beam, first, count, cents, out):
     """Per row of ``v`` ``(R, d)``: the most similar child (a row of ``cents``) of its ``beam``
     nodes (``-1``: none); children of node ``p`` are ``first[p] .. first[p] + count[p]``."""

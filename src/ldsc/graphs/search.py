@@ -193,6 +193,7 @@ def _kmeans(v: Tensor, k: int, seed: int, niter: int = 10) -> Tensor:
     k = max(1, min(k, v.shape[0]))
     if k == 1:
         return F.normalize(v.mean(0, keepdim=True), dim=-1)
+    faiss.omp_set_num_threads(torch.get_num_threads())  # (per calling thread: 1 inside leaf_parallel)
     km = faiss.Kmeans(v.shape[1], k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=64,
                       min_points_per_centroid=1, verbose=False)
     km.train(np.ascontiguousarray(v.numpy(), dtype=np.float32))
@@ -243,17 +244,26 @@ class ClusterTree:
             cents, first, count = [], [], []
             total = 0
             new_node_of = torch.empty(n, dtype=torch.long)
-            for p in range(n_parents):
+            sizes = (offsets[1:] - offsets[:-1]).tolist()
+            n_subs = [max(1, round(m / max(1, list_size)) if last else
+                          min(B0 if level == 0 else B, max(1, round(m / max(1, list_size))))) for m in sizes]
+            # each node's children: its own k-means (seeded by the children numbered before it)
+            seeds = [seed + 1 + sum(min(ns, max(m, 1)) for ns, m in zip(n_subs[:p], sizes[:p])) for p in range(n_parents)]
+            parts: list = [None] * n_parents
+
+            def split(p: int) -> None:
                 members = rows[offsets[p]:offsets[p + 1]]
-                m = members.numel()
-                n_sub = max(1, round(m / max(1, list_size)) if last else
-                            min(B0 if level == 0 else B, max(1, round(m / max(1, list_size)))))
-                if m == 0:
-                    c = self.levels[-1][p:p + 1] if self.levels else F.normalize(y.mean(0, keepdim=True), dim=-1)
+                if members.numel() == 0:
+                    parts[p] = self.levels[-1][p:p + 1] if self.levels else F.normalize(y.mean(0, keepdim=True), dim=-1)
                 else:
-                    c = _kmeans(y[members], n_sub, seed + 1 + total)
-                    if not last:
-                        new_node_of[members] = _nearest(y[members], c) + total
+                    parts[p] = _kmeans(y[members], n_subs[p], seeds[p])
+
+            leaf_parallel(split, n_parents)  # many small k-means: one thread each
+            for p in range(n_parents):
+                c = parts[p]
+                if not last and sizes[p]:
+                    members = rows[offsets[p]:offsets[p + 1]]
+                    new_node_of[members] = _nearest(y[members], c) + total
                 cents.append(c)
                 first.append(total)
                 count.append(c.shape[0])

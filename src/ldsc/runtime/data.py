@@ -18,7 +18,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import lightning as L
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -62,8 +63,12 @@ class _Steps(Dataset):
         return i
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule:
     """Images -> frozen backbone -> feature store -> graphs, for the solver.
+
+    A plain class (importing it does not import Lightning): the features and graphs of a run can
+    be computed while Lightning is still being imported (``run.py``); :func:`as_lightning` gives
+    the same object as a ``LightningDataModule`` for ``Trainer.fit``.
 
     Subclasses implement :meth:`find_images`. ``run.py`` calls :meth:`attach` with the backbone,
     the graph builder, the base grid and the scope the solver works on, before fitting.
@@ -91,6 +96,8 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(self, batch_size: int = 40, num_workers: int = 0, shuffle: bool = True,
                  check_images: bool = True, limit: int | None = None, memory_limit_gb: float | None = None):
         super().__init__()
+        #: the Lightning trainer once fitting (set by Lightning on the :func:`as_lightning` object)
+        self.trainer = None
         self.batch_size, self.num_workers, self.shuffle = int(batch_size), int(num_workers), shuffle
         self.check_images, self.limit = check_images, limit
         self.memory_limit_gb = memory_limit_gb
@@ -333,6 +340,12 @@ class ImageDataModule(L.LightningDataModule):
 
             interrupt.take_over_sigterm(getattr(self.trainer.strategy.launcher, "kill", None))
             patient_child_observer()  # rank 0 finishes its own stop before the launcher's observer kills it
+        self.build()
+
+    def build(self) -> None:
+        """The set-up's work: find the images, fill (or open) the feature store and, in the
+        ``dataset`` scope, build (or open) the whole data set's graphs; done once (a later call, or
+        Lightning's :meth:`setup`, finds them). Without a trainer it runs on the CPU."""
         self.prepare_files()
         self.feature_store()
         if self.scope == "dataset":
@@ -363,6 +376,24 @@ class ImageDataModule(L.LightningDataModule):
                     setattr(layer, name, getattr(layer, name).to(device))
         with torch.no_grad():
             return {"index": batch, "graphs": self.graph_builder(features, self.base_size)}
+
+
+def as_lightning(datamodule: ImageDataModule):
+    """``datamodule`` as a ``LightningDataModule`` (its class with Lightning's base added, the same
+    state: the two share the stages, files, store and graphs computed so far)."""
+    import lightning as L
+
+    out = _lightning_class(type(datamodule)).__new__(_lightning_class(type(datamodule)))
+    L.LightningDataModule.__init__(out)
+    out.__dict__.update({k: v for k, v in datamodule.__dict__.items() if k != "trainer"})
+    return out
+
+
+@functools.cache
+def _lightning_class(cls: type) -> type:
+    import lightning as L
+
+    return type(cls.__name__, (cls, L.LightningDataModule), {"__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 def check_edges(graphs: list, builder) -> None:
