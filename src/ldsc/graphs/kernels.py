@@ -73,17 +73,19 @@ def _sort_desc(vals, ids, k):
         ids[b + 1] = j
 
 
-@njit(parallel=True, nogil=True, cache=True)
+@njit(nogil=True, cache=True)
 def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     """Per image ``b`` of ``S`` ``(B, T, T)`` and query row ``t``: the ``k`` largest ``S[b, t, j]``
     with ``j != row0 + t`` (its own token), written to ``out_*[b·T + t]`` as global token ids
     ``(first_image + b)·tokens + j``."""
     B, R, C = S.shape
-    for r in prange(B * R):
+    vals = np.empty(k, dtype=np.float32)
+    ids = np.empty(k, dtype=np.int64)
+    for r in range(B * R):
         b = r // R
         t = r - b * R
-        vals = np.full(k, NEG_INF, dtype=np.float32)
-        ids = np.full(k, -1, dtype=np.int64)
+        vals[:] = NEG_INF
+        ids[:] = -1
         row = S[b, t]
         own = row0 + t
         for j in range(C):
@@ -101,8 +103,8 @@ def intra_topk(S: torch.Tensor, k: int, first_image: int, tokens: int, row0: int
                out_idx: torch.Tensor, out_sim: torch.Tensor) -> None:
     """Top ``k`` of each row of a block of intra-image similarities ``S`` ``(B, R, T)`` (rows
     ``row0 .. row0 + R`` of images ``first_image ..``), the row's own token excluded, into the
-    ``(B·R, k)`` views ``out_idx`` / ``out_sim`` (global token ids, by decreasing similarity)."""
-    use_torch_threads()
+    ``(B·R, k)`` views ``out_idx`` / ``out_sim`` (global token ids, by decreasing similarity).
+    One thread, without the GIL: the intra-image search calls it from several threads."""
     _intra_topk(S.numpy(), int(k), int(first_image), int(tokens), int(row0), out_idx.numpy(), out_sim.numpy())
 
 

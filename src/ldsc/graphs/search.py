@@ -97,15 +97,29 @@ def intra_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, exclude_self: boo
 
     if tokens * tokens > max_chunk_elements:  # one image's T x T does not fit: blocks of its query rows
         rows_per = max(1, max_chunk_elements // tokens)
-        for i in range(n_images):
-            for r0 in range(0, tokens, rows_per):
-                r1 = min(tokens, r0 + rows_per)
-                select((xb[i, r0:r1] @ yb[i].T).unsqueeze(0), i, r0, slice(i * tokens + r0, i * tokens + r1))
-        return idx, sim
-    per = max(1, max_chunk_elements // (tokens * tokens))
-    for s in range(0, n_images, per):
-        e = min(n_images, s + per)
-        select(torch.bmm(xb[s:e], yb[s:e].transpose(1, 2)), s, 0, slice(s * tokens, e * tokens))  # (b, T, T)
+        if on_cpu:  # per worker thread a share of the block size
+            rows_per = max(1, rows_per // max(1, torch.get_num_threads()))
+        tasks = [(i, r0, min(tokens, r0 + rows_per)) for i in range(n_images) for r0 in range(0, tokens, rows_per)]
+
+        def rows_task(t: int) -> None:
+            i, r0, r1 = tasks[t]
+            select((xb[i, r0:r1] @ yb[i].T).unsqueeze(0), i, r0, slice(i * tokens + r0, i * tokens + r1))
+    else:
+        # CPU: small blocks (~2²¹ similarities, a few images), one per worker thread, each with one
+        # torch thread (a block's product and its selection stay in that core's cache: 4.8 -> 2.8 s
+        # on 10⁶ tokens of 1,024 per image); GPU: blocks of max_chunk_elements
+        per = max(1, (2**21 if on_cpu else max_chunk_elements) // (tokens * tokens))
+        per = min(per, max(1, max_chunk_elements // (tokens * tokens)))
+        tasks = [(s, min(n_images, s + per)) for s in range(0, n_images, per)]
+
+        def rows_task(t: int) -> None:
+            s, e = tasks[t]
+            select(torch.bmm(xb[s:e], yb[s:e].transpose(1, 2)), s, 0, slice(s * tokens, e * tokens))  # (b, T, T)
+    if on_cpu:
+        run_parallel(rows_task, len(tasks))
+    else:
+        for t in range(len(tasks)):
+            rows_task(t)
     return idx, sim
 
 
@@ -193,7 +207,7 @@ def _kmeans(v: Tensor, k: int, seed: int, niter: int = 10) -> Tensor:
     k = max(1, min(k, v.shape[0]))
     if k == 1:
         return F.normalize(v.mean(0, keepdim=True), dim=-1)
-    faiss.omp_set_num_threads(torch.get_num_threads())  # (per calling thread: 1 inside leaf_parallel)
+    faiss.omp_set_num_threads(torch.get_num_threads())  # (per calling thread: 1 inside run_parallel)
     km = faiss.Kmeans(v.shape[1], k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=64,
                       min_points_per_centroid=1, verbose=False)
     km.train(np.ascontiguousarray(v.numpy(), dtype=np.float32))
@@ -258,7 +272,7 @@ class ClusterTree:
                 else:
                     parts[p] = _kmeans(y[members], n_subs[p], seeds[p])
 
-            leaf_parallel(split, n_parents)  # many small k-means: one thread each
+            run_parallel(split, n_parents)  # many small k-means: one thread each
             for p in range(n_parents):
                 c = parts[p]
                 if not last and sizes[p]:
@@ -349,7 +363,7 @@ def _by_list(assign: Tensor, nlist: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
-def leaf_parallel(work: Callable[[int], None], n: int) -> None:
+def run_parallel(work: Callable[[int], None], n: int) -> None:
     """``work(i)`` for ``i`` in ``range(n)`` on as many threads as torch has, each running its
     torch operations on one thread (restored afterwards); ``work`` must write disjoint outputs."""
     threads = torch.get_num_threads()
@@ -434,7 +448,7 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
     # a leaf's products are small: parallel over leaves (one torch thread per worker, the
     # compiled selection without the GIL) rather than inside each product, whose threads would
     # mostly wait at its barriers
-    leaf_parallel(search_leaf, tree.nlist)
+    run_parallel(search_leaf, tree.nlist)
     return korder
 
 
