@@ -21,9 +21,11 @@ Methods, each a fresh subprocess timed from start to exit (imports included), ru
 other in this benchmark so that both see the same machine load:
 
 * ``ldsc``: ``python -m ldsc.run`` with a fresh feature store (figures drawn the default way: by a
-  background process once ``eigvecs.pt`` is written); its ``stages.json`` gives the seconds of
-  each stage, and ``outside_fit_s`` = whole process − the stages (interpreter, imports, config,
-  image checks, exit).
+  background process once ``eigvecs.pt`` is written; the benchmark waits for that process before
+  the next measurement and reports ``figures_ready_after_s``); its ``stages.json`` gives the
+  seconds of each stage, and ``outside_fit_s`` = whole process − ``fit`` (the fit stage runs from
+  the first image read to the end of the export; outside it: the interpreter, the imports before
+  the data work, the config, the exit).
 * ``ncut-pytorch``: a process that loads the images (ldsc's own reader, no Lightning), computes
   the same pixel features of the finest layer and runs ``Ncut(n_eig=K).fit_transform`` (its own
   Nyström normalised cut on an RBF graph of those features; ``pip install ncut-pytorch``, or in a
@@ -124,6 +126,26 @@ def _case(name: str, args) -> tuple[list[str], int, int | None, int | None, bool
     raise SystemExit(f"unknown case {name!r}: choose from startup, coco, single, crops300, crops1k")
 
 
+def wait_for_figures(run_log: Path, timeout: float = 600.0) -> float | None:
+    """Wait until the figures' background process named in ``run_log`` (if any) has exited;
+    returns the seconds waited (``None``: the run drew no figures in the background)."""
+    import os
+    import re
+
+    text = run_log.read_text(errors="replace") if run_log.is_file() else ""
+    found = re.search(r"drawn in the background by process (\d+)", text)
+    if not found:
+        return None
+    pid, t = int(found.group(1)), time.perf_counter()
+    while time.perf_counter() - t < timeout:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    return round(time.perf_counter() - t, 2)
+
+
 def startup(py: str, ncut_py: str, repeats: int = 3) -> None:
     """Seconds of the imports alone (best of ``repeats``): what every run pays before its work."""
     def best(cmd):
@@ -191,8 +213,11 @@ def main(argv=None) -> None:
                 wall, _ = timed([py, "-m", "ldsc.run", *over, *args.override, f"store.dir={tmp / 'store'}",
                                  f"hydra.run.dir={tmp / 'ldsc'}"])
                 stages = json.loads((tmp / "ldsc" / "stages.json").read_text())
+                # the figures' process must not run beside the next measurement: wait for it
+                figures_s = wait_for_figures(tmp / "ldsc" / "run.log")
                 print(json.dumps({"case": case, "method": "ldsc", "overrides": args.override,
                                   "wall_s": round(wall, 2),
+                                  "figures_ready_after_s": figures_s,
                                   "outside_fit_s": round(wall - stages["fit"]["seconds"], 2),
                                   "alignment": align(tmp / "ldsc" / "eigvecs.pt", ref) if ref else None,
                                   "stages": stages}), flush=True)
