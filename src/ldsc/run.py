@@ -231,12 +231,14 @@ def _fit_inside(cfg: DictConfig):
     fit_stage.__enter__()
     early = builds_before_lightning(cfg)
     if early:
-        # Lightning's import (~3 s of Python) runs in a thread while the features and graphs are
-        # computed here (torch and the compiled loops release the GIL)
-        importer = import_in_background("lightning")
+        # Lightning's import (~3 s of Python) runs in a thread while the graphs are built here
+        # (torch and the compiled loops release the GIL; reading the images mostly holds it, so
+        # the import starts after the features)
         seed_everything(int(cfg.seed))
         datamodule, base = build_datamodule(cfg, scope="dataset")
         datamodule.stages = stages
+        datamodule.feature_store()
+        importer = import_in_background("lightning")
         datamodule.build()
         importer.join()
     import lightning as L
