@@ -69,3 +69,18 @@ def test_symmetrize_lists_equals_the_dense_definition():
                                 torch.from_numpy(values).double(), size=(n, n)).to_dense()
     assert torch.allclose(torch.from_numpy(degree), d, atol=1e-6)
     assert torch.allclose(S, dinv[:, None] * W * dinv[None, :], atol=1e-6)
+
+
+def test_relabel_in_place_permutes_rows_and_maps_ids():
+    g = torch.Generator().manual_seed(3)
+    n, k = 50, 4
+    idx = torch.randint(-1, n, (n, k), generator=g, dtype=torch.int32)
+    sim = torch.rand(n, k, generator=g)
+    order = torch.randperm(n, generator=g)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(n)
+    want_sim = sim[order].clone()
+    ids = idx[order].long()
+    want_idx = torch.where(ids >= 0, rank[ids.clamp_min(0)], -1).int()
+    kernels.relabel_in_place(idx.numpy(), sim.numpy(), order.numpy(), rank.numpy())
+    assert torch.equal(idx, want_idx) and torch.equal(sim, want_sim)

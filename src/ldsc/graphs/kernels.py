@@ -349,3 +349,48 @@ def best_child(v: torch.Tensor, beam: torch.Tensor, first: torch.Tensor, count: 
     _best_child(v.contiguous().numpy(), beam.numpy(), first.numpy(), count.numpy(), cents.contiguous().numpy(),
                 out.numpy())
     return out
+
+
+# -- relabelling neighbour lists (the clustered search's leaf order) ---------------------------------
+
+@njit(nogil=True, cache=True)
+def _permute_rows(idx, sim, order):
+    """In place: row ``r`` becomes the old row ``order[r]`` (both arrays), by following the
+    permutation's cycles with one row held aside (no copy of the lists)."""
+    n, k = idx.shape
+    done = np.zeros(n, dtype=np.bool_)
+    ti = np.empty(k, dtype=idx.dtype)
+    ts = np.empty(k, dtype=sim.dtype)
+    for i in range(n):
+        if done[i]:
+            continue
+        ti[:] = idx[i]
+        ts[:] = sim[i]
+        j = i
+        while True:
+            done[j] = True
+            src = order[j]
+            if src == i:
+                idx[j] = ti
+                sim[j] = ts
+                break
+            idx[j] = idx[src]
+            sim[j] = sim[src]
+            j = src
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def _map_ids(idx, rank):
+    n, k = idx.shape
+    for r in prange(n):
+        for a in range(k):
+            if idx[r, a] >= 0:
+                idx[r, a] = rank[idx[r, a]]
+
+
+def relabel_in_place(idx: np.ndarray, sim: np.ndarray, order: np.ndarray, rank: np.ndarray) -> None:
+    """Neighbour lists of tokens -> the lists of the nodes ``order`` (node ``r`` is token
+    ``order[r]``; ``rank`` its inverse), in place: rows permuted, ids mapped (``-1`` kept)."""
+    use_torch_threads()
+    _permute_rows(idx, sim, order)
+    _map_ids(idx, rank)

@@ -533,7 +533,7 @@ class KnnGraphBuilder:
                     else:
                         if order is not None:  # store similar tokens next to each other (cache-local products)
                             rank = DatasetGraph.inverse(order)
-                            lists = list(relabel_lists(lists[0], lists[1], order, rank))
+                            relabel_lists(lists[0], lists[1], order, rank)  # in place
                         # (not `*lists`: a starred call keeps its argument tuple, and so both lists, alive
                         # until it returns — 4 GB at 10⁷ tokens held through the whole symmetrisation)
                         blocks, degree = symmetric_normalized_blocks(lists[0], lists[1], self.threshold, free=lists)

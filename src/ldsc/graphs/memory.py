@@ -15,7 +15,7 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     assumed) and its node order; ``build``: the largest of building one layer on top of the graphs
     built before it — while searching, its unit vectors (``vectors`` kinds of ``N × dim`` float32,
     and the keys once more in leaf order for the clustered search), its lists and the intra-image
-    lists in int64; while relabelling, two copies of the lists; while symmetrising, the lists,
+    lists in int64; while relabelling, the lists (in place); while symmetrising, the lists,
     their transpose and ``W`` (an upper bound: the lists are freed once ``A`` is formed); ``solver``: six ``N_base × columns``
     float32 blocks of LOBPCG plus three of the largest layer for a product. ``peak`` = the larger
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
