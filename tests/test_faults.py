@@ -250,3 +250,25 @@ def test_a_signal_before_the_run_started_waits_for_the_runs_own_handler():
         assert caught.value.exit_code == 130
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
+def test_a_signal_while_an_image_is_decoded_stops_the_run_rather_than_skipping_the_image(tmp_path, monkeypatch):
+    """Ctrl-C lands while PIL decodes: the handler's RunInterrupted must leave load_image as it is
+    (it was turned into "cannot be read", the image skipped and the stop deferred to the solver)."""
+    import skimage.data
+    from PIL import Image
+
+    from ldsc.features import images
+    from ldsc.interrupt import RunInterrupted
+
+    path = tmp_path / "coffee.png"
+    Image.fromarray(skimage.data.coffee()).save(path)
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("Stopped by SIGINT before the solver started.", 2)
+
+    monkeypatch.setattr(images.Image, "open", interrupted)
+    with pytest.raises(RunInterrupted):
+        images.load_image(path)
+    with pytest.raises(RunInterrupted):
+        images.readable_images([str(path)])

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ldsc.errors import ConfigError, DataError
+from ldsc.errors import ConfigError, DataError, LdscError
 from ldsc.features.backbones.base import LayerFeatures
 from ldsc.features.store import MemoryStore
 from ldsc.graphs.extension import FittedGraph, new_token_rows
@@ -341,6 +341,8 @@ class LDSC:
             with safe_open(str(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("ldsc", "null") or "null")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except LdscError:  # a signal's RunInterrupted: not a damaged file
+            raise
         except Exception as err:  # safetensors raises its own error types for damaged files
             raise DataError(f"'{path}' is not a readable LDSC model file ({type(err).__name__}: {err}).") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from PIL import Image, ImageFile, ImageOps
 
-from ldsc.errors import DataError, SettingError
+from ldsc.errors import DataError, LdscError, SettingError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
@@ -67,7 +67,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                 canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(canvas, rgba).convert("RGB")
             return im.convert("RGB")
-    except DataError:
+    except LdscError:  # (also a signal's RunInterrupted raised while decoding: not a bad image)
         raise
     except Exception as err:  # PIL raises many types for corrupt files
         raise DataError(f"Image file '{path}' cannot be read as an image ({type(err).__name__}: {err}).") from err

@@ -365,7 +365,9 @@ def _by_list(assign: Tensor, nlist: int) -> tuple[Tensor, Tensor]:
 
 def run_parallel(work: Callable[[int], None], n: int) -> None:
     """``work(i)`` for ``i`` in ``range(n)`` on as many threads as torch has, each running its
-    torch operations on one thread (restored afterwards); ``work`` must write disjoint outputs."""
+    torch operations on one thread (restored afterwards); ``work`` must write disjoint outputs.
+    An exception (a signal's stop included) cancels the tasks not started and is raised once the
+    running ones end (a run of at most 64 items each)."""
     threads = torch.get_num_threads()
     if threads <= 1 or n < 2:
         for i in range(n):
@@ -373,16 +375,19 @@ def run_parallel(work: Callable[[int], None], n: int) -> None:
         return
     from concurrent.futures import ThreadPoolExecutor
 
+    step = max(1, min(64, n // (8 * threads)))  # contiguous runs of items: cache-friendly, balanced
+
+    def run(start: int) -> None:
+        for i in range(start, min(n, start + step)):
+            work(i)
+
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(threads)
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            step = max(1, min(64, n // (8 * threads)))  # contiguous runs of leaves: cache-friendly, balanced
-            def run(start: int) -> None:
-                for i in range(start, min(n, start + step)):
-                    work(i)
-            for f in [pool.submit(run, s) for s in range(0, n, step)]:
-                f.result()
+        for f in [pool.submit(run, s) for s in range(0, n, step)]:
+            f.result()
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)
 
 
