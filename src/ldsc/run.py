@@ -145,12 +145,12 @@ def solver_class(cfg: DictConfig):
 
 
 #: solvers whose graphs are the whole data set's (``graph_scope`` ``dataset``; a test checks the
-#: classes agree): their runs build the features and graphs before Lightning is needed
+#: classes agree): their runs build the features and graphs before Lightning is imported
 WHOLE_DATA_SET_SOLVERS = ("ldsc.solvers.lobpcg.LobpcgSolver", "ldsc.solvers.exact.ExactSolver")
 
 
 def builds_before_lightning(cfg: DictConfig) -> bool:
-    """Whether this run computes its features and graphs while Lightning is still being imported:
+    """Whether this run computes its features and graphs before importing Lightning:
     one process on the CPU (Lightning would pick no accelerator) with a whole-data-set solver.
     (Elsewhere the trainer decides the device and the processes first.)"""
     import torch
@@ -231,16 +231,14 @@ def _fit_inside(cfg: DictConfig):
     fit_stage.__enter__()
     early = builds_before_lightning(cfg)
     if early:
-        # Lightning's import (~3 s of Python) runs in a thread while the graphs are built here
-        # (torch and the compiled loops release the GIL; reading the images mostly holds it, so
-        # the import starts after the features)
+        # the features and graphs before Lightning (3 s of imports): a problem with the data or the
+        # graphs is reported without waiting for it. (Importing Lightning in a thread meanwhile
+        # saved ~1.5 s on 1,000 crops, but two threads importing at once can see a package half
+        # initialised — scipy's `_lib` once, in the test suite — so it is imported here, after.)
         seed_everything(int(cfg.seed))
         datamodule, base = build_datamodule(cfg, scope="dataset")
         datamodule.stages = stages
-        datamodule.feature_store()
-        importer = import_in_background("lightning")
         datamodule.build()
-        importer.join()
     import lightning as L
 
     quiet_lightning()
@@ -262,23 +260,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def import_in_background(module: str):
-    """A started thread importing ``module`` (joined by the caller; an import error surfaces at the
-    caller's own import afterwards)."""
-    import importlib
-    import threading
-
-    def work() -> None:
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - the main thread's own import reports it
-            pass
-
-    thread = threading.Thread(target=work, name=f"import-{module}", daemon=True)
-    thread.start()
-    return thread
 
 
 def _fit_lightning(cfg: DictConfig, datamodule, base: int, L, instantiate, end_fit_stage):

@@ -66,9 +66,10 @@ class _Steps(Dataset):
 class ImageDataModule:
     """Images -> frozen backbone -> feature store -> graphs, for the solver.
 
-    A plain class (importing it does not import Lightning): the features and graphs of a run can
-    be computed while Lightning is still being imported (``run.py``); :func:`as_lightning` gives
-    the same object as a ``LightningDataModule`` for ``Trainer.fit``.
+    A plain class (importing it does not import Lightning): a one-process run computes the
+    features and graphs before Lightning is imported (``run.py``), so a problem with them is
+    reported without that wait; :func:`as_lightning` gives the same object as a
+    ``LightningDataModule`` for ``Trainer.fit``.
 
     Subclasses implement :meth:`find_images`. ``run.py`` calls :meth:`attach` with the backbone,
     the graph builder, the base grid and the scope the solver works on, before fitting.
