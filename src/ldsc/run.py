@@ -232,9 +232,9 @@ def _fit_inside(cfg: DictConfig):
     early = builds_before_lightning(cfg)
     if early:
         # the features and graphs before Lightning (3 s of imports): a problem with the data or the
-        # graphs is reported without waiting for it. (Importing Lightning in a thread meanwhile
-        # saved ~1.5 s on 1,000 crops, but two threads importing at once can see a package half
-        # initialised — scipy's `_lib` once, in the test suite — so it is imported here, after.)
+        # graphs is reported without waiting for it. (Importing Lightning in a thread meanwhile was
+        # tried: it competed with the graph stage for the cores, and two threads importing at once
+        # can meet a package half initialised — scipy's `_lib`, once in the test suite.)
         seed_everything(int(cfg.seed))
         datamodule, base = build_datamodule(cfg, scope="dataset")
         datamodule.stages = stages

@@ -262,7 +262,8 @@ class ClusterTree:
             n_subs = [max(1, round(m / max(1, list_size)) if last else
                           min(B0 if level == 0 else B, max(1, round(m / max(1, list_size))))) for m in sizes]
             # each node's children: its own k-means (seeded by the children numbered before it)
-            seeds = [seed + 1 + sum(min(ns, max(m, 1)) for ns, m in zip(n_subs[:p], sizes[:p])) for p in range(n_parents)]
+            counts = [min(ns, max(m, 1)) for ns, m in zip(n_subs, sizes)]  # children each node gets
+            seeds = [seed + 1 + before for before in np.cumsum([0] + counts[:-1]).tolist()]
             parts: list = [None] * n_parents
 
             def split(p: int) -> None:
