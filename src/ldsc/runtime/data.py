@@ -384,7 +384,8 @@ def as_lightning(datamodule: ImageDataModule):
     state: the two share the stages, files, store and graphs computed so far)."""
     import lightning as L
 
-    out = _lightning_class(type(datamodule)).__new__(_lightning_class(type(datamodule)))
+    cls = _lightning_class(type(datamodule))
+    out = cls.__new__(cls)
     L.LightningDataModule.__init__(out)
     out.__dict__.update({k: v for k, v in datamodule.__dict__.items() if k != "trainer"})
     return out
