@@ -2,6 +2,7 @@
 with plain torch operations."""
 
 import numpy as np
+import pytest
 import torch
 
 from ldsc.graphs import kernels
@@ -20,6 +21,26 @@ def test_intra_topk_equals_topk_without_the_own_token():
     v, j = ref.topk(k, dim=2)
     assert torch.equal(sim, v.reshape(-1, k))
     assert torch.equal(idx.long(), (j + (torch.arange(7, 7 + B) * T).view(-1, 1, 1)).reshape(-1, k))
+
+
+@pytest.mark.parametrize("k", [5, kernels.SORTED_MAX_K + 7])  # the sorted-list path and the heap path
+def test_selection_keeps_the_lower_column_among_equal_similarities(k):
+    """Quantised similarities (many ties, also at the k-th place): each row's k best by decreasing
+    value, equal values by increasing column — a stable sort's first k, own token excluded."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 2, 90
+    S = (torch.rand(B, T, T, generator=g) * 8).floor() / 8
+    idx = torch.empty(B * T, k, dtype=torch.int64)
+    sim = torch.empty(B * T, k)
+    kernels.intra_topk(S, k, 0, T, 0, idx, sim)
+    ref = S.clone()
+    r = torch.arange(T)
+    ref[:, r, r] = float("-inf")
+    v, j = ref.sort(dim=2, descending=True, stable=True)
+    assert torch.equal(sim, v[..., :k].reshape(-1, k))
+    assert torch.equal(idx, (j[..., :k] + (torch.arange(B) * T).view(-1, 1, 1)).reshape(-1, k))
+    cols = kernels.rows_topk(ref.reshape(-1, T).contiguous(), k)
+    assert torch.equal(cols, j[..., :k].reshape(-1, k))
 
 
 def test_masked_topk_skips_own_image_keys_and_pads_short_rows():

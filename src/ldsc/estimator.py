@@ -115,7 +115,7 @@ class LDSC:
 
     def __init__(self, K: int = 15, graph: str = "vv", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
                  base_size: int | None = None, search: str = "auto", heads: str = "concat", dim: int | str | None = "auto",
-                 tol: float = 1e-3, max_iters: int = 1000, oversample: int = 5, extend_iters: int = 20, seed: int = 0,
+                 tol: float = 3e-3, max_iters: int = 1000, oversample: int = 5, extend_iters: int = 20, seed: int = 0,
                  device: str = "cpu", progress: bool = True, multilevel: bool = True, **graph_options):
         if graph not in PAIRS:
             raise ConfigError(f"graph must be one of {sorted(PAIRS)}, not {graph!r}.")

@@ -238,6 +238,7 @@ def _fit_inside(cfg: DictConfig):
         seed_everything(int(cfg.seed))
         datamodule, base = build_datamodule(cfg, scope="dataset")
         datamodule.stages = stages
+        datamodule.background_writes = True  # the graph store is written while Lightning is imported
         datamodule.build()
     import lightning as L
 
@@ -267,7 +268,7 @@ def _fit_lightning(cfg: DictConfig, datamodule, base: int, L, instantiate, end_f
     from ldsc.runtime.data import as_lightning
 
     datamodule = as_lightning(datamodule)
-    datamodule.background_writes = True  # the graph store is written while the solver runs
+    datamodule.background_writes = True  # the graph store is written while the solver starts
     n_images = datamodule.num_images
     solver = instantiate(cfg.solver, n_images=n_images, K=int(cfg.K), base_size=base)
     # the solver's state with an optimiser's two moments and the gradient (the memory check counts it)

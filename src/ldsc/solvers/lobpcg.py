@@ -61,7 +61,7 @@ class LobpcgSolver(EigenSolver):
     #: the iteration's row blocks (table, then the buffers)
     ROW_STATE = ("table", "MX", "P", "MP")
 
-    def __init__(self, n_images: int, K: int, base_size: int, tol: float = 1e-3, iters_per_step: int = 10,
+    def __init__(self, n_images: int, K: int, base_size: int, tol: float = 3e-3, iters_per_step: int = 10,
                  oversample: int = 5, dtype: str = "float32", init_scale: float = 1.0, multilevel: bool = True):
         super().__init__(n_images, K, base_size, init_scale=init_scale, ema=None, table=False)
         #: whether the processes agreed to stop at this step (see :meth:`stop_requested`)
