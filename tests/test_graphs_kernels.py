@@ -92,6 +92,23 @@ def test_symmetrize_lists_equals_the_dense_definition():
     assert torch.allclose(S, dinv[:, None] * W * dinv[None, :], atol=1e-6)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_transpose_in_bands_equals_one_band(parts):
+    """Aᵀ counted and filled by bands of rows at once (one per thread) is the one-band counting
+    sort: the same pointers, and each column's rows in increasing order (a row listing a column twice: twice)."""
+    g = torch.Generator().manual_seed(4)
+    n, k = 1000, 5
+    idx = torch.randint(0, n, (n, k), generator=g, dtype=torch.int32).numpy()
+    sim = torch.rand(n, k, generator=g).numpy()
+    kept = torch.randint(0, k + 1, (n,), generator=g).numpy().astype(np.int64)
+    one = kernels._transpose(idx, sim, kept, n, 1)
+    banded = kernels._transpose(idx, sim, kept, n, parts)
+    for a, b in zip(one, banded):
+        assert np.array_equal(a, b)
+    ptr, rows, _ = one
+    assert ptr[-1] == kept.sum() and all(np.all(np.diff(rows[ptr[c]:ptr[c + 1]]) >= 0) for c in range(n))
+
+
 def test_relabel_in_place_permutes_rows_and_maps_ids():
     g = torch.Generator().manual_seed(3)
     n, k = 50, 4

@@ -192,26 +192,37 @@ def _sort_rows(idx, sim, threshold, sentinel, kept):
             sim[r, b + 1] = v
 
 
-@njit(nogil=True, cache=True)
-def _transpose(idx, sim, kept, n):
+@njit(parallel=True, nogil=True, cache=True)
+def _transpose(idx, sim, kept, n, parts):
     """``Aᵀ`` in CSR from the sorted lists: ``(ptr, rows, vals)``, each row's entries in increasing
-    row order (filled row by row of ``A``)."""
+    row order. A counting sort in ``parts`` bands of rows at once: each band counts its entries
+    per column, a pass over the columns turns the counts into each band's first slot (band 0's
+    rows before band 1's), and each band fills its slots row by row."""
+    m = idx.shape[0]
+    counts = np.zeros((parts, n), dtype=np.int64)
+    for c in prange(parts):
+        for r in range(c * m // parts, (c + 1) * m // parts):
+            for a in range(kept[r]):
+                counts[c, idx[r, a]] += 1
     ptr = np.zeros(n + 1, dtype=np.int64)
-    for r in range(idx.shape[0]):
-        for a in range(kept[r]):
-            ptr[idx[r, a] + 1] += 1
-    for c in range(n):
-        ptr[c + 1] += ptr[c]
-    rows = np.empty(ptr[n], dtype=np.int32)
-    vals = np.empty(ptr[n], dtype=np.float32)
-    pos = ptr[:n].copy()
-    for r in range(idx.shape[0]):
-        for a in range(kept[r]):
-            c = idx[r, a]
-            p = pos[c]
-            rows[p] = r
-            vals[p] = sim[r, a]
-            pos[c] = p + 1
+    p = 0
+    for col in range(n):
+        ptr[col] = p
+        for c in range(parts):
+            here = counts[c, col]
+            counts[c, col] = p
+            p += here
+    ptr[n] = p
+    rows = np.empty(p, dtype=np.int32)
+    vals = np.empty(p, dtype=np.float32)
+    for c in prange(parts):
+        for r in range(c * m // parts, (c + 1) * m // parts):
+            for a in range(kept[r]):
+                col = idx[r, a]
+                q = counts[c, col]
+                rows[q] = r
+                vals[q] = sim[r, a]
+                counts[c, col] = q + 1
     return ptr, rows, vals
 
 
@@ -295,7 +306,8 @@ def symmetrize_lists(idx: np.ndarray, sim: np.ndarray, threshold: float, free: l
     sim = np.ascontiguousarray(sim, dtype=np.float32)
     kept = np.empty(n, dtype=np.int64)
     _sort_rows(idx, sim, np.float32(threshold), idx.dtype.type(n), kept)
-    tptr, trows, tvals = _transpose(idx, sim, kept, n)
+    # (bands: one per thread, at most 8: each holds a count per column)
+    tptr, trows, tvals = _transpose(idx, sim, kept, n, max(1, min(get_num_threads(), 8, n // 4096)))
     lengths = np.empty(n, dtype=np.int64)
     _merged_lengths(idx, kept, tptr, trows, lengths)
     total = int(lengths.sum())

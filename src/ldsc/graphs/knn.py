@@ -283,7 +283,7 @@ class KnnGraphBuilder:
     def __init__(self, pair: str = "qk", k_intra: int = 25, k_inter: int = 25, threshold: float = 0.1,
                  heads: str = "concat", max_chunk_elements: int = 2**24, search: str = "auto",
                  exact_max_tokens: int = 16384, gpu_exact_max_tokens: int = 1048576, list_size: int = 128,
-                 nprobe: int = 8, nlist: int | None = None,
+                 nprobe: int = 6, nlist: int | None = None,
                  hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                  dim: int | str | None = "auto", max_vectors_gb: float = 3.0, auto_dim: int = 128, reduce: str = "pca",
                  seed: int = 0, rebuild: bool = False):

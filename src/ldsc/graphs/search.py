@@ -459,7 +459,7 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
 
 
 def inter_image_knn(x: Tensor, y: Tensor, tokens: int, k: int, method: str = "exact", nlist: int | None = None,
-                    nprobe: int = 8, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
+                    nprobe: int = 6, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                     list_size: int = 128, max_chunk_elements: int = 2**24, seed: int = 0,
                     progress: Callable | None = None, out: tuple[Tensor, Tensor] | None = None,
                     return_order: bool = False, queries: tuple[int, int] | None = None,
@@ -567,7 +567,7 @@ class TokenIndex:
     """
 
     def __init__(self, y: Tensor, method: str = "auto", exact_max_tokens: int = 16384, nlist: int | None = None,
-                 nprobe: int = 8, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
+                 nprobe: int = 6, hnsw_m: int = 32, ef_search: int = 256, ef_construction: int = 64,
                  list_size: int = 128, seed: int = 0):
         self.method = choose_search(method, y.shape[0], exact_max_tokens)
         self.nprobe, self.ef_search = int(nprobe), int(ef_search)
