@@ -138,9 +138,11 @@ def _masked_topk(S, q_img, k_img, key_ids, k, out_rows, out_idx, out_sim):
     """Per query row ``r`` of ``S`` ``(Q, C)``: the ``k`` largest ``S[r, j]`` over the keys ``j``
     of other images (``k_img[j] != q_img[r]``), written to row ``out_rows[r]`` as ``key_ids[j]``."""
     Q, C = S.shape
+    vals = np.empty(k, dtype=np.float32)
+    ids = np.empty(k, dtype=np.int64)
     for r in range(Q):
-        vals = np.full(k, NEG_INF, dtype=np.float32)
-        ids = np.full(k, -1, dtype=np.int64)
+        vals[:] = NEG_INF
+        ids[:] = -1
         mine = q_img[r]
         row = S[r]
         for j in range(C):
@@ -331,17 +333,21 @@ def symmetrize_lists(idx: np.ndarray, sim: np.ndarray, threshold: float, free: l
 def _rows_topk(S, k, out_idx):
     """Column ids of the ``k`` largest entries of each row of ``S`` ``(R, C)``, largest first."""
     R, C = S.shape
-    for r in prange(R):
-        vals = np.full(k, NEG_INF, dtype=np.float32)
-        ids = np.full(k, -1, dtype=np.int64)
-        row = S[r]
-        for j in range(C):
-            v = row[j]
-            if v > _worst(vals, k):
-                _push(vals, ids, k, v, j)
-        _finish(vals, ids, k)
-        for a in range(k):
-            out_idx[r, a] = ids[a]
+    step = 256
+    for c in prange((R + step - 1) // step):  # bands of rows: one buffer each
+        vals = np.empty(k, dtype=np.float32)
+        ids = np.empty(k, dtype=np.int64)
+        for r in range(c * step, min(R, (c + 1) * step)):
+            vals[:] = NEG_INF
+            ids[:] = -1
+            row = S[r]
+            for j in range(C):
+                v = row[j]
+                if v > _worst(vals, k):
+                    _push(vals, ids, k, v, j)
+            _finish(vals, ids, k)
+            for a in range(k):
+                out_idx[r, a] = ids[a]
 
 
 def rows_topk(S: torch.Tensor, k: int) -> torch.Tensor:
