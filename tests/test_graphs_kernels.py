@@ -43,6 +43,37 @@ def test_selection_keeps_the_lower_column_among_equal_similarities(k):
     assert torch.equal(cols, j[..., :k].reshape(-1, k))
 
 
+def test_selection_is_the_same_whether_the_previous_row_guesses_right_or_not():
+    """Each row is first searched among the columns near the previous row's k-th best: rows alike
+    (the guess holds) and rows of alternating scale (it fails every other row, and the row is
+    scanned in full) give the definition's answer."""
+    g = torch.Generator().manual_seed(5)
+    B, T, k = 2, 300, 7
+    base = torch.rand(T, generator=g)
+    alike = (base + 0.01 * torch.rand(B, T, T, generator=g)).contiguous()
+    unlike = torch.rand(B, T, T, generator=g) * torch.tensor([1.0, 0.3]).repeat(T // 2).view(1, T, 1)
+    for S in (alike, unlike):
+        idx = torch.empty(B * T, k, dtype=torch.int64)
+        sim = torch.empty(B * T, k)
+        kernels.intra_topk(S, k, 0, T, 0, idx, sim)
+        ref = S.clone()
+        r = torch.arange(T)
+        ref[:, r, r] = float("-inf")
+        v, j = ref.sort(dim=2, descending=True, stable=True)
+        assert torch.equal(sim, v[..., :k].reshape(-1, k))
+        assert torch.equal(idx, (j[..., :k] + (torch.arange(B) * T).view(-1, 1, 1)).reshape(-1, k))
+        rows = S.reshape(-1, T)[:T]  # one image's rows as leaf queries; keys of 3 images, the query's own masked
+        q_img = torch.zeros(T, dtype=torch.long)
+        k_img = torch.arange(T) % 3
+        out_i = torch.empty(T, k, dtype=torch.int64)
+        out_s = torch.empty(T, k)
+        kernels.masked_topk(rows.contiguous(), q_img, k_img, torch.arange(T), k, torch.arange(T), out_i, out_s)
+        masked = rows.clone()
+        masked[:, k_img == 0] = float("-inf")
+        v, j = masked.sort(dim=1, descending=True, stable=True)
+        assert torch.equal(out_s, v[:, :k]) and torch.equal(out_i, j[:, :k])
+
+
 def test_masked_topk_skips_own_image_keys_and_pads_short_rows():
     g = torch.Generator().manual_seed(1)
     Q, C, k = 6, 9, 3

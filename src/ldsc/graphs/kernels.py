@@ -98,6 +98,23 @@ def _finish(vals, ids, k):
         ids[b + 1] = j
 
 
+#: a row's candidates are first looked for at or above the previous row's k-th best minus this
+#: (similar tokens come one after the other: neighbouring pixels, a leaf's queries); when fewer
+#: than k of them qualify the row is scanned again in full (the same answer either way)
+GUESS_MARGIN = np.float32(0.05)
+
+
+@njit(inline="always", cache=True)
+def _at_least(row, C, bar, buf):
+    """Columns of ``row`` with a value at or above ``bar`` into ``buf`` (in order; no branch per
+    column: every column is written, the count only advances past the ones that qualify)."""
+    c = 0
+    for j in range(C):
+        buf[c] = j
+        c += row[j] >= bar
+    return c
+
+
 @njit(nogil=True, cache=True)
 def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     """Per image ``b`` of ``S`` ``(B, T, T)`` and query row ``t``: the ``k`` largest ``S[b, t, j]``
@@ -106,6 +123,8 @@ def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     B, R, C = S.shape
     vals = np.empty(k, dtype=np.float32)
     ids = np.empty(k, dtype=np.int64)
+    buf = np.empty(C, dtype=np.int32)
+    guess = NEG_INF  # the previous row's k-th best
     for r in range(B * R):
         b = r // R
         t = r - b * R
@@ -113,11 +132,22 @@ def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
         ids[:] = -1
         row = S[b, t]
         own = row0 + t
-        for j in range(C):
-            v = row[j]
-            if v > _worst(vals, k) and j != own:
-                _push(vals, ids, k, v, j)
+        if guess > NEG_INF:  # the columns at or above the guess first: k of them settle the row
+            for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
+                j = buf[a]
+                v = row[j]
+                if v > _worst(vals, k) and j != own:
+                    _push(vals, ids, k, v, j)
+            if not _worst(vals, k) > NEG_INF:
+                vals[:] = NEG_INF
+                ids[:] = -1
+        if not _worst(vals, k) > NEG_INF:
+            for j in range(C):
+                v = row[j]
+                if v > _worst(vals, k) and j != own:
+                    _push(vals, ids, k, v, j)
         _finish(vals, ids, k)
+        guess = vals[k - 1]
         base = (first_image + b) * tokens
         for a in range(k):
             out_sim[r, a] = vals[a]
@@ -140,16 +170,29 @@ def _masked_topk(S, q_img, k_img, key_ids, k, out_rows, out_idx, out_sim):
     Q, C = S.shape
     vals = np.empty(k, dtype=np.float32)
     ids = np.empty(k, dtype=np.int64)
+    buf = np.empty(C, dtype=np.int32)
+    guess = NEG_INF  # the previous row's k-th best (see _intra_topk)
     for r in range(Q):
         vals[:] = NEG_INF
         ids[:] = -1
         mine = q_img[r]
         row = S[r]
-        for j in range(C):
-            v = row[j]
-            if v > _worst(vals, k) and k_img[j] != mine:
-                _push(vals, ids, k, v, j)
+        if guess > NEG_INF:
+            for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
+                j = buf[a]
+                v = row[j]
+                if v > _worst(vals, k) and k_img[j] != mine:
+                    _push(vals, ids, k, v, j)
+            if not _worst(vals, k) > NEG_INF:
+                vals[:] = NEG_INF
+                ids[:] = -1
+        if not _worst(vals, k) > NEG_INF:
+            for j in range(C):
+                v = row[j]
+                if v > _worst(vals, k) and k_img[j] != mine:
+                    _push(vals, ids, k, v, j)
         _finish(vals, ids, k)
+        guess = vals[k - 1]
         o = out_rows[r]
         for a in range(k):
             out_sim[o, a] = vals[a]
