@@ -241,6 +241,7 @@ class ClusterTree:
                  branching: int = 512, top_scale: float = 2.0):
         n = y.shape[0]
         self.tops = tops
+        self._beam0 = self._beam0_of = None  # (see assign)
         nlist = max(1, round(n / max(1, list_size)))
         depth = max(1, math.ceil(math.log(nlist) / math.log(max(2, branching)) - 1e-9))
         B = max(2, round(nlist ** (1 / depth)))
@@ -274,9 +275,18 @@ class ClusterTree:
                     parts[p] = _kmeans(y[members], n_subs[p], seeds[p])
 
             run_parallel(split, n_parents)  # many small k-means: one thread each
+            if level == 0 and not last:
+                # the first level's beam of every vector, kept for `assign(y)` (the same products):
+                # its best node is the greedy descent's
+                self._beam0 = self._first_beam(y, parts[0])
+                self._beam0_of = y
+                new_node_of = self._beam0[:, 0].long()
+                parts_done = True
+            else:
+                parts_done = False
             for p in range(n_parents):
                 c = parts[p]
-                if not last and sizes[p]:
+                if not last and sizes[p] and not parts_done:
                     members = rows[offsets[p]:offsets[p + 1]]
                     new_node_of[members] = _nearest(y[members], c) + total
                 cents.append(c)
@@ -307,19 +317,35 @@ class ClusterTree:
                 cand = torch.arange(self.nlist)
             self.near[s0:e0] = cand[(C[s0:e0] @ C[cand].T).topk(m, 1).indices]
 
+    def _first_beam(self, v: Tensor, first: Tensor, chunk: int = 1 << 16) -> Tensor:
+        """``(N, tops)`` int32: each row's most similar nodes of the first level, best first."""
+        from ldsc.graphs.kernels import rows_topk
+
+        width = min(self.tops, first.shape[0])
+        out = torch.empty(v.shape[0], width, dtype=torch.int32)
+        for s in range(0, v.shape[0], chunk):
+            out[s:s + chunk] = rows_topk(v[s:s + chunk] @ first.T, width)
+        return out
+
     def assign(self, v: Tensor, chunk: int = 1 << 16) -> Tensor:
         """Leaf id of every row of ``v`` (beam search, see the class docstring), a chunk of rows at
-        a time (transient memory: a few times ``chunk × tops``)."""
+        a time (transient memory: a few times ``chunk × tops``). The vectors the tree was built
+        from reuse the first level's beam found then (once: it is released)."""
         from ldsc.graphs.kernels import best_child, rows_topk
 
         leaf = torch.empty(v.shape[0], dtype=torch.long)
         last = len(self.levels) - 1
+        kept = self._beam0 if v is self._beam0_of else None
+        self._beam0 = self._beam0_of = None
         for s in range(0, v.shape[0], chunk):
             vc = v[s:s + chunk]
             if last == 0:
                 leaf[s:s + chunk] = (vc @ self.levels[0].T).argmax(1)
                 continue
-            beam = rows_topk(vc @ self.levels[0].T, min(self.tops, self.levels[0].shape[0]))
+            if kept is not None:
+                beam = kept[s:s + chunk].long()
+            else:
+                beam = rows_topk(vc @ self.levels[0].T, min(self.tops, self.levels[0].shape[0]))
             for level in range(1, last):
                 beam = self._expand(vc, beam, level, keep=self.tops)
             # the leaves: each row's best child of its beam, compiled (cache-local, no gathers)
