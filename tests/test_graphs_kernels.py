@@ -63,11 +63,11 @@ def test_selection_is_the_same_whether_the_previous_row_guesses_right_or_not():
         assert torch.equal(sim, v[..., :k].reshape(-1, k))
         assert torch.equal(idx, (j[..., :k] + (torch.arange(B) * T).view(-1, 1, 1)).reshape(-1, k))
         rows = S.reshape(-1, T)[:T]  # one image's rows as leaf queries; keys of 3 images, the query's own masked
-        q_img = torch.zeros(T, dtype=torch.long)
         k_img = torch.arange(T) % 3
         out_i = torch.empty(T, k, dtype=torch.int64)
         out_s = torch.empty(T, k)
-        kernels.masked_topk(rows.contiguous(), q_img, k_img, torch.arange(T), k, torch.arange(T), out_i, out_s)
+        kernels.masked_topk(rows.contiguous(), torch.arange(T), T, 0, torch.arange(T), k_img, torch.arange(T), k,
+                            out_i, out_s)
         masked = rows.clone()
         masked[:, k_img == 0] = float("-inf")
         v, j = masked.sort(dim=1, descending=True, stable=True)
@@ -75,24 +75,48 @@ def test_selection_is_the_same_whether_the_previous_row_guesses_right_or_not():
 
 
 def test_masked_topk_skips_own_image_keys_and_pads_short_rows():
+    """Queries are tokens (image = id // tokens, output row = id - q0); columns are keys at
+    positions `pos` of the per-position image and id arrays."""
     g = torch.Generator().manual_seed(1)
-    Q, C, k = 6, 9, 3
+    Q, C, k, tokens, q0 = 6, 9, 3, 10, 20
     S = torch.randn(Q, C, generator=g)
-    q_img = torch.tensor([0, 0, 1, 1, 2, 3])
-    k_img = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
-    key_ids = torch.arange(100, 100 + C)
-    out_rows = torch.tensor([5, 4, 3, 2, 1, 0])
-    idx = torch.full((6, k), 7, dtype=torch.int64)
-    sim = torch.zeros(6, k)
-    kernels.masked_topk(S, q_img, k_img, key_ids, k, out_rows, idx, sim)
+    q = torch.tensor([25, 21, 30, 34, 45, 59])  # images 2, 2, 3, 3, 4, 5; output rows 5, 1, 10, 14, 25, 39
+    pos = torch.tensor([8, 7, 6, 5, 4, 3, 2, 1, 0])
+    k_img_at = torch.tensor([4, 4, 4, 4, 3, 3, 2, 2, 2])  # by position: column j's image is k_img_at[pos[j]]
+    ids_at = torch.arange(100, 109)
+    idx = torch.full((40, k), 7, dtype=torch.int64)
+    sim = torch.zeros(40, k)
+    kernels.masked_topk(S, q, tokens, q0, pos, k_img_at, ids_at, k, idx, sim)
+    col_img, col_id = k_img_at[pos], ids_at[pos]
     for r in range(Q):
-        allowed = (k_img != q_img[r]).nonzero().squeeze(1)
+        allowed = (col_img != q[r] // tokens).nonzero().squeeze(1)
         vals, order = S[r, allowed].sort(descending=True)
         want_v = torch.full((k,), float("-inf"))
         want_i = torch.full((k,), -1)
         n = min(k, allowed.numel())
-        want_v[:n], want_i[:n] = vals[:n], key_ids[allowed[order[:n]]]
-        assert torch.equal(sim[out_rows[r]], want_v) and torch.equal(idx[out_rows[r]], want_i)
+        want_v[:n], want_i[:n] = vals[:n], col_id[allowed[order[:n]]]
+        assert torch.equal(sim[q[r] - q0], want_v) and torch.equal(idx[q[r] - q0], want_i)
+
+
+@pytest.mark.parametrize("cap", [2, 4, 100])
+def test_leaf_candidates_are_the_leaves_the_queries_vote_for(cap):
+    """Each query votes for its nprobe most similar candidate leaves; the voted leaves (in the
+    candidates' order), or the cap most voted (most votes first, ties: the earlier candidate),
+    give their keys' positions in leaf order."""
+    g = torch.Generator().manual_seed(6)
+    nprobe, n_leaves = 2, 12
+    sizes = torch.randint(0, 5, (n_leaves,), generator=g)
+    starts = torch.zeros(n_leaves + 1, dtype=torch.long)
+    starts[1:] = sizes.cumsum(0)
+    cands = torch.tensor([3, 0, 7, 11, 5, 9])
+    scores = torch.rand(40, cands.numel(), generator=g)
+    pos = kernels.leaf_candidates(scores, nprobe, cap, cands, starts)
+    votes = torch.bincount(scores.topk(nprobe, 1).indices.reshape(-1), minlength=cands.numel())
+    voted = (votes > 0).nonzero().squeeze(1).tolist()
+    if len(voted) > cap:
+        voted = sorted(voted, key=lambda c: (-int(votes[c]), c))[:cap]
+    want = [p for c in voted for p in range(int(starts[cands[c]]), int(starts[cands[c] + 1]))]
+    assert pos.tolist() == want
 
 
 def test_symmetrize_lists_equals_the_dense_definition():

@@ -164,9 +164,10 @@ def intra_topk(S: torch.Tensor, k: int, first_image: int, tokens: int, row0: int
 
 
 @njit(nogil=True, cache=True)
-def _masked_topk(S, q_img, k_img, key_ids, k, out_rows, out_idx, out_sim):
-    """Per query row ``r`` of ``S`` ``(Q, C)``: the ``k`` largest ``S[r, j]`` over the keys ``j``
-    of other images (``k_img[j] != q_img[r]``), written to row ``out_rows[r]`` as ``key_ids[j]``."""
+def _masked_topk(S, q, tokens, q0, pos, k_img, key_ids, k, out_idx, out_sim):
+    """Per query row ``r`` of ``S`` ``(Q, C)`` (query token ``q[r]``): the ``k`` largest ``S[r, j]``
+    over the keys of other images (column ``j`` is the key at position ``pos[j]``: image
+    ``k_img[pos[j]] != q[r] // tokens``), written to row ``q[r] - q0`` as ``key_ids[pos[j]]``."""
     Q, C = S.shape
     vals = np.empty(k, dtype=np.float32)
     ids = np.empty(k, dtype=np.int64)
@@ -175,13 +176,13 @@ def _masked_topk(S, q_img, k_img, key_ids, k, out_rows, out_idx, out_sim):
     for r in range(Q):
         vals[:] = NEG_INF
         ids[:] = -1
-        mine = q_img[r]
+        mine = q[r] // tokens
         row = S[r]
         if guess > NEG_INF:
             for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
                 j = buf[a]
                 v = row[j]
-                if v > _worst(vals, k) and k_img[j] != mine:
+                if v > _worst(vals, k) and k_img[pos[j]] != mine:
                     _push(vals, ids, k, v, j)
             if not _worst(vals, k) > NEG_INF:
                 vals[:] = NEG_INF
@@ -189,24 +190,79 @@ def _masked_topk(S, q_img, k_img, key_ids, k, out_rows, out_idx, out_sim):
         if not _worst(vals, k) > NEG_INF:
             for j in range(C):
                 v = row[j]
-                if v > _worst(vals, k) and k_img[j] != mine:
+                if v > _worst(vals, k) and k_img[pos[j]] != mine:
                     _push(vals, ids, k, v, j)
         _finish(vals, ids, k)
         guess = vals[k - 1]
-        o = out_rows[r]
+        o = q[r] - q0
         for a in range(k):
             out_sim[o, a] = vals[a]
-            out_idx[o, a] = key_ids[ids[a]] if ids[a] >= 0 else -1
+            out_idx[o, a] = key_ids[pos[ids[a]]] if ids[a] >= 0 else -1
 
 
-def masked_topk(S: torch.Tensor, q_img: torch.Tensor, k_img: torch.Tensor, key_ids: torch.Tensor, k: int,
-                out_rows: torch.Tensor, out_idx: torch.Tensor, out_sim: torch.Tensor) -> None:
-    """Top ``k`` of each row of ``S`` ``(Q, C)`` among the columns of *other* images
-    (``k_img[j] != q_img[r]``), written into rows ``out_rows`` of ``out_idx`` / ``out_sim`` as the
-    columns' ``key_ids`` (``-1`` / ``-inf`` where fewer than ``k`` columns qualify). One thread,
-    without the GIL: the clustered search calls it from several threads, a leaf each."""
-    _masked_topk(S.numpy(), q_img.numpy(), k_img.numpy(), key_ids.numpy(), int(k), out_rows.numpy(),
+def masked_topk(S: torch.Tensor, q: torch.Tensor, tokens: int, q0: int, pos: torch.Tensor, k_img: torch.Tensor,
+                key_ids: torch.Tensor, k: int, out_idx: torch.Tensor, out_sim: torch.Tensor) -> None:
+    """Top ``k`` of each row of ``S`` ``(Q, C)`` among the columns of *other* images: row ``r``
+    is query token ``q[r]`` (image ``q[r] // tokens``), column ``j`` the key at position
+    ``pos[j]`` of ``k_img`` (its image) and ``key_ids`` (its id). Written into rows ``q - q0`` of
+    ``out_idx`` / ``out_sim`` (``-1`` / ``-inf`` where fewer than ``k`` columns qualify). One
+    thread, without the GIL: the clustered search calls it from several threads, a leaf each."""
+    _masked_topk(S.numpy(), q.numpy(), int(tokens), int(q0), pos.numpy(), k_img.numpy(), key_ids.numpy(), int(k),
                  out_idx.numpy(), out_sim.numpy())
+
+
+@njit(nogil=True, cache=True)
+def _leaf_candidates(scores, nprobe, cap, cands, starts):
+    votes = np.zeros(scores.shape[1], dtype=np.int64)
+    vals = np.empty(nprobe, dtype=np.float32)
+    ids = np.empty(nprobe, dtype=np.int64)
+    for r in range(scores.shape[0]):  # each query's nprobe best leaves (ties: the nearer)
+        vals[:] = NEG_INF
+        ids[:] = -1
+        row = scores[r]
+        for j in range(row.shape[0]):
+            if row[j] > _worst(vals, nprobe):
+                _push(vals, ids, nprobe, row[j], j)
+        for a in range(nprobe):
+            if ids[a] >= 0:
+                votes[ids[a]] += 1
+    picked = np.empty(votes.shape[0], dtype=np.int64)
+    n = 0
+    for j in range(votes.shape[0]):
+        if votes[j] > 0:
+            picked[n] = j
+            n += 1
+    if n > cap:  # the cap most voted, most votes first (ties: the nearer leaf)
+        n = cap
+        for a in range(cap):
+            best = -1
+            for j in range(votes.shape[0]):
+                if votes[j] > 0 and (best < 0 or votes[j] > votes[best]):
+                    best = j
+            picked[a] = best
+            votes[best] = 0
+    total = 0
+    for a in range(n):
+        leaf = cands[picked[a]]
+        total += starts[leaf + 1] - starts[leaf]
+    pos = np.empty(total, dtype=np.int64)
+    at = 0
+    for a in range(n):
+        leaf = cands[picked[a]]
+        for p in range(starts[leaf], starts[leaf + 1]):
+            pos[at] = p
+            at += 1
+    return pos
+
+
+def leaf_candidates(scores: torch.Tensor, nprobe: int, cap: int, cands: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """The keys a leaf's queries are scored against, as positions in leaf order: each query
+    (a row of ``scores``, its similarity with the candidate leaves ``cands``) votes for its
+    ``nprobe`` most similar leaves; the leaves voted for (in ``cands`` order), or when more than
+    ``cap`` the ``cap`` most voted (most votes first, ties: the earlier in ``cands``), each
+    contributing its positions ``starts[leaf] .. starts[leaf + 1]``. One thread, without the GIL."""
+    return torch.from_numpy(_leaf_candidates(scores.numpy(), int(min(nprobe, scores.shape[1])), int(cap), cands.numpy(),
+                                             starts.numpy()))
 
 
 # -- symmetrisation: neighbour lists -> CSR of W = (A + Aᵀ)/2 --------------------------------------

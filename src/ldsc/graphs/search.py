@@ -442,7 +442,7 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
     korder, koff = _by_list(key_leaf, tree.nlist)
     qorder, qoff = (korder, koff) if x is y else _by_list(query_leaf, tree.nlist)
     del key_leaf, query_leaf
-    from ldsc.graphs.kernels import masked_topk
+    from ldsc.graphs.kernels import leaf_candidates, masked_topk
 
     ys = y[korder]  # keys in leaf order
     k_img = korder // tokens
@@ -459,21 +459,14 @@ def _cluster_inter(x: Tensor, y: Tensor, tokens: int, k: int, list_size: int, np
         xq = ys[kstart[leaf]:kstart[leaf + 1]] if x is y else x[q]
         cands = near[leaf]
         # the leaves picked by all the leaf's queries (so a share of the queries gets the same
-        # candidates, and the same neighbours, as in a search of all of them)
-        picks = (xq @ C[cands].T).topk(nprobe, 1).indices
-        votes = torch.bincount(picks.reshape(-1), minlength=cands.numel())
-        n_picked = int((votes > 0).sum())
-        if n_picked > 2 * nprobe:  # the 2·nprobe leaves most queries picked (ties: the nearer leaf)
-            rank = votes.double() - torch.arange(cands.numel(), dtype=torch.float64) / (2 * cands.numel())
-            picked = cands[rank.topk(2 * nprobe).indices].tolist()
-        else:
-            picked = cands[votes > 0].tolist()
+        # candidates, and the same neighbours, as in a search of all of them), at most the
+        # 2·nprobe most picked: their keys' positions in `ys`
+        pos = leaf_candidates(xq @ C[cands].T, nprobe, 2 * nprobe, cands, koff)
         if mine is not None:
             q, xq = q[mine], xq[mine]
-        pos = torch.cat([torch.arange(kstart[p], kstart[p + 1]) for p in picked])  # positions in ys
         # the candidates' similarities in one product; own-image keys skipped while the top k
         # are kept (one compiled pass: no masked copy); fewer than k candidates leave -1 / -inf
-        masked_topk(xq @ ys[pos].T, q // tokens, k_img[pos], korder[pos], k, q - q0, idx, sim)
+        masked_topk(xq @ ys[pos].T, q, tokens, q0, pos, k_img, korder, k, idx, sim)
         if progress:
             progress(q.numel())
 
