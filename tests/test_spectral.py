@@ -130,3 +130,20 @@ def test_paper_loss_matches_a_hand_computation():
     g.weight = 3.0
     loss3, _ = paper_objective(Z, [g], eig_weight=1.0, orth_weight=1.0)
     assert float(loss3) == pytest.approx(3 * (1 / 6 + 0.75), abs=1e-5)
+
+
+def test_svd_order_keeping_the_order_fixes_each_channels_sign_by_its_largest_entry():
+    """With `keep_order` the channels stay, each flipped so that its entry of largest magnitude
+    (the first in (image, y, x) order on a tie) is positive; Σ holds their norms."""
+    from ldsc.spectral import svd_order
+
+    g = torch.Generator().manual_seed(0)
+    Z = torch.randn(3, 4, 5, 6, generator=g)
+    Z[1, 2, 3, 4] = -10.0  # channel 2's peak is negative: flipped
+    Z[0, 3, 0, 0], Z[2, 3, 4, 5] = 9.0, -9.0  # channel 3: a tie, the first (positive) decides: kept
+    E, s = svd_order(Z, keep_order=True)
+    assert torch.equal(E[:, [0, 1, 3]], torch.stack([c * torch.sign(c.flatten()[c.abs().flatten().argmax()])
+                                                     for c in Z[:, [0, 1, 3]].unbind(1)], 1))
+    assert torch.equal(E[:, 2], -Z[:, 2]) and torch.equal(E[:, 3], Z[:, 3])
+    assert torch.allclose(s, Z.pow(2).sum((0, 2, 3)).sqrt())
+    assert torch.equal(Z[1, 2, 3, 4], torch.tensor(-10.0))  # the input is left as it was

@@ -37,12 +37,19 @@ def svd_order(Z: Tensor, keep_order: bool = False) -> tuple[Tensor, Tensor]:
     its channels and ``Σ`` is their norms. Either way signs are fixed by :func:`fix_signs`.
     """
     B, K, H, W = Z.shape
+    if keep_order:  # channel by channel in place of a copy (no flattened float64 copies of the table)
+        E = Z.detach().float().clone()
+        s = torch.empty(K, dtype=torch.float64)
+        for c in range(K):
+            ch = E[:, c]
+            s[c] = ch.double().norm()
+            b, at = divmod(int(ch.abs().argmax()), H * W)  # (b, y, x) order, as fix_signs'
+            if ch[b, at // W, at % W] < 0:  # fix_signs' rule, on this channel
+                ch.neg_()
+        return E, s.float()
     X = flatten_channels(Z.detach().double())
-    if keep_order:
-        E, s = X, X.norm(dim=0)
-    else:
-        _, s, Vh = torch.linalg.svd(X, full_matrices=False)
-        E = X @ Vh.T
+    _, s, Vh = torch.linalg.svd(X, full_matrices=False)
+    E = X @ Vh.T
     return unflatten_channels(fix_signs(E).float(), B, H, W), s.float()
 
 
