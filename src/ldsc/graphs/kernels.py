@@ -115,6 +115,33 @@ def _at_least(row, C, bar, buf):
     return c
 
 
+@njit(inline="always", cache=True)
+def _best_of_row(row, k, group, pos, mine, guess, vals, ids, buf):
+    """The ``k`` best columns ``j`` of ``row`` with ``group[pos[j]] != mine`` into ``vals`` /
+    ``ids`` (by :func:`_push`'s rule; ``-inf`` / ``-1`` where fewer qualify): first among the
+    columns at or above ``guess - GUESS_MARGIN`` (``guess``: the previous row's k-th best), in full
+    when fewer than ``k`` of those qualify. Returns this row's k-th best (the next row's guess)."""
+    C = row.shape[0]
+    vals[:] = NEG_INF
+    ids[:] = -1
+    if guess > NEG_INF:
+        for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
+            j = buf[a]
+            v = row[j]
+            if v > _worst(vals, k) and group[pos[j]] != mine:
+                _push(vals, ids, k, v, j)
+        if not _worst(vals, k) > NEG_INF:
+            vals[:] = NEG_INF
+            ids[:] = -1
+    if not _worst(vals, k) > NEG_INF:
+        for j in range(C):
+            v = row[j]
+            if v > _worst(vals, k) and group[pos[j]] != mine:
+                _push(vals, ids, k, v, j)
+    _finish(vals, ids, k)
+    return vals[k - 1]
+
+
 @njit(nogil=True, cache=True)
 def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     """Per image ``b`` of ``S`` ``(B, T, T)`` and query row ``t``: the ``k`` largest ``S[b, t, j]``
@@ -124,30 +151,12 @@ def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     vals = np.empty(k, dtype=np.float32)
     ids = np.empty(k, dtype=np.int64)
     buf = np.empty(C, dtype=np.int32)
+    cols = np.arange(C)  # a column is its own group: the own token's column is skipped
     guess = NEG_INF  # the previous row's k-th best
     for r in range(B * R):
         b = r // R
         t = r - b * R
-        vals[:] = NEG_INF
-        ids[:] = -1
-        row = S[b, t]
-        own = row0 + t
-        if guess > NEG_INF:  # the columns at or above the guess first: k of them settle the row
-            for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
-                j = buf[a]
-                v = row[j]
-                if v > _worst(vals, k) and j != own:
-                    _push(vals, ids, k, v, j)
-            if not _worst(vals, k) > NEG_INF:
-                vals[:] = NEG_INF
-                ids[:] = -1
-        if not _worst(vals, k) > NEG_INF:
-            for j in range(C):
-                v = row[j]
-                if v > _worst(vals, k) and j != own:
-                    _push(vals, ids, k, v, j)
-        _finish(vals, ids, k)
-        guess = vals[k - 1]
+        guess = _best_of_row(S[b, t], k, cols, cols, row0 + t, guess, vals, ids, buf)
         base = (first_image + b) * tokens
         for a in range(k):
             out_sim[r, a] = vals[a]
@@ -172,28 +181,9 @@ def _masked_topk(S, q, tokens, q0, pos, k_img, key_ids, k, out_idx, out_sim):
     vals = np.empty(k, dtype=np.float32)
     ids = np.empty(k, dtype=np.int64)
     buf = np.empty(C, dtype=np.int32)
-    guess = NEG_INF  # the previous row's k-th best (see _intra_topk)
+    guess = NEG_INF  # the previous row's k-th best
     for r in range(Q):
-        vals[:] = NEG_INF
-        ids[:] = -1
-        mine = q[r] // tokens
-        row = S[r]
-        if guess > NEG_INF:
-            for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
-                j = buf[a]
-                v = row[j]
-                if v > _worst(vals, k) and k_img[pos[j]] != mine:
-                    _push(vals, ids, k, v, j)
-            if not _worst(vals, k) > NEG_INF:
-                vals[:] = NEG_INF
-                ids[:] = -1
-        if not _worst(vals, k) > NEG_INF:
-            for j in range(C):
-                v = row[j]
-                if v > _worst(vals, k) and k_img[pos[j]] != mine:
-                    _push(vals, ids, k, v, j)
-        _finish(vals, ids, k)
-        guess = vals[k - 1]
+        guess = _best_of_row(S[r], k, k_img, pos, q[r] // tokens, guess, vals, ids, buf)
         o = q[r] - q0
         for a in range(k):
             out_sim[o, a] = vals[a]
