@@ -23,13 +23,10 @@ def test_intra_topk_equals_topk_without_the_own_token():
     assert torch.equal(idx.long(), (j + (torch.arange(7, 7 + B) * T).view(-1, 1, 1)).reshape(-1, k))
 
 
-@pytest.mark.parametrize("k", [5, kernels.SORTED_MAX_K + 7])  # the sorted-list path and the heap path
-def test_selection_keeps_the_lower_column_among_equal_similarities(k):
-    """Quantised similarities (many ties, also at the k-th place): each row's k best by decreasing
-    value, equal values by increasing column — a stable sort's first k, own token excluded."""
-    g = torch.Generator().manual_seed(3)
-    B, T = 2, 90
-    S = (torch.rand(B, T, T, generator=g) * 8).floor() / 8
+def _check_intra_against_a_stable_sort(S, k):
+    """``intra_topk`` of whole images ``S`` (B, T, T) equals a stable descending sort's first ``k``
+    with the own token excluded; returns (the masked similarities, the sort's columns)."""
+    B, T, _ = S.shape
     idx = torch.empty(B * T, k, dtype=torch.int64)
     sim = torch.empty(B * T, k)
     kernels.intra_topk(S, k, 0, T, 0, idx, sim)
@@ -39,6 +36,17 @@ def test_selection_keeps_the_lower_column_among_equal_similarities(k):
     v, j = ref.sort(dim=2, descending=True, stable=True)
     assert torch.equal(sim, v[..., :k].reshape(-1, k))
     assert torch.equal(idx, (j[..., :k] + (torch.arange(B) * T).view(-1, 1, 1)).reshape(-1, k))
+    return ref, j
+
+
+@pytest.mark.parametrize("k", [5, kernels.SORTED_MAX_K + 7])  # the sorted-list path and the heap path
+def test_selection_keeps_the_lower_column_among_equal_similarities(k):
+    """Quantised similarities (many ties, also at the k-th place): each row's k best by decreasing
+    value, equal values by increasing column — a stable sort's first k, own token excluded."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 2, 90
+    S = (torch.rand(B, T, T, generator=g) * 8).floor() / 8
+    ref, j = _check_intra_against_a_stable_sort(S, k)
     cols = kernels.rows_topk(ref.reshape(-1, T).contiguous(), k)
     assert torch.equal(cols, j[..., :k].reshape(-1, k))
 
@@ -53,15 +61,7 @@ def test_selection_is_the_same_whether_the_previous_row_guesses_right_or_not():
     alike = (base + 0.01 * torch.rand(B, T, T, generator=g)).contiguous()
     unlike = torch.rand(B, T, T, generator=g) * torch.tensor([1.0, 0.3]).repeat(T // 2).view(1, T, 1)
     for S in (alike, unlike):
-        idx = torch.empty(B * T, k, dtype=torch.int64)
-        sim = torch.empty(B * T, k)
-        kernels.intra_topk(S, k, 0, T, 0, idx, sim)
-        ref = S.clone()
-        r = torch.arange(T)
-        ref[:, r, r] = float("-inf")
-        v, j = ref.sort(dim=2, descending=True, stable=True)
-        assert torch.equal(sim, v[..., :k].reshape(-1, k))
-        assert torch.equal(idx, (j[..., :k] + (torch.arange(B) * T).view(-1, 1, 1)).reshape(-1, k))
+        _check_intra_against_a_stable_sort(S, k)
         rows = S.reshape(-1, T)[:T]  # one image's rows as leaf queries; keys of 3 images, the query's own masked
         k_img = torch.arange(T) % 3
         out_i = torch.empty(T, k, dtype=torch.int64)
