@@ -228,6 +228,7 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
             shutil.rmtree(path)
         path.mkdir(parents=True)
     np_dtype = STORE_DTYPES[dtype]
+    torch_dtype = torch.float16 if np_dtype is np.float16 else torch.float32
     size = max(1, min(batch_size, len(files)))
     batches = [list(range(s, min(len(files), s + size))) for s in range(0, len(files), size)]
     mine = batches[distributed.rank()::parts]
@@ -251,7 +252,8 @@ def build_store(path: str | Path, files: Sequence[str], backbone, kinds: Sequenc
         for li, layer in enumerate(feats):
             for kind in kinds:
                 t = layer.vectors(kind).detach().cpu()
-                block = t.numpy().astype(INTEGER_KINDS[kind]) if kind in INTEGER_KINDS else t.float().numpy().astype(np_dtype)
+                # (narrowed by torch: numpy's float32 -> float16 is 3-40x slower, the same bits)
+                block = t.numpy().astype(INTEGER_KINDS[kind]) if kind in INTEGER_KINDS else t.to(torch_dtype).numpy()
                 arrays[li, kind][r, lo:hi] = block
                 written[0] += block.nbytes
         if written[0] > UNMAP_EVERY_BYTES:  # written pages would stay in this process's resident memory
