@@ -275,18 +275,15 @@ class ClusterTree:
                     parts[p] = _kmeans(y[members], n_subs[p], seeds[p])
 
             run_parallel(split, n_parents)  # many small k-means: one thread each
-            if level == 0 and not last:
+            if level == 0 and not last:  # (one parent: the root, all vectors)
                 # the first level's beam of every vector, kept for `assign(y)` (the same products):
                 # its best node is the greedy descent's
                 self._beam0 = self._first_beam(y, parts[0])
                 self._beam0_of = y
                 new_node_of = self._beam0[:, 0].long()
-                parts_done = True
-            else:
-                parts_done = False
             for p in range(n_parents):
                 c = parts[p]
-                if not last and sizes[p] and not parts_done:
+                if not last and level > 0 and sizes[p]:
                     members = rows[offsets[p]:offsets[p + 1]]
                     new_node_of[members] = _nearest(y[members], c) + total
                 cents.append(c)

@@ -38,7 +38,7 @@ def svd_order(Z: Tensor, keep_order: bool = False) -> tuple[Tensor, Tensor]:
     """
     B, K, H, W = Z.shape
     if keep_order:  # channel by channel in place of a copy (no flattened float64 copies of the table)
-        E = Z.detach().float().clone()
+        E = Z.detach().to(torch.float32, copy=True)
         s = torch.empty(K, dtype=torch.float64)
         for c in range(K):
             ch = E[:, c]
