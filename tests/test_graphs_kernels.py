@@ -54,7 +54,7 @@ def test_selection_keeps_the_lower_column_among_equal_similarities(k):
 def test_selection_is_the_same_whether_the_previous_row_guesses_right_or_not():
     """Each row is first searched among the columns near the previous row's k-th best: rows alike
     (the guess holds) and rows of alternating scale (it fails every other row, and the row is
-    scanned in full) give the definition's answer."""
+    scanned in full) give the definition's answer, in all three selections."""
     g = torch.Generator().manual_seed(5)
     B, T, k = 2, 300, 7
     base = torch.rand(T, generator=g)
@@ -72,6 +72,8 @@ def test_selection_is_the_same_whether_the_previous_row_guesses_right_or_not():
         masked[:, k_img == 0] = float("-inf")
         v, j = masked.sort(dim=1, descending=True, stable=True)
         assert torch.equal(out_s, v[:, :k]) and torch.equal(out_i, j[:, :k])
+        # the tree's first level: each row's k best columns, nothing masked
+        assert torch.equal(kernels.rows_topk(rows.contiguous(), k), rows.sort(dim=1, descending=True, stable=True)[1][:, :k])
 
 
 def test_masked_topk_skips_own_image_keys_and_pads_short_rows():

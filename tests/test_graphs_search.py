@@ -186,6 +186,32 @@ def test_relabelled_graph_applies_the_same_operator_in_token_order():
     assert torch.allclose(moved.degree, plain.degree)
 
 
+def test_products_into_a_workspace_equal_fresh_ones_and_reuse_its_blocks():
+    """The solver's products write into blocks kept from call to call (no new block to fault in):
+    the same S Y as a fresh product, in token order, whatever the blocks held before."""
+    from ldsc.graphs.dataset import DatasetGraph, Workspace, relabel_lists, sym_apply
+
+    x = random_tokens(n_images=6, tokens=16, d=6, seed=3)
+    ia, sa = intra_image_knn(x, x, 16, 4)
+    ie, se, order = inter_image_knn(x, x, 16, 3, "cluster", list_size=8, nprobe=4, return_order=True)
+    idx, sim = torch.cat([ia, ie], 1).int(), torch.cat([sa, se], 1)
+    plain = DatasetGraph("l", (4, 4), 6, *symmetric_normalized_blocks(idx.clone(), sim.clone(), 0.1))
+    blocks, degree = symmetric_normalized_blocks(*relabel_lists(idx, sim, order), 0.1)
+    moved = DatasetGraph("l", (4, 4), 6, blocks, degree[DatasetGraph.inverse(order)], order=order)
+    for graph in (plain, moved):
+        work = Workspace()
+        first = graph.apply(torch.randn(96, 5), work=work)
+        first.fill_(float("nan"))  # what a block held before must not leak into the next product
+        Y = torch.randn(96, 5)
+        again = graph.apply(Y, work=work)
+        assert again.data_ptr() == first.data_ptr()  # the same block, reused
+        assert torch.allclose(again, graph.apply(Y), atol=1e-6)
+    out = torch.full((96, 5), float("nan"))
+    assert sym_apply(plain.blocks, Y, out=out) is out and torch.allclose(out, plain.blocks[0][1] @ Y)
+    with pytest.raises(ValueError, match="out has shape"):
+        sym_apply(plain.blocks, Y, out=torch.empty(95, 5))
+
+
 def test_intra_image_search_in_row_blocks_equals_whole_images():
     """An image whose T x T similarities exceed graph.max_chunk_elements is searched in blocks of
     its query rows (bounded memory at any base grid), with the same neighbours."""

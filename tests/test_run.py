@@ -118,6 +118,7 @@ def test_single_image_mode_uses_64_grid_and_no_inter_edges(compose, single_image
     (["trainer.max_epochs=0"], ConfigError, "trainer.max_epochs=0 must be at least 1"),
     (["solver.tol=-1"], ConfigError, "solver.tol=-1 must be at least 0.0"),
     (["graph.threshold=0.999"], ConfigError, "has no edges with graph.threshold=0.999"),
+    (["numpy_hugepages=maybe"], ConfigError, "numpy_hugepages must be true, false or null"),
 ])
 def test_bad_inputs_give_one_sentence(compose, overrides, error, pattern):
     cfg = compose([*SMALL, *overrides])

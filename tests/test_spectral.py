@@ -94,6 +94,29 @@ def test_layer_operator_equals_exact_operator(base, grids):
     assert op.shift == pytest.approx(sum(g.weight for g in graphs))
 
 
+def test_operator_into_a_given_block_and_a_step_with_reused_blocks_equal_fresh_ones():
+    """``op(X, out=B)`` overwrites ``B`` with ``M X``; LOBPCG steps that keep their ``R`` and
+    ``A R`` blocks (a workspace) take the same steps as steps that allocate new ones."""
+    from ldsc.graphs.dataset import Workspace
+    from ldsc.spectral.lobpcg import lobpcg_start, lobpcg_step, orthonormalize
+
+    graphs = random_graphs(2, 8, (8, 4))
+    op = LayerOperator(graphs, (8, 8), dtype=torch.float64)
+    X = torch.randn(128, 4, dtype=torch.float64)
+    block = torch.full_like(X, float("nan"))
+    assert op(X, out=block) is block and torch.allclose(block, op(X))
+    start = orthonormalize(torch.randn(128, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    runs = []
+    for work in (None, Workspace()):
+        theta, Xs, AX = lobpcg_start(op, start.clone(), None)
+        P = AP = None
+        for _ in range(4):
+            theta, Xs, P, AP, _ = lobpcg_step(op, Xs, AX, theta, P, AP, work=work)
+        runs.append((theta, Xs))
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-10)
+    assert torch.allclose(runs[0][1], runs[1][1], atol=1e-8)
+
+
 def test_lobpcg_reaches_the_exact_eigenspace():
     graphs = random_graphs(1, 16, (16, 8))
     _, ref = exact_eigenvectors(graphs, (16, 16), 6)

@@ -222,8 +222,9 @@ def _fit_inside(cfg: DictConfig):
     from hydra.utils import instantiate
 
     from ldsc.distributed import launch_rank
-    from ldsc.profiling import stage
+    from ldsc.profiling import numpy_hugepages, stage
 
+    numpy_hugepages(cfg.get("numpy_hugepages"))
     if launch_rank() != 0:  # the other processes of a run on several: warnings and errors only, no repeats
         logging.getLogger("ldsc").setLevel(logging.WARNING)
     stages: dict = {}

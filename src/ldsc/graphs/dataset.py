@@ -77,13 +77,20 @@ class DatasetGraph:
         parts += [t for t in (self.degree, self.order, self.rank) if t is not None]
         return sum(t.numel() * t.element_size() for t in parts)
 
-    def apply(self, Y: Tensor, blocks: list[tuple[int, Tensor]] | None = None) -> Tensor:
+    def apply(self, Y: Tensor, blocks: list[tuple[int, Tensor]] | None = None, work: Workspace | None = None) -> Tensor:
         """``S_tok Y`` for ``Y`` ``(N, m)`` in token order (``blocks``: the same blocks in another
-        dtype or device, default :attr:`blocks`)."""
+        dtype or device, default :attr:`blocks`). With ``work``, the node-order copies, the product
+        and the result are that workspace's blocks, reused from call to call (the result is valid
+        until the next call with the same workspace)."""
         blocks = self.blocks if blocks is None else blocks
         if self.order is None:
-            return sym_apply(blocks, Y)
-        return sym_apply(blocks, Y.index_select(0, self.order.to(Y.device))).index_select(0, self.rank.to(Y.device))
+            rows = blocks[-1][0] + blocks[-1][1].shape[0]
+            return sym_apply(blocks, Y, out=None if work is None else work.get("out", Y, rows))
+        if work is None:
+            return sym_apply(blocks, Y.index_select(0, self.order.to(Y.device))).index_select(0, self.rank.to(Y.device))
+        nodes = torch.index_select(Y, 0, self.order.to(Y.device), out=work.get("nodes", Y))
+        product = sym_apply(blocks, nodes, out=work.get("product", Y))
+        return torch.index_select(product, 0, self.rank.to(Y.device), out=work.get("out", Y))
 
     def sym_scipy(self):
         """``S`` as one float64 ``scipy.sparse.csr_matrix`` in token order (for the exact reference)."""
@@ -105,13 +112,45 @@ class DatasetGraph:
                             None if self.rank is None else self.rank.to(device), self.image_range)
 
 
-def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor) -> Tensor:
-    """``S Y`` for ``S`` in row blocks of CSR (rows: those of the blocks, ``Y``: one per column)."""
-    if len(blocks) == 1:
-        return blocks[0][1] @ Y
-    out = Y.new_empty(blocks[-1][0] + blocks[-1][1].shape[0], Y.shape[1])
+class Workspace:
+    """Blocks reused from one product to the next (:meth:`DatasetGraph.apply`, the solver's
+    operator): a new block of tens of MB is faulted in and zeroed by the kernel page by page on
+    every touch, ~20 % of a solver iteration's time at 10⁶ tokens (docs/benchmarks.md)."""
+
+    def __init__(self):
+        self._blocks: dict = {}
+
+    def get(self, key: str, like: Tensor, rows: int | None = None) -> Tensor:
+        """The block named ``key`` with ``like``'s columns, dtype and device (``rows``: default
+        ``like``'s), allocated on first use (contents undefined). Blocks are told apart by name and
+        shape: graphs of the same size share theirs (a product is used before the next one)."""
+        shape = (like.shape[0] if rows is None else int(rows), *like.shape[1:])
+        slot = (key, shape, like.dtype, like.device)
+        t = self._blocks.get(slot)
+        if t is None:
+            t = self._blocks[slot] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return t
+
+    def clear(self) -> None:
+        self._blocks.clear()
+
+
+def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor, out: Tensor | None = None) -> Tensor:
+    """``S Y`` for ``S`` in row blocks of CSR (rows: those of the blocks, ``Y``: one per column),
+    into ``out`` when given (``addmm`` with ``β = 0``: no temporary, whatever ``out`` held)."""
+    rows = blocks[-1][0] + blocks[-1][1].shape[0]
+    if out is None:
+        if len(blocks) == 1:
+            return blocks[0][1] @ Y
+        out = Y.new_empty(rows, Y.shape[1])
+    elif tuple(out.shape) != (rows, Y.shape[1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, the product {(rows, Y.shape[1])}")
     for s, B in blocks:
-        out[s:s + B.shape[0]] = B @ Y
+        part = out[s:s + B.shape[0]]
+        if part.is_contiguous():
+            torch.addmm(part, B, Y, beta=0, out=part)
+        else:
+            part.copy_(B @ Y)
     return out
 
 

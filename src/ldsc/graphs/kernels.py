@@ -98,10 +98,14 @@ def _finish(vals, ids, k):
         ids[b + 1] = j
 
 
-#: a row's candidates are first looked for at or above the previous row's k-th best minus this
-#: (similar tokens come one after the other: neighbouring pixels, a leaf's queries); when fewer
-#: than k of them qualify the row is scanned again in full (the same answer either way)
-GUESS_MARGIN = np.float32(0.05)
+#: a row's candidates are first looked for at or above the previous row's k-th best minus a margin
+#: (similar tokens come one after the other: neighbouring pixels, a leaf's queries); the margin
+#: follows how much the k-th best moves from row to row (``MARGIN_FACTOR`` times its running mean
+#: change, at least ``MIN_MARGIN``, ``FIRST_MARGIN`` at first); when fewer than k qualify the bar
+#: is lowered (4x the margin each time, then the whole row) — the same answer either way
+FIRST_MARGIN = np.float32(0.05)
+MIN_MARGIN = np.float32(1e-3)
+MARGIN_FACTOR = np.float32(3.0)
 
 
 @njit(inline="always", cache=True)
@@ -116,30 +120,57 @@ def _at_least(row, C, bar, buf):
 
 
 @njit(inline="always", cache=True)
-def _best_of_row(row, k, group, pos, mine, guess, vals, ids, buf):
+def _new_guess():
+    """The state :func:`_best_of_row` carries from row to row: ``[k-th best, margin, mean change]``."""
+    state = np.empty(3, dtype=np.float32)
+    state[0] = NEG_INF
+    state[1] = FIRST_MARGIN
+    state[2] = FIRST_MARGIN / MARGIN_FACTOR
+    return state
+
+
+@njit(inline="always", cache=True)
+def _best_of_row(row, k, group, pos, mine, state, vals, ids, buf):
     """The ``k`` best columns ``j`` of ``row`` with ``group[pos[j]] != mine`` into ``vals`` /
     ``ids`` (by :func:`_push`'s rule; ``-inf`` / ``-1`` where fewer qualify): first among the
-    columns at or above ``guess - GUESS_MARGIN`` (``guess``: the previous row's k-th best), in full
-    when fewer than ``k`` of those qualify. Returns this row's k-th best (the next row's guess)."""
+    columns at or above the previous row's k-th best minus the margin (``state``, updated here for
+    the next row: see :data:`FIRST_MARGIN`), with a lower bar while fewer than ``k`` of those
+    qualify, at last the whole row. Any column left out is below the bar, hence below the k
+    found: the answer is the full scan's."""
     C = row.shape[0]
-    vals[:] = NEG_INF
-    ids[:] = -1
-    if guess > NEG_INF:
-        for a in range(_at_least(row, C, guess - GUESS_MARGIN, buf)):
-            j = buf[a]
-            v = row[j]
-            if v > _worst(vals, k) and group[pos[j]] != mine:
-                _push(vals, ids, k, v, j)
-        if not _worst(vals, k) > NEG_INF:
-            vals[:] = NEG_INF
-            ids[:] = -1
-    if not _worst(vals, k) > NEG_INF:
-        for j in range(C):
-            v = row[j]
-            if v > _worst(vals, k) and group[pos[j]] != mine:
-                _push(vals, ids, k, v, j)
+    guess = state[0]
+    step = state[1]
+    bar = guess - step if guess > NEG_INF else NEG_INF
+    tries = 0
+    while True:
+        vals[:] = NEG_INF
+        ids[:] = -1
+        if bar > NEG_INF:
+            for a in range(_at_least(row, C, bar, buf)):
+                j = buf[a]
+                v = row[j]
+                if v > _worst(vals, k) and group[pos[j]] != mine:
+                    _push(vals, ids, k, v, j)
+            if _worst(vals, k) > NEG_INF:
+                break
+            tries += 1
+            step *= np.float32(4.0)
+            bar = guess - step if tries < 4 else NEG_INF
+        else:
+            for j in range(C):
+                v = row[j]
+                if v > _worst(vals, k) and group[pos[j]] != mine:
+                    _push(vals, ids, k, v, j)
+            break
     _finish(vals, ids, k)
-    return vals[k - 1]
+    kth = vals[k - 1]
+    if kth > NEG_INF:
+        if guess > NEG_INF:  # the margin follows the k-th best's running mean change
+            change = abs(kth - guess)
+            state[2] = np.float32(0.875) * state[2] + np.float32(0.125) * change
+            state[1] = max(MIN_MARGIN, MARGIN_FACTOR * state[2])
+        state[0] = kth
+    return kth
 
 
 @njit(nogil=True, cache=True)
@@ -152,11 +183,11 @@ def _intra_topk(S, k, first_image, tokens, row0, out_idx, out_sim):
     ids = np.empty(k, dtype=np.int64)
     buf = np.empty(C, dtype=np.int32)
     cols = np.arange(C)  # a column is its own group: the own token's column is skipped
-    guess = NEG_INF  # the previous row's k-th best
+    state = _new_guess()  # the previous row's k-th best and the margin below it
     for r in range(B * R):
         b = r // R
         t = r - b * R
-        guess = _best_of_row(S[b, t], k, cols, cols, row0 + t, guess, vals, ids, buf)
+        _best_of_row(S[b, t], k, cols, cols, row0 + t, state, vals, ids, buf)
         base = (first_image + b) * tokens
         for a in range(k):
             out_sim[r, a] = vals[a]
@@ -181,9 +212,9 @@ def _masked_topk(S, q, tokens, q0, pos, k_img, key_ids, k, out_idx, out_sim):
     vals = np.empty(k, dtype=np.float32)
     ids = np.empty(k, dtype=np.int64)
     buf = np.empty(C, dtype=np.int32)
-    guess = NEG_INF  # the previous row's k-th best
+    state = _new_guess()  # the previous row's k-th best and the margin below it
     for r in range(Q):
-        guess = _best_of_row(S[r], k, k_img, pos, q[r] // tokens, guess, vals, ids, buf)
+        _best_of_row(S[r], k, k_img, pos, q[r] // tokens, state, vals, ids, buf)
         o = q[r] - q0
         for a in range(k):
             out_sim[o, a] = vals[a]
@@ -423,18 +454,14 @@ def _rows_topk(S, k, out_idx):
     """Column ids of the ``k`` largest entries of each row of ``S`` ``(R, C)``, largest first."""
     R, C = S.shape
     step = 256
+    cols = np.arange(C)  # (no column excluded: no group equals -1)
     for c in prange((R + step - 1) // step):  # bands of rows: one buffer each
         vals = np.empty(k, dtype=np.float32)
         ids = np.empty(k, dtype=np.int64)
+        buf = np.empty(C, dtype=np.int32)
+        state = _new_guess()  # the previous row's k-th best (rows of neighbouring tokens are alike)
         for r in range(c * step, min(R, (c + 1) * step)):
-            vals[:] = NEG_INF
-            ids[:] = -1
-            row = S[r]
-            for j in range(C):
-                v = row[j]
-                if v > _worst(vals, k):
-                    _push(vals, ids, k, v, j)
-            _finish(vals, ids, k)
+            _best_of_row(S[r], k, cols, cols, -1, state, vals, ids, buf)
             for a in range(k):
                 out_idx[r, a] = ids[a]
 

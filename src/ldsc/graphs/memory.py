@@ -17,7 +17,8 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     and the keys once more in leaf order for the clustered search), its lists and the intra-image
     lists in int64; while relabelling, the lists (in place); while symmetrising, the lists,
     their transpose and ``W`` (an upper bound: the lists are freed once ``A`` is formed); ``solver``: six ``N_base × columns``
-    float32 blocks of LOBPCG plus three of the largest layer for a product. ``peak`` = the larger
+    float32 blocks of LOBPCG plus three of every layer size for its products (node order, product,
+    token order: kept from one product to the next, :class:`~ldsc.graphs.dataset.Workspace`). ``peak`` = the larger
     of the build peak and graphs + solver, plus ``PROCESS_BYTES`` for the interpreter, torch and
     Lightning. Layers are built largest first. ``shards``: processes of a sharded run (each holds
     ``1/shards`` of the lists, graphs and solver blocks, but every layer's vectors whole).
@@ -25,12 +26,12 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     the layer's own). ``chunk_elements``: similarities the intra-image search holds at once (``graph.max_chunk_elements``;
     at least one query row against a whole image: ``T``), with their top-``k`` selection.
     """
-    sizes, largest = [], 0
+    sizes, layer_rows = [], 0
     dims = dim if isinstance(dim, (list, tuple)) else [dim] * len(layers)
     for info, reduced in zip(layers, dims):
         h, w = info["grid"]
         N = n_images * h * w
-        largest = max(largest, N)
+        layer_rows += N
         per_graph = info["heads"] if heads == "separate" else 1
         D = reduced or info.get("dim", 512) * (info["heads"] if heads == "concat" else 1)
         lists = 8 * N * k // shards
@@ -47,7 +48,7 @@ def estimate_dataset_graph_bytes(n_images: int, layers: list[dict], k: int, draw
     for g, transient in sizes:
         build = max(build, before + transient)
         before += g
-    solver = (6 * n_images * base_size * base_size // shards + 3 * largest) * solver_columns * 4
+    solver = (6 * n_images * base_size * base_size // shards + 3 * layer_rows) * solver_columns * 4
     return {"graphs": graphs, "build": build, "solver": solver,
             "peak": PROCESS_BYTES + max(build, graphs + solver)}
 

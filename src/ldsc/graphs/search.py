@@ -320,8 +320,10 @@ class ClusterTree:
 
         width = min(self.tops, first.shape[0])
         out = torch.empty(v.shape[0], width, dtype=torch.int32)
+        scores = torch.empty(min(chunk, v.shape[0]), first.shape[0], dtype=v.dtype)  # one block for all chunks
         for s in range(0, v.shape[0], chunk):
-            out[s:s + chunk] = rows_topk(v[s:s + chunk] @ first.T, width)
+            block = scores[:min(chunk, v.shape[0] - s)]
+            out[s:s + chunk] = rows_topk(torch.matmul(v[s:s + chunk], first.T, out=block), width)
         return out
 
     def assign(self, v: Tensor, chunk: int = 1 << 16) -> Tensor:

@@ -71,6 +71,9 @@ def validate(cfg: DictConfig) -> None:
     _several_processes(cfg)
     _integer(cfg, "K", 1)
     _integer(cfg, "seed", 0)
+    hugepages = _get(cfg, "numpy_hugepages")
+    if hugepages is not None and not isinstance(hugepages, bool):
+        raise ConfigError(f"numpy_hugepages must be true, false or null, not {hugepages!r}.")
     _integer(cfg, "base_size", 2, optional=True)
     _integer(cfg, "trainer.max_epochs", 1, hint=" (the solver's steps)")
     _integer(cfg, "data.batch_size", 1, optional=True)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ldsc.graphs.dataset import Workspace
+
 
 def _no_reduce(t: Tensor) -> Tensor:
     return t
@@ -92,7 +94,7 @@ def lobpcg_start(apply, X: Tensor, reduce=None) -> tuple[Tensor, Tensor, Tensor]
 
 def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = None,
                 AP: Tensor | None = None, use_directions: bool | None = None, reduce=None,
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                work: Workspace | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One LOBPCG iteration (no preconditioner) for the largest eigenpairs of a symmetric operator.
 
     Applies ``apply`` once, to the residuals ``R = AX − Xθ``, then does Rayleigh–Ritz on
@@ -105,6 +107,9 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
             Ritz values ``(m,)``; P, AP: previous directions (``None`` on the first step).
         use_directions: whether ``P``/``AP`` hold directions (default: when given); ``False``
             with buffers given makes them the destination of the first step's directions.
+        work: blocks kept from step to step for ``R`` and ``A R`` (the latter when ``apply``
+            takes ``out=``, as :class:`~ldsc.spectral.operator.LayerOperator` does): no new
+            ``(n, m)`` blocks to fault in on every step.
 
     Returns:
         ``(theta, X, P, AP, residual)`` where ``residual`` ``(m,)`` holds ``‖A x − θ x‖`` of the
@@ -112,7 +117,7 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
     """
     m = X.shape[1]
     eps = 1e-5 if X.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
-    R = torch.addcmul(AX, X, theta.to(X.dtype), value=-1)
+    R = torch.addcmul(AX, X, theta.to(X.dtype), value=-1, out=None if work is None else work.get("R", X))
     rn = _col_norms(R, reduce)
     # what is left of R along X is rounding: remove it (X is orthonormal), then normalise
     XR = torch.zeros(m, m, dtype=torch.float64, device=X.device)
@@ -122,7 +127,7 @@ def lobpcg_step(apply, X: Tensor, AX: Tensor, theta: Tensor, P: Tensor | None = 
     for rows in _chunks(X.shape[0]):
         R[rows] -= X[rows] @ XR
     R /= _col_norms(R, reduce).clamp_min(1e-30)
-    AR = apply(R)
+    AR = apply(R, out=work.get("AR", AX)) if work is not None and getattr(apply, "accepts_out", False) else apply(R)
     if use_directions is None:
         use_directions = P is not None
     basis, images = [X, R], [AX, AR]
@@ -171,12 +176,13 @@ def lobpcg_top(
     theta, X, AX = lobpcg_start(apply, orthonormalize(X, reduce=reduce), reduce)
     P = AP = None
     it = 0
+    work = Workspace()
     while it < iters:
         R = AX - X * theta.to(X.dtype)
         if tol > 0 and bool((_col_norms(R, reduce) <= tol * theta.abs().max()).all()):
             break
         del R
-        theta, X, P, AP, _ = lobpcg_step(apply, X, AX, theta, P, AP, reduce=reduce)
+        theta, X, P, AP, _ = lobpcg_step(apply, X, AX, theta, P, AP, reduce=reduce, work=work)
         it += 1
     return theta, X, it
 
@@ -207,10 +213,12 @@ def lobpcg_iterate(apply, X: Tensor, AX: Tensor, P: Tensor, AP: Tensor, theta: T
 
     Returns ``(iterations run, use_directions)`` (``P``/``AP`` hold directions after the first)."""
     done = 0
+    work = Workspace()
     for _ in range(int(iters)):
         if converged(residual, theta, K, tol) or (stop is not None and stop()):
             break
-        new_theta, _, _, _, rn = lobpcg_step(apply, X, AX, theta, P, AP, use_directions=use_directions, reduce=reduce)
+        new_theta, _, _, _, rn = lobpcg_step(apply, X, AX, theta, P, AP, use_directions=use_directions, reduce=reduce,
+                                             work=work)
         use_directions = True
         theta.copy_(new_theta)
         residual.copy_(rn.double())

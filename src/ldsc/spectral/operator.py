@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ldsc.distributed import all_gather_rows, shard, shard_bounds
+from ldsc.graphs.dataset import DatasetGraph, Workspace
 from ldsc.graphs.knn import LayerGraph
 
 
@@ -153,6 +154,7 @@ class LayerOperator:
             self.terms.append((g, blocks, (h, w), float(g.weight), U, counts))
         self.shift = float(sum(t[3] for t in self.terms))
         self.size = self.local_images * self.base[0] * self.base[1]
+        self.work = Workspace()
 
     def pool(self, X: Tensor, grid: tuple[int, int], U: Tensor | None) -> Tensor:
         """``U_l X`` of this operator's rows (:func:`pool_rows`)."""
@@ -162,13 +164,22 @@ class LayerOperator:
         """``out += weight · U_lᵀ Y`` (:func:`add_unpooled`)."""
         add_unpooled(out, Y, self.base, grid, self.local_images, U, weight)
 
-    def __call__(self, X: Tensor) -> Tensor:
-        out = torch.zeros_like(X)
+    #: ``op(X, out=block)`` writes ``M X`` into ``block`` (:func:`~ldsc.spectral.lobpcg.lobpcg_step` reuses its blocks)
+    accepts_out = True
+
+    def __call__(self, X: Tensor, out: Tensor | None = None) -> Tensor:
+        """``M X``, into ``out`` when given. The layers' node-order copies and products are blocks
+        of a :class:`~ldsc.graphs.dataset.Workspace` kept from call to call (whole-data-set graphs)."""
+        out = torch.zeros_like(X) if out is None else out.zero_()
         for g, blocks, grid, weight, U, counts in self.terms:
             pooled = self.pool(X, grid, U)
             if self.sharded:  # every layer node's row, for the products with this shard's rows of S_l
                 pooled = all_gather_rows(pooled, counts)
-            self.add_unpooled(out, g.apply(pooled, blocks), grid, U, weight)
+            if isinstance(g, DatasetGraph):
+                product = g.apply(pooled, blocks, work=self.work)
+            else:
+                product = g.apply(pooled, blocks)
+            self.add_unpooled(out, product, grid, U, weight)
         return out
 
 
