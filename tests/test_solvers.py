@@ -105,6 +105,24 @@ def test_resume_mid_solve_equals_an_uninterrupted_run(tmp_path):
     assert torch.equal(resumed.eigenvectors(), whole.eigenvectors())
 
 
+def test_a_converged_checkpoint_keeps_the_table_only_and_a_tighter_resume_continues_from_it(tmp_path):
+    """Once converged, the checkpoint leaves out the iteration's other blocks (M X, directions);
+    a resume with a smaller tolerance rebuilds M X from the table and goes on to the exact eigenspace."""
+    L.seed_everything(0, verbose=False)
+    done = LobpcgSolver(n_images=6, K=4, base_size=8, tol=1e-2, iters_per_step=2)
+    fit_planted(done, epochs=20, save_to=tmp_path / "done.ckpt")
+    assert done.converged()
+    state = torch.load(tmp_path / "done.ckpt", weights_only=False)["state_dict"]
+    assert state["table"].shape == (6 * 64, done.m)
+    assert all(state[name].shape == (0, done.m) for name in ("MX", "P", "MP"))
+    L.seed_everything(1, verbose=False)
+    tight = LobpcgSolver(n_images=6, K=4, base_size=8, tol=1e-6, iters_per_step=2)
+    fit_planted(tight, epochs=60, ckpt_path=tmp_path / "done.ckpt")
+    assert tight.converged() and int(tight.iterations) > int(done.iterations)
+    _, ref = exact_eigenvectors(PlantedFeatures().graphs, (8, 8), 4)
+    assert subspace_alignment(tight.eigenvectors(), ref) >= 0.9999
+
+
 def metrics(cfg) -> list[dict]:
     with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))

@@ -112,7 +112,10 @@ def check_checkpoint(path: str, solver, signature: dict | None = None, max_epoch
         raise ConfigError(f"Checkpoint '{path}' is not a readable ldsc checkpoint (truncated or corrupt: "
                           f"{str(e).splitlines()[0][:160]}); delete it to start over, or pass another ckpt_path.") from None
     own = solver.state_dict()
+    left_out = getattr(solver, "ITERATION_STATE", ())  # (0, m) in a converged solver's checkpoint
     for name, t in own.items():
+        if name in left_out and name in state and tuple(state[name].shape) == (0, *t.shape[1:]):
+            continue
         if name in state and tuple(state[name].shape) != tuple(t.shape):
             raise ConfigError(f"Checkpoint '{path}' was written by a different run ({name} is "
                               f"{tuple(state[name].shape)}, this run's is {tuple(t.shape)}: other images, K, base_size "

@@ -91,6 +91,7 @@ class LobpcgSolver(EigenSolver):
         self.register_buffer("has_directions", torch.zeros((), dtype=torch.bool))
         self.automatic_optimization = False
         self._operator: tuple | None = None
+        self._rebuild_mx = False  # (see on_load_checkpoint)
 
     def configure_optimizers(self):
         return None  # no gradients: every update is a closed-form eigen-step
@@ -120,23 +121,41 @@ class LobpcgSolver(EigenSolver):
         """The random start of table rows ``rows`` (:func:`~ldsc.spectral.lobpcg.random_start`)."""
         return random_start(self._init_seed, rows, self.m, self.table.dtype).mul_(self.init_scale)
 
+    #: the blocks only a solve still under way needs (``M X``, the directions and their images): a
+    #: converged solver's checkpoint leaves them out (4x smaller: 330 → 82 MB at 10⁶ pixels)
+    ITERATION_STATE = ("MX", "P", "MP")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The whole table in the checkpoint, whatever the number of processes (rank 0 gathers)."""
+        """The whole table in the checkpoint, whatever the number of processes (rank 0 gathers);
+        once converged, without :attr:`ITERATION_STATE` (``(0, m)`` placeholders)."""
+        state = checkpoint["state_dict"]
+        light = self.converged()  # (the same on every process: the residuals are all-reduced)
+        if light:
+            for name in self.ITERATION_STATE:
+                state[name] = torch.empty(0, self.m, dtype=self.table.dtype)
         if not self.sharded:
             return
-        state = checkpoint["state_dict"]
         for name in self.ROW_STATE:
+            if light and name in self.ITERATION_STATE:
+                continue
             whole = distributed.gather_rows(getattr(self, name).detach())
             if whole is not None:
                 state[name] = whole
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """This process's rows of a (whole-table) checkpoint."""
+        """This process's rows of a (whole-table) checkpoint; the blocks a converged checkpoint left
+        out are rebuilt at the next step (``M X`` from the table; no directions)."""
+        state = checkpoint["state_dict"]
+        left_out = [name for name in self.ITERATION_STATE if name in state and state[name].shape[0] == 0]
+        for name in left_out:
+            state[name] = getattr(self, name).detach()  # (any values: replaced before use)
+        if left_out:
+            state["has_directions"] = torch.zeros((), dtype=torch.bool)
+            self._rebuild_mx = True
         if not self.sharded:
             return
-        state = checkpoint["state_dict"]
         for name in self.ROW_STATE:
-            if name in state:
+            if name in state and name not in left_out:
                 state[name] = state[name][self._rows()].clone()
 
     @torch.no_grad()
@@ -188,6 +207,9 @@ class LobpcgSolver(EigenSolver):
             self.MX.copy_(MX)
             self.theta.copy_(theta)
             self.started.fill_(True)
+        elif self._rebuild_mx:  # restored from a converged checkpoint, which left M X out
+            op(X, out=self.MX)
+        self._rebuild_mx = False
         # the same iterations as ldsc.LDSC.fit; a signal stops them at an iteration boundary
         done, directions = lobpcg_iterate(op, X, self.MX, self.P, self.MP, self.theta, self.residual, self.K, self.tol,
                                           self.iters_per_step, bool(self.has_directions), reduce=reduce,
