@@ -21,11 +21,18 @@ def orthonormalize(X: Tensor, eps: float = 1e-6, reduce=None) -> Tensor:
 
     ``reduce`` (here and in the LOBPCG functions below): sums a small matrix over the processes
     that hold the other rows of ``X`` (:func:`ldsc.distributed.all_reduce_sum`); default none."""
-    G = (reduce or _no_reduce)(X.T.double() @ X.double())
+    G = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    for rows in _chunks(X.shape[0]):  # (no float64 copy of X: chunks' products summed in float64)
+        Xr = X[rows] if X.dtype == torch.float64 else X[rows].double()
+        G += Xr.T @ Xr
+    G = (reduce or _no_reduce)(G)
     g, Q = torch.linalg.eigh(G)
     keep = g > eps * g.max().clamp_min(1e-300)
     C = (Q[:, keep] / g[keep].sqrt()).to(X.dtype)
-    return X @ C
+    out = X.new_empty(X.shape[0], C.shape[1])
+    for rows in _chunks(X.shape[0]):
+        torch.matmul(X[rows], C, out=out[rows])
+    return out
 
 
 def _chunks(n: int, size: int = 2**14):
