@@ -206,6 +206,8 @@ def test_products_into_a_workspace_equal_fresh_ones_and_reuse_its_blocks():
         again = graph.apply(Y, work=work)
         assert again.data_ptr() == first.data_ptr()  # the same block, reused
         assert torch.allclose(again, graph.apply(Y), atol=1e-6)
+        work.clear()  # (the solver lets go of its blocks once it has converged)
+        assert torch.allclose(graph.apply(Y, work=work), again, atol=1e-6)
     out = torch.full((96, 5), float("nan"))
     assert sym_apply(plain.blocks, Y, out=out) is out and torch.allclose(out, plain.blocks[0][1] @ Y)
     with pytest.raises(ValueError, match="out has shape"):

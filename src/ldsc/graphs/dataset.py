@@ -132,6 +132,7 @@ class Workspace:
         return t
 
     def clear(self) -> None:
+        """Let go of every block (they are allocated again on next use)."""
         self._blocks.clear()
 
 

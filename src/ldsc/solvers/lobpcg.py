@@ -245,6 +245,8 @@ class LobpcgSolver(EigenSolver):
         return self.stopping
 
     def on_train_end(self) -> None:
+        if self._operator is not None:  # the operator's reused blocks are not needed by the export
+            self._operator[1].work.clear()
         if not self.converged():
             log.warning("LOBPCG solver: not converged after %d iterations (residual %.2e > tol %.0e): raise "
                         "trainer.max_epochs, or resume the run", int(self.iterations), self.relative_residual(), self.tol)
