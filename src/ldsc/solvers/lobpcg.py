@@ -218,6 +218,7 @@ class LobpcgSolver(EigenSolver):
         self.iterations += done
         if self.converged():
             self.trainer.should_stop = True
+            op.work.clear()  # the operator's reused blocks: not needed by the export that follows
             log.info("LOBPCG solver: converged after %d iterations (residual %.2e <= tol %.0e)",
                      int(self.iterations), self.relative_residual(), self.tol)
         self.log_dict({"train/residual": self.relative_residual(), "train/iterations": float(self.iterations),
@@ -245,7 +246,7 @@ class LobpcgSolver(EigenSolver):
         return self.stopping
 
     def on_train_end(self) -> None:
-        if self._operator is not None:  # the operator's reused blocks are not needed by the export
+        if self._operator is not None:  # (a solve that ended unconverged: the same release)
             self._operator[1].work.clear()
         if not self.converged():
             log.warning("LOBPCG solver: not converged after %d iterations (residual %.2e > tol %.0e): raise "
