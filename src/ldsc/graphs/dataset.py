@@ -144,14 +144,11 @@ def sym_apply(blocks: list[tuple[int, Tensor]], Y: Tensor, out: Tensor | None = 
         if len(blocks) == 1:
             return blocks[0][1] @ Y
         out = Y.new_empty(rows, Y.shape[1])
-    elif tuple(out.shape) != (rows, Y.shape[1]):
-        raise ValueError(f"out has shape {tuple(out.shape)}, the product {(rows, Y.shape[1])}")
+    elif tuple(out.shape) != (rows, Y.shape[1]) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous block of shape {(rows, Y.shape[1])}, not {tuple(out.shape)}")
     for s, B in blocks:
-        part = out[s:s + B.shape[0]]
-        if part.is_contiguous():
-            torch.addmm(part, B, Y, beta=0, out=part)
-        else:
-            part.copy_(B @ Y)
+        part = out[s:s + B.shape[0]]  # (rows of a contiguous block: contiguous)
+        torch.addmm(part, B, Y, beta=0, out=part)
     return out
 
 
