@@ -412,7 +412,9 @@ class KnnGraphBuilder:
                 for g, m in enumerate(mats):
                     if projections[g] is not None:
                         m = m @ projections[g]
-                    full[g][s * h * w:e * h * w] = F.normalize(m, dim=-1)
+                    # F.normalize's division, written straight into the layer's block (no temporary copy)
+                    norms = torch.linalg.vector_norm(m, dim=-1, keepdim=True).clamp_min_(1e-12)
+                    torch.div(m, norms, out=full[g][s * h * w:e * h * w])
                 del mats
                 if hasattr(store, "release"):
                     store.release()  # the block's pages leave the resident memory (a layer may be larger than it)

@@ -199,17 +199,23 @@ def _faiss_index(y: np.ndarray, method: str, nlist: int | None, hnsw_m: int, ef_
     return index
 
 
+#: k-means trains on at most this many points per centroid: the lists only need to be roughly
+#: right, ``nprobe`` covers the rest (:func:`_kmeans`; :class:`ClusterTree` draws the sample
+#: before copying the vectors)
+KMEANS_POINTS_PER_CENTROID = 64
+
+
 def _kmeans(v: Tensor, k: int, seed: int, niter: int = 10) -> Tensor:
     """``(k, d)`` unit centroids of a spherical k-means of the unit rows ``v`` (FAISS; trained on
-    at most 64 points per centroid: the lists only need to be roughly right, ``nprobe`` covers the rest)."""
+    at most :data:`KMEANS_POINTS_PER_CENTROID` points per centroid)."""
     import faiss
 
     k = max(1, min(k, v.shape[0]))
     if k == 1:
         return F.normalize(v.mean(0, keepdim=True), dim=-1)
     faiss.omp_set_num_threads(torch.get_num_threads())  # (per calling thread: 1 inside run_parallel)
-    km = faiss.Kmeans(v.shape[1], k, niter=niter, seed=seed, spherical=True, max_points_per_centroid=64,
-                      min_points_per_centroid=1, verbose=False)
+    km = faiss.Kmeans(v.shape[1], k, niter=niter, seed=seed, spherical=True,
+                      max_points_per_centroid=KMEANS_POINTS_PER_CENTROID, min_points_per_centroid=1, verbose=False)
     km.train(np.ascontiguousarray(v.numpy(), dtype=np.float32))
     return torch.from_numpy(km.centroids.copy())
 
@@ -271,7 +277,11 @@ class ClusterTree:
                 members = rows[offsets[p]:offsets[p + 1]]
                 if members.numel() == 0:
                     parts[p] = self.levels[-1][p:p + 1] if self.levels else F.normalize(y.mean(0, keepdim=True), dim=-1)
-                else:
+                else:  # the k-means' training sample drawn first: only it is copied out of y
+                    most = KMEANS_POINTS_PER_CENTROID * max(1, n_subs[p])
+                    if members.numel() > most:
+                        pick = torch.randperm(members.numel(), generator=torch.Generator().manual_seed(seeds[p]))
+                        members = members[pick[:most]]
                     parts[p] = _kmeans(y[members], n_subs[p], seeds[p])
 
             run_parallel(split, n_parents)  # many small k-means: one thread each
