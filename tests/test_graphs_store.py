@@ -172,3 +172,59 @@ def test_a_run_on_stored_features_and_graphs_is_not_refused_for_a_backbone_pass_
     fresh = compose([*RUN, f"store.dir={tmp_path / 'other_store'}", f"data.memory_limit_gb={limit}"], out=tmp_path / "f")
     with pytest.raises(ConfigError, match="The backbone pass over a batch"):
         fit(fresh)
+
+
+def test_graphs_symmetrised_on_a_thread_are_the_graphs_built_in_one_go(compose, tmp_path):
+    """build(finish_graphs_in_background=True) (a one-process CLI run imports Lightning
+    meanwhile) returns after the searches; dataset_graphs() waits for the symmetrisations and
+    gives the same graphs, timings and graph store as the build in one go."""
+    from ldsc.run import build_datamodule
+
+    one = compose([*RUN, f"store.dir={tmp_path / 'one'}"], out=tmp_path / "a")
+    dm, _ = build_datamodule(one, scope="dataset")
+    dm.build()
+    two = compose([*RUN, f"store.dir={tmp_path / 'two'}"], out=tmp_path / "b")
+    bg, _ = build_datamodule(two, scope="dataset")
+    bg.background_writes = True
+    bg.stages = {}
+    bg.build(finish_graphs_in_background=True)
+    graphs = bg.dataset_graphs()
+    bg.wait_for_writes()
+    assert [g.name for g in graphs] == [g.name for g in dm.graphs]
+    for a, b in zip(graphs, dm.graphs):
+        y = torch.randn(b.degree.numel(), 3, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a.apply(y), b.apply(y)) and torch.equal(a.degree, b.degree) and torch.equal(a.radius, b.radius)
+    assert bg.stages["graphs"]["symmetrize_s"] > 0 and all("nnz" in t for t in bg.stages["graphs"]["layers"])
+    assert len(list((tmp_path / "two").glob("*/graphs/*/meta.json"))) == 1
+
+
+def test_an_error_of_the_background_symmetrisation_is_raised_where_the_graphs_are_asked_for(compose, tmp_path,
+                                                                                         monkeypatch):
+    from ldsc.graphs.knn import KnnGraphBuilder
+    from ldsc.run import build_datamodule
+
+    def broken(self, layer):
+        raise MemoryError("no room for the transposed lists")
+
+    monkeypatch.setattr(KnnGraphBuilder, "symmetrized", broken)
+    dm, _ = build_datamodule(compose([*RUN, f"store.dir={tmp_path / 's'}"]), scope="dataset")
+    dm.build(finish_graphs_in_background=True)  # the searches: fine
+    with pytest.raises(MemoryError, match="transposed lists"):
+        dm.dataset_graphs()
+
+
+def test_a_csr_made_on_another_thread_leaves_the_warning_filters_alone():
+    """warnings.catch_warnings swaps the process's filter list: on a second thread it would drop
+    filters the main thread adds meanwhile (Lightning's import, ours after it)."""
+    import threading
+    import warnings
+
+    from ldsc.graphs.dataset import csr_tensor
+
+    before = warnings.filters
+    made = []
+    t = threading.Thread(target=lambda: made.append(csr_tensor(torch.tensor([0, 1]), torch.tensor([0]),
+                                                               torch.tensor([2.0]), (1, 1))))
+    t.start()
+    t.join()
+    assert warnings.filters is before and made[0].to_dense().item() == 2.0

@@ -243,10 +243,12 @@ def _fit_inside(cfg: DictConfig):
         datamodule, base = build_datamodule(cfg, scope="dataset")
         datamodule.stages = stages
         datamodule.background_writes = True  # the graph store is written while Lightning is imported
-        datamodule.build()
+        datamodule.build(finish_graphs_in_background=True)  # and the lists symmetrised (no Python in it)
     import lightning as L
 
     quiet_lightning()
+    if early:  # the symmetrisations that ran beside the import: joined (and their errors reported) here
+        datamodule.dataset_graphs()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if not early:
         datamodule, base = build_datamodule(cfg)

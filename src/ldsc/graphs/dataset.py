@@ -194,11 +194,24 @@ def symmetric_normalized_blocks(idx: Tensor, sim: Tensor, threshold: float = 0.1
     indptr, indices, values, degree = symmetrize_lists(arrays[0], arrays[1], threshold, free=arrays)
     n = indptr.shape[0] - 1
     wide = indptr.dtype == np.int64  # beyond 2³¹ entries: torch wants both index arrays in int64
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        S = torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64) if wide else indices),
-                                    torch.from_numpy(values), size=(n, n))
+    S = csr_tensor(torch.from_numpy(indptr), torch.from_numpy(indices.astype(np.int64) if wide else indices),
+                   torch.from_numpy(values), (n, n))
     return [(0, S)], torch.from_numpy(degree.astype(np.float32))
+
+
+def csr_tensor(indptr: Tensor, indices: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
+    """``torch.sparse_csr_tensor`` without torch's once-per-process "CSR support is in beta" /
+    "invariant checks" warnings: silenced in the main thread; other threads (the graphs'
+    background symmetrisation) do not touch the process's warning filters, which
+    ``warnings.catch_warnings`` would replace under the main thread's feet — the main thread
+    makes one first (:func:`ldsc.graphs.kernels.load_symmetrize_kernels`), so torch is silent then."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return torch.sparse_csr_tensor(indptr, indices, values, size=size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(indptr, indices, values, size=size)
 
 
 def sharded_symmetric_normalized(idx: Tensor, sim: Tensor, first_row: int, bounds: list[int],

@@ -447,6 +447,21 @@ def symmetrize_lists(idx: np.ndarray, sim: np.ndarray, threshold: float, free: l
     return optr, oind, oval, degree
 
 
+def load_symmetrize_kernels() -> None:
+    """Load (or compile) the loops of :func:`symmetrize_lists` and :func:`relabel_in_place` for
+    the builder's lists (int32 ids, float32 similarities) on a few rows, in the calling thread:
+    a thread that runs them afterwards then only runs them (no import, no compilation)."""
+    n = 8
+    idx = (np.arange(n * 2, dtype=np.int32).reshape(n, 2) + 1) % n
+    sim = np.full((n, 2), 0.5, dtype=np.float32)
+    order = np.arange(n, dtype=np.int64)
+    relabel_in_place(idx, sim, order, order)
+    symmetrize_lists(idx, sim, 0.1)
+    from ldsc.graphs.dataset import csr_tensor
+
+    csr_tensor(torch.tensor([0, 1]), torch.tensor([0]), torch.tensor([1.0]), (1, 1))  # torch's once-only warnings, here
+
+
 # -- the clustered search's tree: a vector's leaf ---------------------------------------------------
 
 @njit(parallel=True, nogil=True, cache=True)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -251,6 +252,25 @@ def head_vectors(t: Tensor, heads: str) -> list[Tensor]:
     raise ValueError(f"heads must be one of 'concat', 'mean', 'separate', not {heads!r}")
 
 
+@dataclass
+class SearchedLayer:
+    """One graph's neighbour lists as :meth:`KnnGraphBuilder.searched_layers` finds them, with what
+    its :class:`~ldsc.graphs.dataset.DatasetGraph` records (:meth:`KnnGraphBuilder.symmetrized`)."""
+
+    lists: list | None  # [idx (rows, k) int32, sim (rows, k) float32]: released once symmetrised
+    order: Tensor | None  # the search's node order (similar tokens together), or None
+    name: str
+    grid: tuple[int, int]
+    n_images: int
+    weight: float
+    source: tuple
+    radius: Tensor
+    projection: Tensor | None
+    vectors: tuple | None
+    timing: dict = field(default_factory=dict)  # the layer's entry of ``layer_timings`` (completed when symmetrised)
+    shard: tuple | None = None  # several processes: (first row, row bounds of the processes, image range)
+
+
 class KnnGraphBuilder:
     """Builds one sparse kNN graph per layer (per head with ``heads="separate"``).
 
@@ -454,7 +474,17 @@ class KnnGraphBuilder:
         inter-image search run there (the other methods on the CPU); the graphs stay on the CPU.
         Each graph also records what new tokens need to join it (:mod:`ldsc.graphs.extension`):
         its source, the inter-image radius of every token, the projection, and with
-        ``keep_vectors`` the unit vectors themselves (:class:`ldsc.LDSC` keeps them)."""
+        ``keep_vectors`` the unit vectors themselves (:class:`ldsc.LDSC` keeps them).
+
+        The two halves, :meth:`searched_layers` and :meth:`symmetrized`, one layer after the other
+        (a layer's lists are released before the next one is searched)."""
+        return [self.symmetrized(layer) for layer in self.searched_layers(store, base_size, progress, device, keep_vectors)]
+
+    def searched_layers(self, store, base_size: int, progress: bool = True, device=None,
+                        keep_vectors: bool = False) -> Iterator["SearchedLayer"]:
+        """The neighbour search of :meth:`dataset_graphs`, one :class:`SearchedLayer` (the lists
+        and what the graph records) per graph as it is found; :meth:`symmetrized` turns each into
+        its graph. (``run.py`` symmetrises all of them on a thread while Lightning is imported.)"""
         from ldsc.graphs.extension import inter_radius
 
         import time
@@ -463,7 +493,7 @@ class KnnGraphBuilder:
         from ldsc.graphs.search import inter_image_knn, intra_image_knn
         from ldsc.profiling import release_free_memory
 
-        graphs, self.timings = [], {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
+        self.timings = {"vectors": 0.0, "search": 0.0, "symmetrize": 0.0}
         self.layer_timings = []
         n = store.n_images
         # several processes: this one searches and holds the rows of its own images only
@@ -525,36 +555,53 @@ class KnnGraphBuilder:
                     release_free_memory()  # the search's temporaries, before the lists are copied
                     t1 = time.perf_counter()
                     self.timings["search"] += t1 - t0
-                    rank = None
-                    lists = [idx, sim]
-                    del idx, sim
-                    if sharded:  # this process's rows; their transposed entries come from the other processes
-                        order = None
-                        blocks, degree = sharded_symmetric_normalized(
-                            lists[0], lists[1], q0, [b * T for b in shard_bounds(n)], self.threshold, free=lists)
-                    else:
-                        if order is not None:  # store similar tokens next to each other (cache-local products)
-                            rank = DatasetGraph.inverse(order)
-                            relabel_lists(lists[0], lists[1], order, rank)  # in place
-                        # (not `*lists`: a starred call keeps its argument tuple, and so both lists, alive
-                        # until it returns — 4 GB at 10⁷ tokens held through the whole symmetrisation)
-                        blocks, degree = symmetric_normalized_blocks(lists[0], lists[1], self.threshold, free=lists)
-                        if order is not None:
-                            degree = degree[rank]
-                    release_free_memory()
-                    self.timings["symmetrize"] += time.perf_counter() - t1
                     name = info["name"] if n_graphs == 1 else f"{info['name']}/head{j}"
                     if store.draws > 1:
                         name = f"{name}@draw{draw}"
-                    graphs.append(DatasetGraph(name, (h, w), n, blocks, degree, weight=base_size / h / store.draws,
-                                               order=order, rank=rank, image_range=(first, last) if sharded else None))
-                    graphs[-1].source = (li, j if n_graphs > 1 else None, draw)
-                    graphs[-1].radius, graphs[-1].projection, graphs[-1].vectors = radius, projections[j], kept
-                    del kept
-                    t2 = time.perf_counter()
-                    self.layer_timings.append({
-                        "name": name, "tokens": n * T, "rows": q1 - q0, "dim": dims, "search": method,
-                        "intra_s": round(t_intra - t0, 3), "inter_s": round(t1 - t_intra, 3),
-                        "symmetrize_s": round(t2 - t1, 3), "nnz": graphs[-1].nnz})
+                    timing = {"name": name, "tokens": n * T, "rows": q1 - q0, "dim": dims, "search": method,
+                              "intra_s": round(t_intra - t0, 3), "inter_s": round(t1 - t_intra, 3)}
+                    self.layer_timings.append(timing)
+                    layer = SearchedLayer(
+                        lists=[idx, sim], order=order, name=name, grid=(h, w), n_images=n,
+                        weight=base_size / h / store.draws, source=(li, j if n_graphs > 1 else None, draw),
+                        radius=radius, projection=projections[j], vectors=kept, timing=timing,
+                        shard=(q0, [b * T for b in shard_bounds(n)], (first, last)) if sharded else None)
+                    del idx, sim, kept, radius, order
+                    yield layer
+                    del layer
                 del pairs
-        return graphs
+
+    def symmetrized(self, layer: "SearchedLayer") -> "DatasetGraph":
+        """The :class:`~ldsc.graphs.dataset.DatasetGraph` of one searched layer: its lists
+        symmetrised and normalised (``S = D^{-1/2} W D^{-1/2}``), nodes in the search's order.
+        The layer gives up its lists (their memory is released while the CSR is built)."""
+        import time
+
+        from ldsc.profiling import release_free_memory
+
+        t1 = time.perf_counter()
+        lists, layer.lists = layer.lists, None
+        order, rank = layer.order, None
+        if layer.shard is not None:  # this process's rows; their transposed entries come from the other processes
+            q0, bounds, image_range = layer.shard
+            order = None
+            blocks, degree = sharded_symmetric_normalized(lists[0], lists[1], q0, bounds, self.threshold, free=lists)
+        else:
+            image_range = None
+            if order is not None:  # store similar tokens next to each other (cache-local products)
+                rank = DatasetGraph.inverse(order)
+                relabel_lists(lists[0], lists[1], order, rank)  # in place
+            # (not `*lists`: a starred call keeps its argument tuple, and so both lists, alive
+            # until it returns — 4 GB at 10⁷ tokens held through the whole symmetrisation)
+            blocks, degree = symmetric_normalized_blocks(lists[0], lists[1], self.threshold, free=lists)
+            if order is not None:
+                degree = degree[rank]
+        release_free_memory()
+        graph = DatasetGraph(layer.name, layer.grid, layer.n_images, blocks, degree, weight=layer.weight,
+                             order=order, rank=rank, image_range=image_range)
+        graph.source = layer.source
+        graph.radius, graph.projection, graph.vectors = layer.radius, layer.projection, layer.vectors
+        seconds = time.perf_counter() - t1
+        self.timings["symmetrize"] = self.timings.get("symmetrize", 0.0) + seconds
+        layer.timing.update(symmetrize_s=round(seconds, 3), nnz=graph.nnz)
+        return graph

@@ -63,6 +63,31 @@ class _Steps(Dataset):
         return i
 
 
+class _Finishing:
+    """``work()`` on a daemon thread; :meth:`join` waits for it and raises what it raised (a run
+    stopped by a signal meanwhile exits without waiting: nothing of it is kept half-done — the
+    graph store is renamed into place only when complete)."""
+
+    def __init__(self, work):
+        import threading
+
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                work()
+            except BaseException as err:  # handed to the joining thread
+                self.error = err
+
+        self._thread = threading.Thread(target=run, name="ldsc-graphs", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 class ImageDataModule:
     """Images -> frozen backbone -> feature store -> graphs, for the solver.
 
@@ -122,6 +147,9 @@ class ImageDataModule:
         #: write the graph store from a thread while the solver runs (``run.py`` sets it)
         self.background_writes = False
         self._writer = None
+        #: the graphs' symmetrisation finishing on a thread (:meth:`build` with ``finish_graphs_in_background``)
+        self._finishing = None
+        self._finish_in_background = False
 
     # -- what subclasses provide -------------------------------------------------------------
     def find_images(self) -> list[str]:
@@ -242,6 +270,7 @@ class ImageDataModule:
         """The whole data set's layer graphs, built once from the feature store."""
         from ldsc.profiling import stage
 
+        self._wait_for_graphs()
         if self.graphs is None:
             store = self.feature_store()
             folder, identity = self.graph_store()
@@ -255,17 +284,44 @@ class ImageDataModule:
                 log.info("graphs: reusing %s (no neighbour search; graph.rebuild=true builds them again)", folder)
                 return self.graphs
             self.check_memory()
-            with stage("graphs", self.stages):
-                self.graphs = self.graph_builder.dataset_graphs(store, self.base_size, device=self._device())
-            for name, sec in self.graph_builder.timings.items():
-                self.stages["graphs"][f"{name}_s"] = round(sec, 3)
-            self.stages["graphs"]["layers"] = self.graph_builder.layer_timings
-            check_edges(self.graphs, self.graph_builder)
-            log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in self.graphs))
-            parts = self.graph_builder.stored_parts(self.graphs)  # (none of attention graphs)
-            if folder is not None and parts:
-                self.write_graph_store(folder, identity, parts)
+            builder = self.graph_builder
+            # (the kNN builder searches and symmetrises in two halves; the attention and
+            # co-assignment builders build in one go)
+            if not (self._finish_in_background and hasattr(builder, "searched_layers")):
+                with stage("graphs", self.stages):
+                    graphs = builder.dataset_graphs(store, self.base_size, device=self._device())
+                self._graphs_built(graphs, folder, identity)
+                return self.graphs
+            with stage("graphs", self.stages):  # the searches here, the symmetrisations on a thread
+                layers = list(builder.searched_layers(store, self.base_size, device=self._device()))
+
+            def finish() -> None:
+                with stage("graphs", self.stages):
+                    graphs = []
+                    while layers:  # (each layer's lists released as soon as its graph exists)
+                        graphs.append(builder.symmetrized(layers.pop(0)))
+                self._graphs_built(graphs, folder, identity)
+
+            self._finishing = _Finishing(finish)
         return self.graphs
+
+    def _graphs_built(self, graphs: list, folder, identity) -> None:
+        """Record the finished graphs: timings, the edge check, the graph store."""
+        for name, sec in self.graph_builder.timings.items():
+            self.stages["graphs"][f"{name}_s"] = round(sec, 3)
+        self.stages["graphs"]["layers"] = self.graph_builder.layer_timings
+        check_edges(graphs, self.graph_builder)
+        log.info("graphs: %s", ", ".join(f"{g.name} {g.grid[0]}x{g.grid[1]}" for g in graphs))
+        self.graphs = graphs
+        parts = self.graph_builder.stored_parts(graphs)  # (none of attention graphs)
+        if folder is not None and parts:
+            self.write_graph_store(folder, identity, parts)
+
+    def _wait_for_graphs(self) -> None:
+        """Join the graphs' background symmetrisation, if one runs (its error is raised here)."""
+        if self._finishing is not None:
+            finishing, self._finishing = self._finishing, None
+            finishing.join()
 
     def graph_store(self) -> tuple:
         """``(folder, identity)`` of this run's stored graphs (:mod:`ldsc.graphs.graph_store`), or
@@ -319,6 +375,7 @@ class ImageDataModule:
 
     def wait_for_writes(self) -> None:
         """Wait until the graph store written in the background (if any) is on disk."""
+        self._wait_for_graphs()  # (whose thread starts that write)
         if self._writer is not None:
             self._writer.join()
             self._writer = None
@@ -343,14 +400,27 @@ class ImageDataModule:
             patient_child_observer()  # rank 0 finishes its own stop before the launcher's observer kills it
         self.build()
 
-    def build(self) -> None:
+    def build(self, finish_graphs_in_background: bool = False) -> None:
         """The set-up's work: find the images, fill (or open) the feature store and, in the
         ``dataset`` scope, build (or open) the whole data set's graphs; done once (a later call, or
-        Lightning's :meth:`setup`, finds them). Without a trainer it runs on the CPU."""
+        Lightning's :meth:`setup`, finds them). Without a trainer it runs on the CPU.
+
+        ``finish_graphs_in_background`` (``run.py``'s one-process CPU runs): return once the
+        neighbour searches are done and symmetrise the lists on a thread — compiled loops that
+        run without the interpreter lock, beside Lightning's import (seconds of pure Python);
+        :meth:`dataset_graphs` waits for them."""
         self.prepare_files()
         self.feature_store()
         if self.scope == "dataset":
-            self.dataset_graphs()
+            if finish_graphs_in_background:
+                from ldsc.graphs.kernels import load_symmetrize_kernels
+
+                load_symmetrize_kernels()  # (here: the thread then imports and compiles nothing)
+            self._finish_in_background = finish_graphs_in_background
+            try:
+                self.dataset_graphs()
+            finally:
+                self._finish_in_background = False
         else:  # graphs per batch: the same check, per batch
             self.check_memory()
 
